@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random models and tokenizers the tests build themselves (no hub, no ../shared)."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    from tests.helpers import make_tiny_tokenizer
+
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    from tests.helpers import make_tiny_model
+
+    return make_tiny_model(tiny_tokenizer)
