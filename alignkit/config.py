@@ -1,0 +1,269 @@
+"""Job configuration: one validated pydantic model per method, read from YAML, overridable.
+
+A job file looks like::
+
+    method: sft
+    model: {name_or_path: smollm2-135m-instruct}
+    lora: {rank: 16}
+    data: {train: examples/data/support_train.jsonl, max_length: 512}
+    training: {learning_rate: 2.0e-4, max_steps: 60, output_dir: runs/sft}
+
+Unknown keys fail with the key's dotted path and the closest valid key; ``--set a.b=value``
+overrides any key (the value is parsed as YAML, so ``--set training.max_steps=10`` is an int).
+Method modules add their own job classes with :func:`register_job`; managed fine-tuning names
+(``samplesPerPrompt`` ...) are mapped to ours through each job's ``ALIASES`` before validation.
+"""
+from __future__ import annotations
+
+import difflib
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot be used; the message names the key and the file."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field("smollm2-135m-instruct", description="embedded name, local folder or hub id")
+    adapter: str | None = Field(None, description="a saved LoRA adapter to start from")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    trust_remote_code: bool = False
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    merge_on_save: bool = Field(False, description="also write the adapter merged into a full model")
+
+
+class DataConfig(Section):
+    train: str | None = Field(None, description="file (jsonl/json/csv/parquet) or hf://name")
+    validation: str | None = Field(None, description="file for validation; else a split of train")
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    format: str = Field("auto", description="row shape; auto-detected from the keys by default")
+    columns: dict[str, str] = Field(default_factory=dict, description="our field name -> file column")
+    system_prompt: str | None = None
+    on_error: Literal["fail", "skip"] = "fail"
+    max_length: int = Field(1024, gt=8)
+    max_prompt_length: int | None = None
+    deduplicate: Literal["none", "exact", "normalized"] = "none"
+    limit: int | None = Field(None, gt=0, description="read at most this many rows")
+    seed: int = 0
+
+
+class TrainingConfig(Section):
+    output_dir: str = "runs/{method}"
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    batch_size: int = Field(8, gt=0, description="rows per micro-batch")
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
+    eval_at_start: bool = True
+    save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
+    save_total_limit: int = Field(2, gt=0)
+    logging_steps: int = Field(1, gt=0)
+    early_stopping_metric: str | None = Field(None, description="e.g. eval/loss")
+    early_stopping_patience: int = Field(3, gt=0)
+    greater_is_better: bool | None = None
+    seed: int = 42
+    resume: bool | str = Field(False, description="true: last checkpoint in output_dir; or a checkpoint path")
+    tensorboard: bool = True
+    progress: bool = True
+
+
+class Job(Section):
+    """Fields every method shares. Subclasses add the method's own keys at the top level."""
+
+    METHOD: ClassVar[str] = ""
+    ALIASES: ClassVar[dict[str, str]] = {}
+
+    method: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _fill_method(self):
+        if not self.method:
+            object.__setattr__(self, "method", self.METHOD)
+        elif self.METHOD and self.method != self.METHOD:
+            raise ValueError(f"method is '{self.method}' but this is a '{self.METHOD}' job")
+        return self
+
+    def output_dir(self) -> Path:
+        return Path(self.training.output_dir.format(method=self.method, time=time.strftime("%Y%m%d-%H%M%S")))
+
+
+JOBS: dict[str, type[Job]] = {}
+
+
+def register_job(cls: type[Job]) -> type[Job]:
+    JOBS[cls.METHOD] = cls
+    return cls
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). The value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.subkey=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def apply_aliases(raw: dict, aliases: dict[str, str]) -> dict:
+    """Move alias keys (anywhere at top level) to their dotted canonical place.
+
+    An alias and its canonical key given with different values is an error, not a silent choice.
+    """
+    for alias, target in aliases.items():
+        if alias not in raw:
+            continue
+        value = raw.pop(alias)
+        path = target.split(".")
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{alias}' maps to '{target}' but '{part}' is not a section")
+        if path[-1] in node and node[path[-1]] != value:
+            raise ConfigError(f"'{alias}' ({value!r}) and '{target}' ({node[path[-1]]!r}) disagree; give one")
+        node[path[-1]] = value
+    return raw
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid field names of the section that `loc` (a pydantic error location) points into."""
+    cls: Any = model_cls
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def format_validation_error(error: ValidationError, model_cls: type[BaseModel], source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        loc = tuple(item.get("loc", ()))
+        dotted = ".".join(str(p) for p in loc)
+        if item.get("type") == "extra_forbidden":
+            valid = _fields_at(model_cls, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            lines.append(f"  unknown key '{dotted}'{hint} (valid here: {', '.join(valid)})")
+        else:
+            lines.append(f"  {dotted}: {item.get('msg')} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_job(method: str | None, raw: dict, source: str = "<config>") -> Job:
+    method = method or raw.get("method")
+    if not method:
+        raise ConfigError(f"{source}: no method given (add 'method: sft' or use 'alignkit sft')")
+    _load_method_modules()
+    if method not in JOBS:
+        close = difflib.get_close_matches(method, list(JOBS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{source}: unknown method '{method}'{hint} (known: {', '.join(sorted(JOBS))})")
+    cls = JOBS[method]
+    raw = apply_aliases(dict(raw), cls.ALIASES)
+    raw.setdefault("method", method)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, cls, source)) from None
+
+
+def load_job(method: str | None, path: str | Path | None, overrides: list[str] | None = None) -> Job:
+    """Read a YAML job file (or none), apply ``key=value`` overrides, validate."""
+    raw: dict = {}
+    source = "<command line>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    if method and raw.get("method") and raw["method"] != method:
+        raise ConfigError(f"{source}: file says method '{raw['method']}' but the command is '{method}'")
+    apply_overrides(raw, overrides or [])
+    return build_job(method, raw, source)
+
+
+def job_to_yaml(job: Job) -> str:
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+
+
+def _load_method_modules() -> None:
+    """Import the method modules so their jobs register themselves."""
+    import importlib
+
+    for name in ("sft", "reward", "dpo", "grpo", "ppo"):
+        try:
+            importlib.import_module(f"alignkit.methods.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"alignkit.methods.{name}":
+                raise

@@ -1,0 +1,64 @@
+"""Plain chat generation with `transformers.generate`: for the CLI, examples and evaluation.
+
+Training-time sampling for GRPO/PPO (log-probs, groups, stop strings) lives in `alignkit.rollout`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def render_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
+    """Token ids of each conversation followed by the assistant generation prompt."""
+    from alignkit.data import tokenize_prompt
+
+    return [tokenize_prompt(tokenizer, messages) for messages in conversations]
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 batch_size: int = 16) -> list[list[int]]:
+    """Completion token ids for each prompt (batched, left-padded, KV cache), EOS and pad removed."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = _stop_ids(tokenizer, model)
+    was_training = model.training
+    model.eval()
+    outputs: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if temperature > 0 \
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, **sampling)
+        for row in generated[:, width:].tolist():
+            cut = next((i for i, token in enumerate(row) if token in eos), len(row))
+            outputs.append(row[:cut])
+    if was_training:
+        model.train()
+    return outputs
+
+
+def chat_generate(model, tokenizer, conversations: list[list[dict]], **settings) -> list[str]:
+    """Generate one assistant reply per conversation; returns the decoded texts."""
+    ids = generate_ids(model, tokenizer, render_prompts(tokenizer, conversations), **settings)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+
+
+def _stop_ids(tokenizer, model) -> list[int]:
+    stops = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            stops.add(source)
+        elif isinstance(source, (list, tuple)):
+            stops.update(source)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    if end_of_turn is not None:
+        stops.add(end_of_turn)
+    return sorted(stops)

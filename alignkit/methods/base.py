@@ -1,0 +1,181 @@
+"""What every recipe needs and none should write twice: the policy, the data split, the run folder.
+
+``run_job(job)`` is the whole life of a training run: build the recipe for the job's method,
+write the resolved config, hand the recipe to the one engine, save the final model and a report.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from alignkit.config import Job, job_to_yaml
+
+RECIPES: dict[str, Callable[[Job], Any]] = {}
+
+
+def register_recipe(method: str):
+    def wrap(factory):
+        RECIPES[method] = factory
+        return factory
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_policy(job: Job, trainable: bool = True):
+    """Load the job's model and tokenizer; add LoRA when configured; set gradient checkpointing."""
+    from alignkit.models import add_lora, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        job.model.name_or_path,
+        device=None if job.model.device == "auto" else job.model.device,
+        dtype=None if job.model.dtype == "auto" else job.model.dtype,
+        trust_remote_code=job.model.trust_remote_code,
+        adapter=job.model.adapter,
+        is_trainable=trainable,
+    )
+    if job.lora is not None and job.lora.enabled and job.model.adapter is None:
+        model = add_lora(model, rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
+                         target_modules=job.lora.target_modules)
+    if job.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def is_peft_model(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_train_validation(job: Job, kind: str):
+    """Read the training file (and validation file or a seeded split) as typed examples.
+
+    Returns (train, validation, notes): notes are human-readable lines about what was read,
+    skipped, de-duplicated, so the run report says where every row went.
+    """
+    from alignkit.data import deduplicate, load_examples, train_validation_split
+
+    data = job.data
+    if not data.train:
+        raise ValueError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
+    common = dict(kind=kind, columns=data.columns or None, on_error=data.on_error,
+                  system_prompt=data.system_prompt, format=data.format)
+    train, report = load_examples(data.train, limit=data.limit, **common)
+    notes = [f"train {data.train}: {report.summary()}"]
+    if data.deduplicate != "none":
+        train, removed = deduplicate(train, mode=data.deduplicate)
+        notes.append(f"de-duplication ({data.deduplicate}): removed {removed} rows")
+    if data.validation:
+        validation, vreport = load_examples(data.validation, **common)
+        notes.append(f"validation {data.validation}: {vreport.summary()}")
+    elif data.validation_fraction > 0 and len(train) >= 2:
+        train, validation = train_validation_split(train, validation_fraction=data.validation_fraction,
+                                                   seed=data.seed)
+        notes.append(f"validation: {len(validation)} rows split from train (seed {data.seed})")
+    else:
+        validation = []
+    if not train:
+        raise ValueError(f"{data.train}: no training rows left after validation and filtering")
+    return train, validation, notes
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):
+    """Index lists for one epoch, a pure function of (seed, epoch): what makes resume exact."""
+    from alignkit.data import length_bucketed_batches
+
+    generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    if group_by_length:
+        return length_bucketed_batches(lengths, batch_size, generator=generator, shuffle=True)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def scheduled_updates(num_items: int, steps_per_epoch: int, start_step: int,
+                      batches_for_epoch: Callable[[int], list], accumulation: int) -> Iterator[list]:
+    """Yield one list of micro-batch index lists per optimizer step, from `start_step` on, forever."""
+    step = start_step
+    while True:
+        epoch, within = divmod(step, steps_per_epoch)
+        batches = batches_for_epoch(epoch)
+        chunk = batches[within * accumulation:(within + 1) * accumulation]
+        if not chunk:
+            raise RuntimeError(f"no batches at epoch {epoch} step {within} ({num_items} rows)")
+        yield chunk
+        step += 1
+
+
+# ----------------------------------------------------------------------------- run
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Train `job` end to end; returns a summary with the run folder and the metric history."""
+    from alignkit.engine import Engine
+
+    from alignkit.config import _load_method_modules
+
+    _load_method_modules()
+    if job.method not in RECIPES:
+        raise ValueError(f"method '{job.method}' has no recipe (known: {', '.join(sorted(RECIPES))})")
+    run_dir = job.output_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(job_to_yaml(job))
+    started = time.time()
+    recipe = RECIPES[job.method](job)
+    for line in getattr(recipe, "notes", []):
+        print(f"[alignkit] {line}")
+    engine = Engine(job.training, recipe, run_dir)
+    result = engine.train()
+    final_dir = run_dir / "final"
+    recipe.save_final(final_dir)
+    summary = {
+        "method": job.method,
+        "run_dir": str(run_dir),
+        "final": str(final_dir),
+        "steps": result["steps"],
+        "seconds": round(time.time() - started, 1),
+        "stopped_early": result["stopped_early"],
+        "last_train": result["history"][-1] if result["history"] else {},
+        "first_eval": result["eval_history"][0] if result["eval_history"] else {},
+        "last_eval": result["eval_history"][-1] if result["eval_history"] else {},
+        "notes": getattr(recipe, "notes", []),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (run_dir / "report.md").write_text(render_report(summary))
+    return summary
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    lines = [f"# alignkit {summary['method']} run", "",
+             f"- folder: `{summary['run_dir']}`", f"- final model: `{summary['final']}`",
+             f"- optimizer steps: {summary['steps']} in {summary['seconds']} s"
+             + (" (stopped early)" if summary["stopped_early"] else ""), ""]
+    if summary["notes"]:
+        lines += ["## Data", "", *[f"- {note}" for note in summary["notes"]], ""]
+    first, last = summary["first_eval"], summary["last_eval"]
+    if last:
+        lines += ["## Validation", "", "| metric | start | end |", "| --- | --- | --- |"]
+        for key, value in last.items():
+            if key == "step":
+                continue
+            start = first.get(key, float("nan"))
+            lines.append(f"| {key} | {_fmt(start)} | {_fmt(value)} |")
+        lines.append("")
+    if summary["last_train"]:
+        lines += ["## Last training step", ""]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in summary["last_train"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)

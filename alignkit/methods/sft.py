@@ -1,0 +1,140 @@
+"""Supervised fine-tuning: maximise the likelihood of the assistant's tokens.
+
+    L = - (1 / |M|) * sum_{t in M} log p_theta(x_t | x_<t)
+
+where M is the set of assistant tokens (every assistant turn and its end-of-turn marker) or every
+token when ``completion_only_loss`` is off. Log-probabilities come from hidden states chunk by
+chunk (``alignkit.logprobs``), so the ``[batch, seq, vocab]`` logits never exist at once. Batches
+are grouped by length to cut padding, or packed into full rows (``packing: true``) with
+block-diagonal attention so packed sequences never see each other.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from alignkit.config import Job, register_job
+from alignkit.methods.base import (build_policy, epoch_batches, load_train_validation, register_recipe,
+                                   scheduled_updates)
+
+
+@register_job
+class SFTJob(Job):
+    METHOD = "sft"
+    completion_only_loss: bool = Field(True, description="loss on assistant tokens only; false: all tokens")
+    packing: bool = Field(False, description="pack several rows into one sequence of max_length")
+    group_by_length: bool = Field(True, description="batch rows of similar length together")
+    logprob_chunk_size: int = Field(1024, gt=0)
+
+
+class SFTRecipe:
+    def __init__(self, job: SFTJob, model=None, tokenizer=None, train=None, validation=None):
+        from alignkit.data import tokenize_dataset
+
+        self.job = job
+        if model is None:
+            model, tokenizer = build_policy(job)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.notes: list[str] = []
+        if train is None:
+            train, validation, self.notes = load_train_validation(job, kind="chat")
+        train_on = "assistant" if job.completion_only_loss else "all"
+        self.train_rows, report = tokenize_dataset(tokenizer, train, job.data.max_length, train_on)
+        self.notes.append(f"tokenized train: {report.summary()}")
+        self.validation_rows, vreport = tokenize_dataset(tokenizer, validation or [], job.data.max_length, train_on)
+        if validation:
+            self.notes.append(f"tokenized validation: {vreport.summary()}")
+        if not self.train_rows:
+            raise ValueError("no training rows have any loss tokens left after truncation")
+        if job.packing:
+            from alignkit.data import pack_rows
+
+            before = len(self.train_rows)
+            self.train_rows = pack_rows(self.train_rows, job.data.max_length)
+            self.notes.append(f"packing: {before} rows into {len(self.train_rows)} sequences of <= {job.data.max_length}")
+        self.lengths = [len(row.input_ids) for row in self.train_rows]
+        self.batch_size = 1 if job.packing else job.training.batch_size
+        self.accumulation = job.training.gradient_accumulation_steps
+        self._batches_per_epoch = math.ceil(len(self.train_rows) / self.batch_size)
+        self._cache: dict[int, list] = {}
+
+    # -- engine interface
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self._batches_per_epoch / self.accumulation)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.job.training.seed, epoch,
+                                                self.job.group_by_length and not self.job.packing)}
+        return self._cache[epoch]
+
+    def updates(self, start_step: int):
+        for chunk in scheduled_updates(len(self.train_rows), self.steps_per_epoch(), start_step,
+                                       self._epoch, self.accumulation):
+            yield [self.collate([self.train_rows[i] for i in indices]) for indices in chunk]
+
+    def collate(self, rows) -> dict[str, torch.Tensor]:
+        from alignkit.data import pad_batch
+
+        batch = pad_batch(rows, self.tokenizer.pad_token_id, side="right")
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        nll_sum, correct, count = self._token_statistics(batch, with_grad=True)
+        loss = nll_sum / count.clamp(min=1)
+        return loss, {"token_accuracy": float(correct) / max(1, int(count)), "tokens": float(count)}
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.validation_rows:
+            return {}
+        total_nll, total_correct, total_tokens = 0.0, 0, 0
+        size = max(1, self.job.training.batch_size)
+        for start in range(0, len(self.validation_rows), size):
+            batch = self.collate(self.validation_rows[start:start + size])
+            nll_sum, correct, count = self._token_statistics(batch, with_grad=False)
+            total_nll += float(nll_sum)
+            total_correct += int(correct)
+            total_tokens += int(count)
+        mean_nll = total_nll / max(1, total_tokens)
+        return {"loss": mean_nll, "perplexity": math.exp(min(mean_nll, 50.0)),
+                "token_accuracy": total_correct / max(1, total_tokens)}
+
+    def save_final(self, directory) -> None:
+        from alignkit.models import save_model
+
+        save_model(self.model, self.tokenizer, directory)
+        if self.job.lora is not None and self.job.lora.merge_on_save:
+            save_model(self.model, self.tokenizer, f"{directory}-merged", merge=True)
+
+    # -- the computation
+    def _token_statistics(self, batch, with_grad: bool):
+        """Sum of masked NLL (with grad when asked), number of correct argmax predictions, token count."""
+        from alignkit.logprobs import decoder_hidden_states, output_weight, token_logprobs
+        from alignkit.losses import masked_sum
+
+        hidden = decoder_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"),
+                                       batch.get("position_ids"))[:, :-1]
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["loss_mask"][:, 1:].bool()
+        if batch.get("attention_mask") is not None:
+            mask = mask & batch["attention_mask"][:, 1:].bool()
+        weight = output_weight(self.model)
+        logps = token_logprobs(hidden, weight, targets, chunk_size=self.job.logprob_chunk_size)
+        nll_sum = -masked_sum(logps, mask.float())
+        with torch.no_grad():
+            picked = hidden[mask]
+            correct = 0
+            for start in range(0, picked.shape[0], self.job.logprob_chunk_size):
+                logits = picked[start:start + self.job.logprob_chunk_size].float() @ weight.float().T
+                correct += int((logits.argmax(-1) == targets[mask][start:start + self.job.logprob_chunk_size]).sum())
+        count = mask.sum()
+        if not with_grad:
+            nll_sum = nll_sum.detach()
+        return nll_sum, correct, count
+
+
+register_recipe("sft")(SFTRecipe)
