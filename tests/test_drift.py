@@ -1,0 +1,137 @@
+"""alignkit.evaluate.drift on hand-made inputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from alignkit.evaluate.drift import (
+    DEFAULT_THRESHOLDS,
+    distinct_n,
+    drift_report,
+    length_stats,
+    mean_entropy,
+    refusal_rate,
+    sample_kl,
+)
+
+
+def test_distinct_n_by_hand():
+    texts = ["the cat sat", "the cat ran"]
+    # unigrams: the cat sat the cat ran -> 4 unique of 6
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
+    # bigrams: (the cat) (cat sat) (the cat) (cat ran) -> 3 unique of 4
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    # n-grams never cross text boundaries: "sat the" is not a bigram here.
+    assert distinct_n(["a b", "c d"], 2) == 1.0
+    assert distinct_n(["same answer"] * 10, 2) == pytest.approx(1 / 10)
+    assert distinct_n(["one"], 2) == 0.0
+    assert distinct_n([], 1) == 0.0
+    assert distinct_n("a  b\n c", 1) == 1.0  # whitespace tokens, single string accepted
+
+
+def test_refusal_rate_by_hand():
+    texts = [
+        "I can't help with that.",
+        "i cannot do this",
+        "I\u2019m sorry, but no.",
+        "As an AI language model, I have no opinions.",
+        "I am unable to comply.",
+        "Sure! Here is the recipe.",
+        "The canteen is closed.",          # "can" inside a word: not a refusal
+        "I can help with that: Paris.",    # "I can" without the negation: not a refusal
+        "Mini cannot-style text",          # "i cannot" inside a word: not a refusal
+    ]
+    assert refusal_rate(texts) == pytest.approx(5 / 9)
+    assert refusal_rate([]) == 0.0
+    assert refusal_rate(["nope"], patterns=[r"^nope$"]) == 1.0
+
+
+def test_sample_kl_by_hand():
+    policy = torch.tensor([[-1.0, -2.0, -0.5], [-0.2, -0.3, 0.0]])
+    reference = torch.tensor([[-1.5, -2.0, -9.0], [-0.1, -0.5, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    result = sample_kl(policy, reference, mask)
+    ratios = [[0.5, 0.0], [-0.1, 0.2]]
+    sums = [sum(r) for r in ratios]
+    assert result["kl"] == pytest.approx(np.mean(sums))
+    k3 = [sum(math.exp(-r) - 1 + r for r in row) for row in ratios]
+    assert result["kl_k3"] == pytest.approx(np.mean(k3))
+    assert result["kl_per_token"] == pytest.approx(sum(sums) / 4)
+    assert result["num_tokens"] == 4 and result["num_sequences"] == 2
+    # Ragged lists give the same numbers as the padded tensors with a mask.
+    ragged = sample_kl([[-1.0, -2.0], [-0.2, -0.3]], [[-1.5, -2.0], [-0.1, -0.5]])
+    assert ragged["kl"] == pytest.approx(result["kl"])
+    assert ragged["kl_k3"] == pytest.approx(result["kl_k3"])
+    # Identical policies: zero divergence.
+    same = sample_kl(policy, policy)
+    assert same["kl"] == 0.0 and same["kl_k3"] == 0.0
+
+
+def test_sample_kl_estimates_true_kl():
+    # Categorical policy p and reference q; samples from p: mean log-ratio -> KL(p || q).
+    rng = np.random.default_rng(0)
+    p = np.array([0.7, 0.2, 0.1])
+    q = np.array([0.3, 0.3, 0.4])
+    true_kl = float(np.sum(p * np.log(p / q)))
+    tokens = rng.choice(3, size=(4000, 5), p=p)
+    result = sample_kl(np.log(p)[tokens], np.log(q)[tokens])
+    assert result["kl"] == pytest.approx(5 * true_kl, rel=0.05)
+    assert result["kl_k3"] == pytest.approx(5 * true_kl, rel=0.05)
+
+
+def test_mean_entropy_and_length_stats():
+    entropies = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert mean_entropy(entropies, mask) == pytest.approx(2.0)  # (1 + 2 + 3) / 3
+    assert mean_entropy([[1.0, 2.0], [3.0]]) == pytest.approx(2.0)
+    assert math.isnan(mean_entropy(entropies, torch.zeros(2, 3)))
+    stats = length_stats([10, 20, 30, 40, 100])
+    assert stats["mean"] == pytest.approx(40.0)
+    assert stats["median"] == pytest.approx(30.0)
+    assert stats["p90"] == pytest.approx(76.0)  # 40 + 0.6 * (100 - 40)
+    assert stats["count"] == 5
+    assert length_stats(torch.tensor([5, 5]))["p90"] == 5.0
+    assert math.isnan(length_stats([])["mean"])
+
+
+BASELINE = {"kl": 0.0, "entropy": 2.0, "length": 100.0, "distinct_2": 0.8, "refusal_rate": 0.05}
+
+
+def test_drift_report_quiet_when_healthy():
+    healthy = {"kl": 3.0, "entropy": 1.5, "length": 150.0, "distinct_2": 0.7, "refusal_rate": 0.1}
+    assert drift_report(healthy, BASELINE) == []
+
+
+def test_drift_report_fires_exactly_the_expected_warnings():
+    current = {"kl": 14.0, "entropy": 0.6, "length": 250.0, "distinct_2": 0.7,
+               "refusal_rate": 0.05}
+    warnings = drift_report(current, BASELINE)
+    assert len(warnings) == 3
+    kl, entropy, length = warnings
+    assert "KL" in kl and "14" in kl and "10" in kl
+    assert "entropy" in entropy.lower() and "0.6" in entropy and "2" in entropy and "0.5" in entropy
+    assert "length" in length.lower() and "250" in length and "100" in length and "2" in length
+
+    current = {"kl": 1.0, "entropy": 1.9, "length": 40.0, "distinct_2": 0.4, "refusal_rate": 0.4}
+    warnings = drift_report(current, BASELINE)
+    assert len(warnings) == 3
+    shrink, distinct, refusal = warnings
+    assert "shrank" in shrink and "40" in shrink and "0.5" in shrink
+    assert "Distinct-2" in distinct and "0.4" in distinct and "0.8" in distinct and "0.6" in distinct
+    assert "Refusal rate" in refusal and "40.0%" in refusal and "5.0%" in refusal and "20.0%" in refusal
+
+
+def test_drift_report_accepts_metric_dicts_and_thresholds():
+    current = {"kl": {"kl": 12.0, "kl_k3": 11.0}, "length": {"mean": 300.0, "median": 250.0}}
+    baseline = {"length": {"mean": 100.0}}
+    assert len(drift_report(current, baseline)) == 2
+    # Thresholds override key by key; None disables a check.
+    assert drift_report(current, baseline, {"kl": 20.0, "length_ratio_high": None}) == []
+    assert len(drift_report(current, baseline, {"kl": 20.0})) == 1
+    # Missing metrics are skipped; zero baselines skip ratio checks.
+    assert drift_report({"entropy": 0.1}, {}) == []
+    assert drift_report({"entropy": 0.1}, {"entropy": 0.0}) == []
+    with pytest.raises(ValueError, match="kl_limit"):
+        drift_report(current, baseline, {"kl_limit": 3})
+    assert DEFAULT_THRESHOLDS["kl"] == 10.0
