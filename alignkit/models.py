@@ -613,11 +613,20 @@ def decoder_of(model):
     For a LlamaForCausalLM this is its ``.model`` (a LlamaModel); calling it returns an output whose
     ``last_hidden_state`` is ``[batch, tokens, hidden]``, already through the final norm.
     """
-    return _unwrap(model).get_decoder()
+    base = _unwrap(model)
+    decoder = base.get_decoder()
+    # get_decoder() falls back to the model itself; calling a *ForCausalLM would return logits.
+    if decoder is base and base.get_output_embeddings() is not None:
+        raise ValueError(f"cannot find the decoder stack of {type(base).__name__}")
+    return decoder
 
 
 def output_embedding_of(model):
-    """The output head module (``lm_head``, an ``nn.Linear`` whose ``.weight`` is ``[vocab, hidden]``)."""
+    """The output head module (``lm_head``, an ``nn.Linear`` whose ``.weight`` is ``[vocab, hidden]``).
+
+    If a LoRA adapter targets the head itself (``"all-linear"`` never does), this is the LoRA layer
+    and its ``.weight`` is the base weight, without the adapter.
+    """
     head = _unwrap(model).get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(_unwrap(model)).__name__} has no output embedding (lm_head)")
