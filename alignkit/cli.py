@@ -67,7 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser("prepare-model", help="convert and cache the embedded default model")
     prepare.add_argument("--quiet", action="store_true")
+    _register_command_modules(commands)
     return parser
+
+
+def _register_command_modules(commands) -> None:
+    """Add the sub-commands defined in `alignkit/commands/*.py` (see that package's docstring)."""
+    import importlib
+    import pkgutil
+
+    import alignkit.commands as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"alignkit.commands.{info.name}")
+        module.register(commands)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     if args.command in TRAIN_METHODS or args.command == "train":
         return _train(args)
     if args.command == "generate":

@@ -1,0 +1,96 @@
+"""Scalar heads on a causal-LM backbone: reward models and PPO critics.
+
+    h_t = decoder(x)_t            (last hidden state, no lm_head, no vocabulary logits)
+    v_t = w^T h_t + b             (one number per position)
+
+A reward model reads ``v`` at the last non-padding token of each sequence (left or right padding
+both handled); a critic reads it at every response position. The backbone may carry LoRA
+adapters; the head is always trained. Saved as ``head.safetensors`` + ``head.json`` beside the
+backbone (full weights or adapter), so ``load_scalar_model(path)`` restores either kind.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+HEAD_FILE = "head.safetensors"
+HEAD_CONFIG = "head.json"
+
+
+class ScalarHeadModel(torch.nn.Module):
+    def __init__(self, backbone, hidden_size: int | None = None, kind: str = "reward"):
+        super().__init__()
+        self.backbone = backbone
+        config = getattr(backbone, "config", None)
+        hidden_size = hidden_size or getattr(config, "hidden_size", None)
+        if hidden_size is None:
+            raise ValueError("cannot tell the backbone's hidden size; pass hidden_size=")
+        parameter = next(backbone.parameters())
+        self.head = torch.nn.Linear(hidden_size, 1, device=parameter.device, dtype=torch.float32)
+        torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        torch.nn.init.zeros_(self.head.bias)
+        self.kind = kind
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One scalar per position, ``[B, T]`` float32."""
+        from alignkit.logprobs import decoder_hidden_states
+
+        hidden = decoder_hidden_states(self.backbone, input_ids, attention_mask, position_ids)
+        return self.head(hidden.float()).squeeze(-1)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.sequence_scores(input_ids, attention_mask)
+
+    def sequence_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The value at the last non-padding token of each row, ``[B]``."""
+        values = self.values(input_ids, attention_mask)
+        return values.gather(1, last_token_index(attention_mask, input_ids.shape[1], values.device)[:, None]).squeeze(1)
+
+    def save(self, directory: str | Path, tokenizer=None) -> Path:
+        from alignkit.models import save_model
+
+        directory = Path(directory)
+        save_model(self.backbone, tokenizer, directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(directory / HEAD_FILE))
+        (directory / HEAD_CONFIG).write_text(json.dumps({"kind": self.kind, "hidden_size": self.head.in_features}))
+        return directory
+
+
+def last_token_index(attention_mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
+    """Index of the last real token per row: right padding -> sum(mask) - 1; left padding -> T - 1."""
+    if attention_mask is None:
+        return torch.full((1,), length - 1, device=device, dtype=torch.long)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * (positions + 1)).argmax(dim=1).to(device)
+
+
+def is_scalar_model(path: str | Path) -> bool:
+    return (Path(path) / HEAD_CONFIG).exists()
+
+
+def load_scalar_model(path: str | Path, device=None, dtype=None, is_trainable: bool = False):
+    """Load a saved reward model or critic: returns (ScalarHeadModel, tokenizer)."""
+    from alignkit.models import load_model_and_tokenizer
+
+    path = Path(path)
+    if not is_scalar_model(path):
+        raise FileNotFoundError(f"{path} is not a reward model folder (no {HEAD_CONFIG}); train one with `alignkit rm`")
+    meta = json.loads((path / HEAD_CONFIG).read_text())
+    backbone, tokenizer = load_model_and_tokenizer(str(path), device=device, dtype=dtype, is_trainable=is_trainable)
+    model = ScalarHeadModel(backbone, hidden_size=meta["hidden_size"], kind=meta.get("kind", "reward"))
+    state = load_file(str(path / HEAD_FILE))
+    model.head.load_state_dict({k: v.to(model.head.weight.device) for k, v in state.items()})
+    if not is_trainable:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+    return model, tokenizer
