@@ -69,7 +69,7 @@ def load_train_validation(job: Job, kind: str):
     if not data.train:
         raise ValueError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
     common = dict(kind=kind, columns=data.columns or None, on_error=data.on_error,
-                  system_prompt=data.system_prompt, format=data.format)
+                  system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format)
     train, report = load_examples(data.train, limit=data.limit, **common)
     notes = [f"train {data.train}: {report.summary()}"]
     if data.deduplicate != "none":

@@ -56,7 +56,7 @@ class SFTRecipe:
             before = len(self.train_rows)
             self.train_rows = pack_rows(self.train_rows, job.data.max_length)
             self.notes.append(f"packing: {before} rows into {len(self.train_rows)} sequences of <= {job.data.max_length}")
-        self.lengths = [len(row.input_ids) for row in self.train_rows]
+        self.lengths = [len(row["input_ids"]) if isinstance(row, dict) else len(row.input_ids) for row in self.train_rows]
         self.batch_size = 1 if job.packing else job.training.batch_size
         self.accumulation = job.training.gradient_accumulation_steps
         self._batches_per_epoch = math.ceil(len(self.train_rows) / self.batch_size)
@@ -81,7 +81,11 @@ class SFTRecipe:
         from alignkit.data import pad_batch
 
         batch = pad_batch(rows, self.tokenizer.pad_token_id, side="right")
-        return {key: value.to(self.device) for key, value in batch.items()}
+        if "position_ids" in batch:
+            # packed rows: no attention mask, so the model builds block-diagonal attention from the
+            # restarting position ids (docs/data.md, "Packing")
+            batch["attention_mask"] = None
+        return {key: value.to(self.device) for key, value in batch.items() if value is not None}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         nll_sum, correct, count = self._token_statistics(batch, with_grad=True)
