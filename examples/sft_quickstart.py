@@ -41,7 +41,6 @@ def main() -> int:
     args = parser.parse_args()
 
     from alignkit import load_job, load_model_and_tokenizer, run_job
-    from alignkit.evaluate.metrics import perplexity
 
     started = time.time()
     data_dir = ROOT / "examples/data"
@@ -52,20 +51,22 @@ def main() -> int:
         for path, rows in ((train_file, train), (valid_file, validation)):
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     questions = [json.loads(line)["messages"][0]["content"] for line in valid_file.read_text().splitlines()]
-    overrides = [f"data.train={train_file}", f"data.validation={valid_file}", *args.overrides]
+    overrides = [f"data.train={train_file}", f"data.validation={valid_file}", "training.eval_at_start=true",
+                 *args.overrides]
     job = load_job("sft", args.config, overrides)
 
     print(f"[quickstart] base model: {job.model.name_or_path}; {len(questions)} held-out questions")
     model, tokenizer = load_model_and_tokenizer(job.model.name_or_path)
     before_share, before_answers = format_share(model, tokenizer, questions, args.max_new_tokens)
-    before_ppl = perplexity(model, tokenizer, str(valid_file), max_length=job.data.max_length)["perplexity"]
     del model
 
+    # the engine evaluates the held-out split before the first step and after the last one
     summary = run_job(job)
+    before_ppl = summary["first_eval"]["eval/perplexity"]
+    after_ppl = summary["last_eval"]["eval/perplexity"]
 
     model, tokenizer = load_model_and_tokenizer(job.model.name_or_path, adapter=summary["final"])
     after_share, after_answers = format_share(model, tokenizer, questions, args.max_new_tokens)
-    after_ppl = perplexity(model, tokenizer, str(valid_file), max_length=job.data.max_length)["perplexity"]
 
     print("\nExample held-out question:", questions[0])
     print("--- before ---\n" + before_answers[0][:400])
