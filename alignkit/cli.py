@@ -56,14 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
 
-    evaluate = commands.add_parser("eval", help="score a model on a data set with named metrics")
+    evaluate = commands.add_parser("eval", help="score a model with named metrics; writes a JSON/Markdown/PNG report")
     _add_model_arguments(evaluate)
-    evaluate.add_argument("--data", "-d", required=True, help="data file (jsonl/json/csv/parquet)")
-    evaluate.add_argument("--metrics", default="perplexity", help="comma-separated: perplexity")
-    evaluate.add_argument("--max-length", type=int, default=1024)
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--limit", type=int, help="use at most this many rows")
-    evaluate.add_argument("--output", "-o", help="write the JSON report here")
+    from alignkit.evaluate.command import add_arguments as add_eval_arguments
+
+    add_eval_arguments(evaluate)
 
     prepare = commands.add_parser("prepare-model", help="convert and cache the embedded default model")
     prepare.add_argument("--quiet", action="store_true")
@@ -208,18 +205,9 @@ def _generate(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from alignkit.evaluate.metrics import run_metrics
+    from alignkit.evaluate.command import run
 
-    model, tokenizer = _load(args)
-    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
-    report = run_metrics(model, tokenizer, metrics, data=args.data, max_length=args.max_length,
-                         batch_size=args.batch_size, limit=args.limit)
-    text = json.dumps(report, indent=2, default=str)
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
-    print(text)
-    return 0
+    return run(args, _load)
 
 
 if __name__ == "__main__":
