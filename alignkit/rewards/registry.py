@@ -113,6 +113,7 @@ def unregister(name: str) -> None:
 def _load_builtins() -> None:
     # builtin.py registers itself on import; imported here lazily to avoid an import cycle.
     importlib.import_module("alignkit.rewards.builtin")
+    importlib.import_module("alignkit.judges")  # registers the `llm_judge` factory
 
 
 def available_reward_functions() -> list[str]:
