@@ -191,3 +191,35 @@ def test_win_rate_and_elo_metrics(tiny_tokenizer, tmp_path):
     for rating in longer["ratings"].values():
         low, high = rating["interval"]
         assert low <= rating["rating"] <= high
+
+
+def test_llm_judge_spec_builds_a_pairwise_judge(monkeypatch):
+    import sys
+    import types
+
+    made = {}
+    fake = types.ModuleType("alignkit.judges")
+
+    def make_backend(model=None, base_url=None, device=None, dtype=None):
+        made["backend"] = (model, base_url)
+        return "backend"
+
+    class PairwiseJudge:
+        def __init__(self, backend, method="generate"):
+            made["judge"] = (backend, method)
+
+        def compare(self, prompts, a, b):
+            return ["A"] * len(prompts)
+
+    fake.make_backend, fake.PairwiseJudge = make_backend, PairwiseJudge
+    monkeypatch.setitem(sys.modules, "alignkit.judges", fake)
+    local = load_judge("llm:smollm2-135m-instruct")
+    assert made == {"backend": ("smollm2-135m-instruct", None), "judge": ("backend", "logprobs")}
+    assert "llm:smollm2-135m-instruct" in local.name
+    load_judge("llm:gpt-judge@http://localhost:8000/v1")
+    assert made == {"backend": ("gpt-judge", "http://localhost:8000/v1"), "judge": ("backend", "generate")}
+    assert win_rate(local, PROMPTS, A, B)["win_rate"] == 0.5
+
+    monkeypatch.setitem(sys.modules, "alignkit.judges", None)   # not installed: a clear error
+    with pytest.raises(ValueError, match="reward-model:PATH"):
+        load_judge("llm:x")
