@@ -39,6 +39,8 @@ from torch import Tensor
 __all__ = [
     "token_logprobs",
     "token_logprobs_and_entropy",
+    "token_logprobs_and_hits",
+    "hidden_token_logprobs",
     "decoder_hidden_states",
     "output_weight",
     "model_token_logprobs",
@@ -70,6 +72,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+        hits = torch.empty(n, dtype=torch.bool, device=hidden.device)  # target is the argmax
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             weight32 = weight.float()
             bias32 = None if bias is None else bias.float()
@@ -78,19 +81,21 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 z, _ = _chunk_logits(hidden[start:end], weight32, bias32, temperature, softcap)
                 lse = torch.logsumexp(z, dim=-1)
                 lse_all[start:end] = lse
-                logps[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lse
+                target_logit = z.gather(1, targets[start:end, None]).squeeze(1)
+                logps[start:end] = target_logit - lse
+                hits[start:end] = target_logit >= z.amax(dim=-1)
                 if with_entropy:
                     # H = logsumexp(z) - sum_v softmax(z)_v z_v
                     probs = torch.exp(z - lse[:, None])
                     entropy[start:end] = lse - (probs * z).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.chunk_size, ctx.temperature, ctx.softcap = chunk_size, temperature, softcap
-        ctx.mark_non_differentiable(entropy)
-        return logps, entropy
+        ctx.mark_non_differentiable(entropy, hits)
+        return logps, entropy, hits
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logps, grad_entropy):
+    def backward(ctx, grad_logps, grad_entropy, grad_hits):
         hidden, weight, bias, targets, lse_all = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = grad_weight = grad_bias = None
@@ -149,11 +154,11 @@ def _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, wi
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     # Ignored positions (e.g. -100) are clamped to a valid id; callers mask them afterwards.
     targets1d = targets.reshape(-1).to(device=hidden.device, dtype=torch.long).clamp(min=0)
-    logps, entropy = _ChunkedTokenLogprobs.apply(
+    logps, entropy, hits = _ChunkedTokenLogprobs.apply(
         hidden2d, weight, bias, targets1d, int(chunk_size), float(temperature),
         None if softcap is None else float(softcap), with_entropy,
     )
-    return logps.reshape(lead), (entropy.reshape(lead) if with_entropy else None)
+    return logps.reshape(lead), (entropy.reshape(lead) if with_entropy else None), hits.reshape(lead)
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 1024,
@@ -179,6 +184,15 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: 
     return _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, False)[0]
 
 
+def token_logprobs_and_hits(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 1024,
+                            temperature: float = 1.0, bias: Tensor | None = None,
+                            softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` plus, without gradient, whether each target is the arg-max token
+    (`z_{t,y_t} >= max_v z_{t,v}`): token accuracy for free from the same chunked pass."""
+    logps, _, hits = _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, False)
+    return logps, hits
+
+
 def token_logprobs_and_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
                                chunk_size: int = 1024, temperature: float = 1.0,
                                bias: Tensor | None = None,
@@ -191,7 +205,7 @@ def token_logprobs_and_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
     Returns:
         `(logps [B, T] float32 with grad, entropy [B, T] float32 without grad)`.
     """
-    return _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, True)
+    return _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, True)[:2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,15 +303,25 @@ def model_token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None
     """
     hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
     targets = input_ids[:, 1:]
+    result = hidden_token_logprobs(model, hidden, targets, chunk_size, temperature, with_entropy=with_entropy)
+    return (result[0], result[1]) if with_entropy else result[0]
+
+
+def hidden_token_logprobs(model, hidden: Tensor, targets: Tensor, chunk_size: int = 1024,
+                          temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Log-probs of `targets` from already computed decoder `hidden` states through `model`'s output
+    layer (its bias, logit scale and softcapping included). Callers that select a subset of positions
+    first (e.g. only loss tokens) pay the vocabulary matmul only for those.
+
+    Returns `(logps, entropy or None, hits)`; `hits` says whether each target is the arg-max token.
+    """
     head = _output_layer(model)
     scale, softcap = _logit_transform(model)
     effective_temperature = temperature / scale
     if not math.isfinite(effective_temperature):
         raise ValueError(f"invalid logit scale {scale} for temperature {temperature}")
     bias = getattr(head, "bias", None)
-    logps, entropy = _chunked(hidden, head.weight, targets, chunk_size, effective_temperature,
-                              bias, softcap, with_entropy)
-    return (logps, entropy) if with_entropy else logps
+    return _chunked(hidden, head.weight, targets, chunk_size, effective_temperature, bias, softcap, with_entropy)
 
 
 def sequence_logprob_sums(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -48,6 +48,8 @@ def test_loss_equals_hand_computed_masked_cross_entropy(tmp_path):
     expected = -(logps * mask).sum() / mask.sum()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
     assert metrics["tokens"] == mask.sum().item()
+    hits = (logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]).float()
+    assert metrics["token_accuracy"] == pytest.approx(float((hits * mask).sum() / mask.sum()))
     # the mask holds exactly the assistant answers and their end-of-turn markers
     tok = r.tokenizer
     picked = [tok.decode([t for t, m in zip(row.input_ids, row.loss_mask) if m]) for row in r.train_rows[:3]]
