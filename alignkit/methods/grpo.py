@@ -1,0 +1,126 @@
+"""GRPO: reinforcement fine-tuning with rewards from code, a reward model or a judge.
+
+What the algorithm really is (Shao et al. 2024, "DeepSeekMath"), for one rollout batch:
+
+    for each of P prompts q, sample G completions o_1..o_G from the current policy (no grad)
+    r_i   = sum_k w_k * reward_k(q, o_i)                        (CombinedReward)
+    A_i   = (r_i - mean(r_1..G)) / (std(r_1..G) + eps)         (scale_rewards: false -> no division)
+    then num_iterations times, one optimizer step over all P*G completions:
+        ratio_t = pi(o_t) / pi_old(o_t)                         (pi_old: the sampling policy)
+        L_t     = -min(ratio_t A, clip(ratio_t, 1 - epsilon, 1 + epsilon_high) A)
+                  + beta * k3(pi, pi_ref)_t                     (skipped entirely when beta = 0)
+        loss    = mean of L_t over all completion tokens        (loss_aggregation: token, as DAPO)
+               or mean over completions of each one's token mean (loss_aggregation: sequence, as the paper)
+
+There is no value model: the group is the baseline. A group whose rewards are all equal has
+zero advantages and teaches nothing; its share is logged as ``rollout/zero_spread_share``.
+
+Simplifications chosen, and why:
+- With ``num_iterations: 1`` (the default) pi_old is the policy itself, so the ratio is exactly 1
+  and its gradient is the plain policy gradient: we skip the sampling log-prob pass and use the
+  detached current log-probs (no extra forward). With more iterations pi_old is the log-probs the
+  backend recomputed at sampling time.
+- All P*G completions form one optimizer step, split into micro-batches of ``training.batch_size``
+  completions for memory; each micro-batch is weighted by its share of tokens (or sequences), so
+  the step's gradient is the same whatever the micro-batch size.
+- Log-probs are those of the temperature-scaled distribution (sampling and training agree);
+  top-p / top-k only decide which tokens can be sampled.
+- The reference is the policy with LoRA adapters disabled (no second copy), or a frozen copy of
+  the starting weights for full fine-tuning; its log-probs are computed once per rollout.
+
+Managed-RFT job keys (``samplesPerPrompt``, ``batchSize``, ``learningRateMultiplier``,
+``thinkingLevel``...) are accepted; ``docs/online_rl.md`` has the table.
+"""
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from alignkit.config import register_job
+from alignkit.methods.base import register_recipe
+from alignkit.methods.online import OnlineJob, OnlineRecipe
+
+
+@register_job
+class GRPOJob(OnlineJob):
+    METHOD = "grpo"
+    num_generations: int = Field(8, ge=2, description="completions per prompt (the group); at least 2")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the reference; 0 = no reference at all")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="lower clip: ratio >= 1 - epsilon")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip (DAPO clip-higher); default epsilon")
+    num_iterations: int = Field(1, gt=0, description="optimizer steps on each rollout batch")
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    scale_rewards: bool = Field(True, description="divide group-centred rewards by the group's std")
+
+    @model_validator(mode="after")
+    def _one_accumulation(self):
+        if self.training.gradient_accumulation_steps != 1:
+            raise ValueError("grpo: training.gradient_accumulation_steps is not used (every optimizer step covers "
+                             "the whole rollout batch, split into micro-batches of training.batch_size); leave it at 1")
+        return self
+
+
+class GRPORecipe(OnlineRecipe):
+    def __init__(self, job: GRPOJob, **parts):
+        super().__init__(job, **parts)
+        self.setup_reference(job.beta > 0)
+
+    def rollout_steps(self) -> int:
+        return self.job.num_iterations
+
+    @torch.no_grad()
+    def make_rollout(self, index: int) -> dict:
+        from alignkit.losses import group_advantages
+
+        job = self.job
+        rollout = self.sample_and_score(index, job.num_generations, with_logprobs=job.num_iterations > 1)
+        advantages, zero_spread = group_advantages(rollout["rewards"], job.num_generations,
+                                                   scale_by_std=job.scale_rewards)
+        rollout["advantages"] = advantages
+        rollout["metrics"]["rollout/zero_spread_share"] = float(zero_spread.float().mean())
+        length = rollout["completion_ids"].shape[1]
+        if job.beta > 0:
+            started = time.perf_counter()
+            rollout["ref_logps"] = self.reference_logprobs(rollout["layout"], length, job.training.batch_size)
+            self.timings["time/reference"] = time.perf_counter() - started
+        return rollout
+
+    def micro_batches(self, rollout: dict, position: int) -> list[dict]:
+        rows = list(range(rollout["completion_ids"].shape[0]))
+        chunks = self.split_rows(rows)
+        scales = self.scales(chunks, rollout["completion_mask"], self.job.loss_aggregation)
+        extra = {"advantages": rollout["advantages"]}
+        if self.job.num_iterations > 1:
+            extra["old_logps"] = rollout["sampling_logprobs"]
+        if "ref_logps" in rollout:
+            extra["ref_logps"] = rollout["ref_logps"]
+        return [self.micro_batch(rollout, chunk, scale, **extra) for chunk, scale in zip(chunks, scales)]
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        from alignkit.losses import kl_k3, masked_mean, ppo_clip_loss
+        from alignkit.rollout.hf import completion_logprobs
+
+        job = self.job
+        mask = batch["completion_mask"]
+        logps, entropy = completion_logprobs(
+            self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["prompt_width"],
+            mask.shape[1], temperature=self.logprob_temperature(), chunk_size=job.logprob_chunk_size,
+            with_entropy=True)
+        old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
+        loss, clip = ppo_clip_loss(logps, old_logps, batch["advantages"], mask, epsilon_low=job.epsilon,
+                                   epsilon_high=job.epsilon_high, aggregation=job.loss_aggregation)
+        metrics = {"policy_loss": float(loss.detach()), "clip_fraction": float(clip["clip_fraction"]),
+                   "entropy": float(masked_mean(entropy, mask))}
+        if job.beta > 0:
+            from alignkit.methods.online import aggregate
+
+            kl = kl_k3(logps, batch["ref_logps"])
+            loss = loss + job.beta * aggregate(kl, mask, job.loss_aggregation)
+            metrics["kl"] = float(masked_mean(kl.detach(), mask))
+        return loss * batch["scale"], metrics
+
+
+register_recipe("grpo")(GRPORecipe)

@@ -1,0 +1,506 @@
+"""What GRPO and PPO share: prompts in, scored rollouts out, on the one training engine.
+
+An online recipe fits the engine's "one item per optimizer step" contract like this:
+
+    for rollout r = 0, 1, 2, ...:                      # a rollout batch: prompts_per_step prompts
+        prompts  = epoch permutation of the prompt set, slice r   (a pure function of seed and r)
+        samples  = backend.generate(policy, prompts, num_generations)   # no grad, eval mode
+        rewards  = CombinedReward(prompt, completion, **row fields)
+        ... the method turns them into advantages (GRPO: group-relative; PPO: values + GAE) ...
+        yield K lists of micro-batches, one per optimizer step over (a minibatch of) the rollout
+
+so the engine's *step* is an optimizer step, and one rollout spans K of them (GRPO:
+``num_iterations``; PPO: ``ppo_epochs * num_mini_batches``). ``steps_per_epoch`` is
+``ceil(num_prompts / prompts_per_step) * K``.
+
+Determinism and resume: the prompt slice depends only on (seed, r) and sampling runs under its own
+seed ``seed * 1_000_003 + r`` (the global RNG is untouched). The current rollout is part of the
+recipe's ``state_dict``, so a checkpoint taken in the middle of a rollout resumes on the very same
+samples; one taken at a rollout boundary regenerates the next rollout exactly as an uninterrupted
+run would have.
+
+Timing: ``time/generation`` (sampling + the sampling log-prob pass, in the backend),
+``time/reward``, ``time/reference`` (reference / value forward passes done once per rollout) and
+``time/training`` (forward, backward and optimizer step) are logged separately for every step.
+
+Thinking (``thinking_level``): a system instruction asks the model to reason inside
+``<think>...</think>`` within a token budget, then answer; the sampling limit becomes
+``budget + max_completion_length`` and reward functions see only the final answer (the text after
+the last ``</think>``; no closing tag means no answer). See ``docs/online_rl.md``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from alignkit.config import ConfigError, Job, Section
+
+# ----------------------------------------------------------------------------- thinking
+
+THINKING_BUDGETS = {"none": 0, "minimal": 128, "low": 512, "medium": 1024, "high": 4096}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def thinking_instruction(budget: int) -> str:
+    return (f"Before answering, think step by step inside {THINK_OPEN} and {THINK_CLOSE}, using at most "
+            f"about {budget} tokens for the thinking. After {THINK_CLOSE}, write only the final answer.")
+
+
+def final_answer(text: str) -> str:
+    """The text after the last ``</think>``; empty when the thinking was never closed."""
+    if THINK_CLOSE not in text:
+        return ""
+    return text.rsplit(THINK_CLOSE, 1)[1].strip()
+
+
+# ----------------------------------------------------------------------------- config
+
+# Base learning rates that the managed-RFT ``learningRateMultiplier`` multiplies.
+BASE_LEARNING_RATE = {"lora": 1e-4, "full": 1e-5}
+
+MANAGED_RFT_ALIASES = {
+    "samplesPerPrompt": "num_generations",
+    "epochCount": "training.epochs",
+    "batchSize": "prompts_per_step",
+    "adapterSize": "lora.rank",
+    "maxOutputTokens": "max_completion_length",
+    "evaluateInterval": "training.eval_steps",
+    "checkpointInterval": "training.save_steps",
+    "thinkingLevel": "thinking_level",
+}
+
+
+class RewardTerm(Section):
+    name: str = Field(description="built-in name, 'module:function' or 'path/file.py:function'")
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="options of the function or factory")
+    label: str | None = None
+
+
+class OnlineJob(Job):
+    """Keys GRPO and PPO share (sampling, rewards, prompts per rollout, thinking)."""
+
+    ALIASES = MANAGED_RFT_ALIASES
+
+    prompts_per_step: int = Field(8, gt=0, description="prompts per rollout batch")
+    num_generations: int = Field(8, gt=0, description="completions sampled per prompt (the group size)")
+    max_completion_length: int = Field(256, gt=0, description="new tokens per completion (the answer part)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    stop_strings: list[str] = Field(default_factory=list)
+    rewards: list[RewardTerm] = Field(default_factory=list)
+    reward_on_error: Literal["raise", "zero"] = Field(
+        "raise", description="a reward function that fails: stop with the prompt and completion, or score 0 and count")
+    thinking_level: str = Field("none", description="none | minimal | low | medium | high")
+    thinking_budget: int | None = Field(None, ge=0, description="tokens of thinking; overrides the level's budget")
+    rollout_backend: Literal["auto", "hf", "static", "vllm"] = "auto"
+    generation_batch_size: int | None = Field(None, gt=0, description="samples per generate call; None: all")
+    logprob_chunk_size: int = Field(1024, gt=0)
+    eval_max_prompts: int | None = Field(64, gt=0, description="validation prompts scored at each evaluation")
+    eval_temperature: float = Field(0.0, ge=0, description="0: greedy answers at evaluation")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _learning_rate_multiplier(cls, raw: Any) -> Any:
+        """``learningRateMultiplier: m`` -> ``training.learning_rate = m * base`` (base by LoRA or not)."""
+        if not isinstance(raw, dict) or "learningRateMultiplier" not in raw:
+            return raw
+        raw = dict(raw)
+        multiplier = raw.pop("learningRateMultiplier")
+        try:
+            multiplier = float(multiplier)
+        except (TypeError, ValueError):
+            raise ValueError(f"learningRateMultiplier must be a number, got {multiplier!r}") from None
+        if not multiplier > 0:
+            raise ValueError(f"learningRateMultiplier must be > 0, got {multiplier}")
+        lora = raw.get("lora")
+        uses_lora = isinstance(lora, dict) and lora.get("enabled", True)
+        rate = multiplier * BASE_LEARNING_RATE["lora" if uses_lora else "full"]
+        training = dict(raw.get("training") or {})
+        if "learning_rate" in training and not math.isclose(float(training["learning_rate"]), rate):
+            raise ValueError(f"learningRateMultiplier ({multiplier} x {rate / multiplier:g} = {rate:g}) and "
+                             f"training.learning_rate ({training['learning_rate']}) disagree; give one")
+        training["learning_rate"] = rate
+        raw["training"] = training
+        return raw
+
+    @field_validator("thinking_level", mode="before")
+    @classmethod
+    def _level(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        text = {"off": "none", "disabled": "none", "false": "none", "thinking_level_unspecified": "none"}.get(text, text)
+        if text not in THINKING_BUDGETS:
+            raise ValueError(f"thinking_level must be one of {', '.join(THINKING_BUDGETS)}, got {value!r}")
+        return text
+
+    def thinking_tokens(self) -> int:
+        return self.thinking_budget if self.thinking_budget is not None else THINKING_BUDGETS[self.thinking_level]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def load_reward_plugins() -> None:
+    """Import the modules that register constructed rewards (reward model, LLM judge when present)."""
+    import importlib
+
+    for name in ("alignkit.rewards.reward_model", "alignkit.judges"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+
+
+def build_reward(job: OnlineJob, extra_terms: list[dict] | None = None):
+    from alignkit.rewards import CombinedReward
+
+    load_reward_plugins()
+    terms = [t.model_dump() for t in job.rewards] + list(extra_terms or [])
+    if not terms:
+        raise ConfigError(f"{job.method}: no reward: add 'rewards: [{{name: numeric_match}}]' "
+                          "(or reward_model: path for PPO)")
+    return CombinedReward(terms, on_error=job.reward_on_error)
+
+
+def build_online_policy(job: Job):
+    """The policy to train. A saved adapter (``model.adapter`` or an adapter folder) is merged into
+    its base first, so that "adapters disabled" means the starting model; then fresh LoRA is added
+    when configured."""
+    from alignkit.methods.base import is_peft_model
+    from alignkit.models import add_lora, load_model_and_tokenizer, merge_adapter
+
+    model, tokenizer = load_model_and_tokenizer(
+        job.model.name_or_path,
+        device=None if job.model.device == "auto" else job.model.device,
+        dtype=None if job.model.dtype == "auto" else job.model.dtype,
+        trust_remote_code=job.model.trust_remote_code, adapter=job.model.adapter, is_trainable=False)
+    if is_peft_model(model):
+        model = merge_adapter(model)
+    if job.lora is not None and job.lora.enabled:
+        model = add_lora(model, rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
+                         target_modules=job.lora.target_modules)
+    if job.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def uses_adapters(model) -> bool:
+    from alignkit.methods.base import is_peft_model
+
+    return is_peft_model(model)
+
+
+def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Token-level mean over all masked tokens, or mean over sequences of each sequence's token mean."""
+    from alignkit.losses import masked_mean
+
+    if how == "token":
+        return masked_mean(values, mask)
+    return masked_mean(masked_mean(values, mask, dim=-1), mask.bool().any(-1))
+
+
+def rollout_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index) % (2**63 - 1)
+
+
+class OnlineRecipe:
+    """Shared life of GRPO and PPO recipes: prompts, sampling, rewards, reference, evaluation, timing."""
+
+    def __init__(self, job: OnlineJob, model=None, tokenizer=None, train=None, validation=None,
+                 reward=None, backend=None):
+        from alignkit.methods.base import load_train_validation
+
+        self.job = job
+        if model is None:
+            model, tokenizer = build_online_policy(job)
+        self.policy, self.tokenizer = model, tokenizer
+        self.model = model  # what the engine optimizes; PPO replaces it with actor + critic
+        self.device = next(model.parameters()).device
+        self.notes: list[str] = []
+        if train is None:
+            train, validation, self.notes = load_train_validation(job, kind="prompt")
+        if not train:
+            raise ValueError("no training prompts")
+        self.train_examples, self.validation_examples = list(train), list(validation or [])
+        self.thinking = job.thinking_tokens()
+        self.train_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.train_examples]
+        self.validation_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.validation_examples]
+        self.reward = reward if reward is not None else build_reward(job, self.extra_reward_terms())
+        if backend is None:
+            from alignkit.rollout import get_backend
+
+            backend = get_backend(job.rollout_backend, model=model, max_batch_size=job.generation_batch_size,
+                                  chunk_size=job.logprob_chunk_size)
+        self.backend = backend
+        self.sampling = self.sampling_params(job.temperature)
+        self.reference_copy = None
+        self.current: dict | None = None
+        self.timings: dict[str, float] = {}
+        self._yielded_at: float | None = None
+        self.notes.append(f"rollout backend: {getattr(backend, 'name', type(backend).__name__)}; reward: {self.reward!r}")
+
+    # -- what a subclass may change
+    def extra_reward_terms(self) -> list[dict]:
+        return []
+
+    def rollout_steps(self) -> int:
+        """Optimizer steps per rollout batch."""
+        return 1
+
+    # -- prompts
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        from alignkit.data import tokenize_prompt
+
+        messages = [dict(m) for m in messages]
+        if self.thinking:
+            instruction = thinking_instruction(self.thinking)
+            if messages and messages[0]["role"] == "system":
+                messages[0]["content"] = messages[0]["content"].rstrip() + "\n\n" + instruction
+            else:
+                messages.insert(0, {"role": "system", "content": instruction})
+        ids = tokenize_prompt(self.tokenizer, messages)
+        limit = self.job.data.max_prompt_length
+        return ids[-limit:] if limit and len(ids) > limit else ids
+
+    def sampling_params(self, temperature: float, seed: int | None = None):
+        from alignkit.rollout import SamplingParams
+
+        return SamplingParams(max_new_tokens=self.job.max_completion_length + self.thinking,
+                              temperature=temperature, top_p=self.job.top_p, top_k=self.job.top_k,
+                              stop_strings=list(self.job.stop_strings), seed=seed)
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_examples) / self.job.prompts_per_step)
+
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch() * self.rollout_steps()
+
+    def prompt_indices(self, index: int) -> list[int]:
+        """Prompts of rollout ``index``: slice of the epoch's seeded permutation, wrapped to full size."""
+        epoch, within = divmod(index, self.batches_per_epoch())
+        generator = torch.Generator().manual_seed(self.job.training.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_examples), generator=generator).tolist()
+        size = self.job.prompts_per_step
+        picked = order[within * size:(within + 1) * size]
+        while len(picked) < size:
+            picked += order[:size - len(picked)]
+        return picked
+
+    # -- sampling and scoring
+    def _generate(self, prompt_ids, num_generations, params, with_logprobs: bool):
+        generate = self.backend.generate
+        try:
+            accepts = "with_logprobs" in inspect.signature(generate).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        if accepts:
+            return generate(self.policy, self.tokenizer, prompt_ids, num_generations, params, with_logprobs=with_logprobs)
+        return generate(self.policy, self.tokenizer, prompt_ids, num_generations, params)
+
+    def score(self, examples: list, texts: list[str], num_generations: int):
+        """Rewards ``[N]`` for texts laid out group after group; and the `RewardResult`."""
+        prompts, fields = [], {}
+        names = sorted({key for ex in examples for key in ex.fields})
+        for name in names:
+            fields[name] = []
+        fields["prompt_messages"] = []
+        for ex in examples:
+            user = next((m["content"] for m in reversed(ex.prompt) if m["role"] == "user"), ex.prompt[-1]["content"])
+            for _ in range(num_generations):
+                prompts.append(user)
+                fields["prompt_messages"].append(ex.prompt)
+                for name in names:
+                    fields[name].append(ex.fields.get(name))
+        answers = [final_answer(t) for t in texts] if self.thinking else list(texts)
+        result = self.reward(prompts, answers, **fields)
+        return torch.tensor(result.total, dtype=torch.float32), result
+
+    def sample_and_score(self, index: int, num_generations: int, with_logprobs: bool) -> dict:
+        """Generate the rollout for ``index``, score it, and lay it out for training (CPU tensors)."""
+        from alignkit.rollout.hf import rollout_tensors
+
+        indices = self.prompt_indices(index)
+        examples = [self.train_examples[i] for i in indices]
+        prompt_ids = [self.train_prompt_ids[i] for i in indices]
+        params = self.sampling_params(self.job.temperature, seed=rollout_seed(self.job.training.seed, index))
+        started = time.perf_counter()
+        batch = self._generate(prompt_ids, num_generations, params, with_logprobs)
+        generated = time.perf_counter()
+        rewards, result = self.score(examples, batch.texts, num_generations)
+        scored = time.perf_counter()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        layout = rollout_tensors(batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad)
+        lengths = batch.completion_mask.sum(-1)
+        metrics = {f"rollout/{k}": v for k, v in result.summary().items()}
+        metrics.update({
+            "rollout/completion_length": float(lengths.mean()),
+            "rollout/completion_length_max": float(lengths.max()) if len(lengths) else 0.0,
+            "rollout/truncated_share": float(batch.truncated.float().mean()),
+        })
+        self.timings = {"time/generation": generated - started, "time/reward": scored - generated}
+        if result.error_messages:
+            self.notes.append(f"rollout {index}: {result.errors} reward errors scored 0; first: {result.error_messages[0]}")
+        return {"index": index, "layout": layout, "completion_ids": batch.completion_ids,
+                "completion_mask": batch.completion_mask, "sampling_logprobs": batch.sampling_logprobs,
+                "truncated": batch.truncated, "rewards": rewards, "metrics": metrics,
+                "texts": batch.texts[:4]}
+
+    # -- the reference model
+    def setup_reference(self, needed: bool) -> None:
+        """LoRA: the reference is the policy with adapters disabled. Full weights: a frozen copy."""
+        if needed and not uses_adapters(self.policy):
+            self.reference_copy = copy.deepcopy(self.policy).eval()
+            for parameter in self.reference_copy.parameters():
+                parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def reference_logprobs(self, layout: dict, completion_length: int, batch_size: int) -> torch.Tensor:
+        from alignkit.rollout.hf import completion_logprobs
+
+        if uses_adapters(self.policy):
+            model, context = self.policy, self.policy.disable_adapter()
+        elif self.reference_copy is not None:
+            model, context = self.reference_copy, nullcontext()
+        else:
+            raise RuntimeError("reference_logprobs called but no reference was set up")
+        temperature, chunk = self.logprob_temperature(), self.job.logprob_chunk_size
+
+        def function(model, input_ids, attention_mask, position_ids, prompt_width, length):
+            return completion_logprobs(model, input_ids, attention_mask, position_ids, prompt_width, length,
+                                       temperature=temperature, chunk_size=chunk)
+
+        return self.forward_in_batches(model, context, layout, completion_length, batch_size, function)
+
+    def forward_in_batches(self, model, context, layout, completion_length, batch_size, function) -> torch.Tensor:
+        """``function(model, ids, attention, positions, prompt_width, length) -> [n, length]`` over the
+        rollout, ``batch_size`` rows at a time, in eval mode without grad; concatenated on the CPU."""
+        was_training = model.training
+        model.eval()
+        outputs = []
+        try:
+            with context, torch.no_grad():
+                for start in range(0, layout["input_ids"].shape[0], batch_size):
+                    rows = slice(start, start + batch_size)
+                    outputs.append(function(
+                        model, layout["input_ids"][rows].to(self.device), layout["attention_mask"][rows].to(self.device),
+                        layout["position_ids"][rows].to(self.device), layout["prompt_width"],
+                        completion_length).float().cpu())
+        finally:
+            if was_training:
+                model.train()
+        return torch.cat(outputs) if outputs else torch.zeros(0, completion_length)
+
+    def logprob_temperature(self) -> float:
+        return self.job.temperature if self.job.temperature > 0 else 1.0
+
+    # -- micro-batches
+    def micro_batch(self, rollout: dict, rows: list[int] | torch.Tensor, scale: float, **extra) -> dict:
+        """Rows of the rollout, trimmed to their own longest prompt and completion, on the device."""
+        layout = rollout["layout"]
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        width = layout["prompt_width"]
+        prompt_attention = layout["attention_mask"][rows, :width]
+        prompt_needed = int(prompt_attention.sum(-1).max())
+        completion_mask = rollout["completion_mask"][rows]
+        length = max(1, int(completion_mask.sum(-1).max()))
+        columns = slice(width - prompt_needed, width + length)
+        batch = {
+            "input_ids": layout["input_ids"][rows, columns],
+            "attention_mask": layout["attention_mask"][rows, columns],
+            "position_ids": layout["position_ids"][rows, columns],
+            "completion_mask": completion_mask[:, :length],
+            "scale": torch.tensor(scale),
+        }
+        for key, value in extra.items():
+            value = value[rows]
+            batch[key] = value[:, :length] if value.dim() == 2 else value
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["prompt_width"] = prompt_needed
+        return batch
+
+    def split_rows(self, rows: list[int]) -> list[list[int]]:
+        size = self.job.training.batch_size
+        return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+    @staticmethod
+    def scales(chunks: list[list[int]], completion_mask: torch.Tensor, how: str) -> list[float]:
+        """Per micro-batch factors that make the engine's mean over micro-batches equal the loss
+        aggregated over the whole (mini)batch: tokens (or sequences) of the chunk / all, times the
+        number of chunks."""
+        if how == "token":
+            counts = [float(completion_mask[c].sum()) for c in chunks]
+        else:
+            counts = [float((completion_mask[c].sum(-1) > 0).sum()) for c in chunks]
+        total = sum(counts) or 1.0
+        return [count / total * len(chunks) for count in counts]
+
+    # -- the engine's hooks
+    def updates(self, start_step: int):
+        per_rollout = self.rollout_steps()
+        step = start_step
+        while True:
+            index, position = divmod(step, per_rollout)
+            fresh = self.current is None or self.current["index"] != index
+            if fresh:
+                self.current = self.make_rollout(index)
+            else:
+                self.timings = {}
+            micro_batches = self.micro_batches(self.current, position)
+            self._yielded_at = time.perf_counter()
+            yield micro_batches
+            step += 1
+
+    def on_step_end(self, step: int) -> dict[str, float]:
+        metrics = dict(self.current["metrics"]) if self.current else {}
+        metrics["time/generation"] = self.timings.get("time/generation", 0.0)
+        metrics["time/reward"] = self.timings.get("time/reward", 0.0)
+        metrics["time/reference"] = self.timings.get("time/reference", 0.0)
+        if self._yielded_at is not None:
+            metrics["time/training"] = time.perf_counter() - self._yielded_at
+        self.timings = {}
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"current": self.current}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current = state.get("current")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Rewards of answers to held-out prompts (greedy by default): ``reward``, ``rewards/<fn>``..."""
+        if not self.validation_examples:
+            return {}
+        count = min(len(self.validation_examples), self.job.eval_max_prompts or len(self.validation_examples))
+        examples = self.validation_examples[:count]
+        params = self.sampling_params(self.job.eval_temperature, seed=self.job.training.seed)
+        batch = self._generate(self.validation_prompt_ids[:count], 1, params, with_logprobs=False)
+        _, result = self.score(examples, batch.texts, 1)
+        metrics = result.summary()
+        metrics["completion_length"] = float(batch.completion_mask.sum(-1).mean())
+        metrics["truncated_share"] = float(batch.truncated.float().mean())
+        return metrics
+
+    def save_final(self, directory) -> None:
+        from alignkit.models import save_model
+
+        save_model(self.policy, self.tokenizer, directory)
+        if self.job.lora is not None and self.job.lora.merge_on_save:
+            save_model(self.policy, self.tokenizer, f"{directory}-merged", merge=True)
+
+    # -- to be written by the method
+    def make_rollout(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def micro_batches(self, rollout: dict, position: int) -> list[dict]:
+        raise NotImplementedError

@@ -1,0 +1,222 @@
+"""PPO: RLHF from an SFT model and a reward model (Ouyang et al. 2022; Ziegler et al. 2019).
+
+Four roles: the actor (the policy we train), the critic (a value per token: its own backbone
+with a scalar head, or a head on the actor's backbone), the reward model (or any reward
+functions), and the frozen reference (the starting policy). For one rollout batch:
+
+    sample completions o from the actor (no grad); keep their log-probs  logp_old_t
+    V_t      = critic value of the state before token t          (no grad: old values)
+    score    = reward(prompt, o)                                  (one number per completion)
+    r_t      = -kl_coef * (logp_old_t - logp_ref_t)  +  [t is the last token] * score
+    A_t, R_t = GAE(r, V; gamma, lam);   A whitened over the batch (whiten_advantages)
+    then ppo_epochs passes, each over num_mini_batches shuffled minibatches, one optimizer step each:
+        L = -min(ratio_t A_t, clip(ratio_t, 1 - cliprange, 1 + cliprange) A_t)              (policy)
+          + vf_coef * 0.5 * max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, +-cliprange_value) - R_t)^2)
+        both averaged over every completion token of the minibatch
+
+Simplifications chosen, and why:
+- The KL penalty is the per-token k1 estimate (logp_old - logp_ref), folded into the reward as in
+  the InstructGPT recipe; its coefficient is fixed (no adaptive KL controller).
+- A separate critic starts as a copy of the starting policy's backbone (with its own LoRA when
+  the actor uses LoRA) plus a fresh scalar head, or from a saved scalar model (``critic: PATH``,
+  e.g. the reward model); ``critic: shared`` puts the head on the actor's own hidden states (one
+  forward pass for both, the value loss then also shapes the actor's features).
+- Actor and critic are one module for the engine, so one optimizer and one learning rate update
+  both; ``vf_coef`` sets their balance.
+- The reference is the actor with adapters disabled (LoRA) or a frozen copy (full weights).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from alignkit.config import register_job
+from alignkit.methods.base import register_recipe
+from alignkit.methods.online import OnlineJob, OnlineRecipe
+
+
+@register_job
+class PPOJob(OnlineJob):
+    METHOD = "ppo"
+    num_generations: int = Field(1, gt=0, description="completions per prompt")
+    reward_model: str | None = Field(None, description="a saved reward model folder (alignkit rm); added to rewards")
+    critic: str = Field("separate", description="separate | shared | PATH of a saved scalar model (e.g. the reward model)")
+    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty in the reward; 0 = no reference")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    vf_coef: float = Field(0.1, ge=0)
+    cliprange: float = Field(0.2, gt=0, lt=1)
+    cliprange_value: float | None = Field(0.2, gt=0)
+    ppo_epochs: int = Field(4, gt=0)
+    num_mini_batches: int = Field(1, gt=0)
+    whiten_advantages: bool = True
+    loss_aggregation: Literal["token", "sequence"] = "token"
+
+
+class ActorCritic(torch.nn.Module):
+    """The actor and the critic as one module: what the engine optimizes and checkpoints."""
+
+    def __init__(self, actor, critic=None, value_head=None):
+        super().__init__()
+        self.actor = actor
+        self.critic = critic            # a ScalarHeadModel with its own backbone, or None
+        self.value_head = value_head    # a Linear on the actor's hidden states, or None
+
+
+class PPORecipe(OnlineRecipe):
+    def __init__(self, job: PPOJob, critic=None, **parts):
+        from alignkit.heads import ScalarHeadModel, load_scalar_model
+
+        super().__init__(job, **parts)
+        if len(self.train_examples) < job.prompts_per_step:
+            self.notes.append(f"only {len(self.train_examples)} prompts for prompts_per_step={job.prompts_per_step}: "
+                              "prompts repeat within a batch")
+        if job.num_mini_batches > job.prompts_per_step * job.num_generations:
+            raise ValueError("ppo: num_mini_batches exceeds the samples of a rollout batch")
+        value_head = None
+        if critic is None and job.critic == "shared":
+            hidden = self.policy.config.hidden_size
+            value_head = torch.nn.Linear(hidden, 1, device=self.device, dtype=torch.float32)
+            torch.nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            torch.nn.init.zeros_(value_head.bias)
+        elif critic is None and job.critic == "separate":
+            critic = ScalarHeadModel(copy.deepcopy(self.policy), kind="critic")
+        elif critic is None:
+            critic, _ = load_scalar_model(job.critic, device=self.device, is_trainable=True)
+            critic.kind = "critic"
+        if critic is not None:
+            critic.train()
+        self.model = ActorCritic(self.policy, critic, value_head)
+        self.setup_reference(job.kl_coef > 0)
+
+    def extra_reward_terms(self) -> list[dict]:
+        if self.job.reward_model:
+            return [{"name": "reward_model", "kwargs": {"path": self.job.reward_model}, "label": "reward_model"}]
+        return []
+
+    def rollout_steps(self) -> int:
+        return self.job.ppo_epochs * self.job.num_mini_batches
+
+    # -- values
+    def _values(self, input_ids, attention_mask, position_ids, prompt_width, length, hidden=None):
+        """Critic value of the state before each completion token, ``[N, length]`` float32."""
+        start = prompt_width - 1
+        if self.model.critic is not None:
+            values = self.model.critic.values(input_ids, attention_mask, position_ids)
+            return values[:, start:start + length]
+        if hidden is None:
+            from alignkit.logprobs import decoder_hidden_states
+
+            hidden = decoder_hidden_states(self.policy, input_ids, attention_mask, position_ids)
+        return self.model.value_head(hidden[:, start:start + length].float()).squeeze(-1)
+
+    def _forward(self, batch: dict, length: int):
+        """(logps, entropy, values) of a micro-batch; one decoder pass when the critic is shared."""
+        from alignkit.logprobs import decoder_hidden_states
+        from alignkit.rollout.hf import completion_logprobs, head_logprobs
+
+        args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+        width = batch["prompt_width"]
+        if self.model.critic is not None:
+            logps, entropy = completion_logprobs(self.policy, *args, width, length, temperature=self.logprob_temperature(),
+                                                 chunk_size=self.job.logprob_chunk_size, with_entropy=True)
+            return logps, entropy, self._values(*args, width, length)
+        hidden = decoder_hidden_states(self.policy, *args)
+        piece = hidden[:, width - 1:width - 1 + length]
+        logps, entropy = head_logprobs(self.policy, piece, batch["input_ids"][:, width:width + length],
+                                       self.logprob_temperature(), self.job.logprob_chunk_size, with_entropy=True)
+        return logps, entropy, self.model.value_head(piece.float()).squeeze(-1)
+
+    # -- the rollout
+    @torch.no_grad()
+    def make_rollout(self, index: int) -> dict:
+        from alignkit.losses import gae, masked_mean, masked_var, whiten
+
+        job = self.job
+        rollout = self.sample_and_score(index, job.num_generations, with_logprobs=True)
+        mask = rollout["completion_mask"]
+        length = mask.shape[1]
+        layout = rollout["layout"]
+        started = time.perf_counter()
+        old_logps = rollout["sampling_logprobs"] * mask
+        critic_model = self.model.critic if self.model.critic is not None else self.policy
+
+        def values_of(model, *args):
+            return self._values(*args)
+
+        values = self.forward_in_batches(critic_model, nullcontext(), layout, length,
+                                         job.training.batch_size, values_of) * mask
+        if job.kl_coef > 0:
+            ref_logps = self.reference_logprobs(layout, length, job.training.batch_size) * mask
+            kl = (old_logps - ref_logps) * mask
+        else:
+            kl = torch.zeros_like(old_logps)
+        self.timings["time/reference"] = time.perf_counter() - started
+        scores = rollout["rewards"]
+        rewards = -job.kl_coef * kl
+        last = (mask.sum(-1).long() - 1).clamp(min=0)
+        rewards[torch.arange(len(last)), last] += scores
+        advantages, returns = gae(rewards, values, mask, gamma=job.gamma, lam=job.lam)
+        if job.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        residual_var = masked_var(returns - values, mask)
+        returns_var = masked_var(returns, mask)
+        rollout.update(old_logps=old_logps, values=values, advantages=advantages, returns=returns)
+        rollout["metrics"].update({
+            "rollout/score": float(scores.mean()),
+            "rollout/kl": float(kl.sum(-1).mean()),
+            "rollout/non_score_reward": float((-job.kl_coef * kl).sum(-1).mean()),
+            "rollout/value_mean": float(masked_mean(values, mask)),
+            "rollout/explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8)),
+        })
+        return rollout
+
+    def micro_batches(self, rollout: dict, position: int) -> list[dict]:
+        job = self.job
+        epoch, part = divmod(position, job.num_mini_batches)
+        count = rollout["completion_ids"].shape[0]
+        generator = torch.Generator().manual_seed(job.training.seed * 1_000_003 + rollout["index"] * 101 + epoch)
+        order = torch.randperm(count, generator=generator)
+        rows = torch.tensor_split(order, job.num_mini_batches)[part].tolist()
+        chunks = self.split_rows(rows)
+        scales = self.scales(chunks, rollout["completion_mask"], job.loss_aggregation)
+        extra = {key: rollout[key] for key in ("old_logps", "values", "advantages", "returns")}
+        return [self.micro_batch(rollout, chunk, scale, **extra) for chunk, scale in zip(chunks, scales)]
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        from alignkit.losses import masked_mean, ppo_clip_loss, value_loss
+
+        job = self.job
+        mask = batch["completion_mask"]
+        logps, entropy, values = self._forward(batch, mask.shape[1])
+        policy_loss, clip = ppo_clip_loss(logps, batch["old_logps"], batch["advantages"], mask,
+                                          epsilon_low=job.cliprange, aggregation=job.loss_aggregation)
+        critic_loss, value_clip = value_loss(values, batch["values"], batch["returns"], mask,
+                                             clip_range=job.cliprange_value)
+        loss = policy_loss + job.vf_coef * critic_loss
+        metrics = {
+            "policy_loss": float(policy_loss.detach()), "value_loss": float(critic_loss.detach()),
+            "clip_fraction": float(clip["clip_fraction"]), "value_clip_fraction": float(value_clip["clip_fraction"]),
+            "approx_kl": float(clip["approx_kl"]), "entropy": float(masked_mean(entropy, mask)),
+        }
+        return loss * batch["scale"], metrics
+
+    def save_final(self, directory) -> None:
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        super().save_final(directory)
+        if self.model.critic is not None:
+            self.model.critic.save(Path(directory) / "critic", self.tokenizer)
+        else:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()}
+            save_file(state, str(Path(directory) / "value_head.safetensors"))
+
+
+register_recipe("ppo")(PPORecipe)
