@@ -70,15 +70,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _key_values(items: list[str], option: str) -> dict[str, Any]:
-    import yaml
-
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
-        values[key.strip()] = None if value.strip().lower() == "none" else yaml.safe_load(value)
+        values[key.strip()] = _option_value(value)
     return values
+
+
+def _option_value(text: str) -> Any:
+    """A YAML scalar (numbers, booleans, quoted strings, [lists], {maps}); ``none`` is None; text that
+    YAML would read as something else by accident (a regex like ``^Summary: .+``) stays text."""
+    import yaml
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, (dict, list)) and not text.strip().startswith(("{", "[")):
+        return text
+    return text if value is None else value
 
 
 def _data_argument(items: list[str]) -> dict[str, str]:
