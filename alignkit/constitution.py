@@ -23,7 +23,8 @@ Two pipelines, both driven through a `alignkit.judges.ChatBackend` (a local mode
     p ~ principles (seeded); a pairwise judge asks p's preference question, in both orders by default
     row = prompt / chosen / rejected          (+ principle, styles and verdicts in "constitution")
 
-Choices: a revision that comes back empty, a candidate that is empty, a judgment that is malformed,
+Choices: a revision that comes back empty or merely repeats the critique (small models parrot their
+previous turn), a candidate that is empty, a judgment that is malformed,
 inconsistent across orders, or a tie all drop the item and are counted in the summary; nothing is
 filled in. A leading label such as "Revised response:" is stripped from revisions (small models
 like to write one). Principle sampling uses ``random.Random(seed)``, so a rerun picks the same
@@ -199,6 +200,8 @@ def critique_and_revise(backend, constitution: Constitution, prompts: Sequence[l
     Every step of all prompts runs as one batched ``backend.complete`` call. Rows are
     ``{"messages": prompt + [assistant: final revision], "constitution": {"initial", "steps": [...]}, "source"}``.
     """
+    from alignkit.data import normalize_text
+
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     _seed_torch(seed)
@@ -229,6 +232,8 @@ def critique_and_revise(backend, constitution: Constitution, prompts: Sequence[l
                                        "revision": revised})
             if not revised:
                 failed[i] = f"empty revision in round {round_index + 1}"
+            elif normalize_text(revised) == normalize_text(critique):
+                failed[i] = "the revision repeats the critique"
             else:
                 current[i] = revised
     rows = []

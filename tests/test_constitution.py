@@ -32,9 +32,10 @@ class RecordingBackend:
 
     identity = "scripted:gen"
 
-    def __init__(self, empty_revision_for=(), same_candidates=False):
+    def __init__(self, empty_revision_for=(), same_candidates=False, parrot_for=()):
         self.requests = []
         self.empty_revision_for = set(empty_revision_for)
+        self.parrot_for = set(parrot_for)
         self.same_candidates = same_candidates
 
     def complete(self, conversations, temperature=0.0, max_tokens=512):
@@ -46,6 +47,8 @@ class RecordingBackend:
             turn = sum(m["role"] == "assistant" for m in conversation)  # 0 reply, 1 critique, 2 revision
             if turn == 1:
                 out.append(f"The reply ignores '{last}'.")
+            elif turn == 2 and question in self.parrot_for:
+                out.append(conversation[-2]["content"] + " ")  # repeats its critique
             elif turn == 2:
                 out.append("" if question in self.empty_revision_for else f"Revised response: better answer to {question}")
             elif self.same_candidates:
@@ -119,13 +122,13 @@ def test_clean_revision_and_near_duplicates():
 def test_revise_keeps_the_chain_and_samples_principles_with_the_seed():
     constitution = parse_constitution({"principles": [principle(n) for n in "abcde"]})
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(8)]
-    backend = RecordingBackend(empty_revision_for={"question 3"})
+    backend = RecordingBackend(empty_revision_for={"question 3"}, parrot_for={"question 5"})
     rows, summary = critique_and_revise(backend, constitution, prompts, rounds=2, seed=7)
-    assert summary["prompts"] == 8 and summary["rows"] == 7 and summary["dropped"] == 1
-    assert summary["dropped_reasons"] == {"empty revision in round 1": 1}
+    assert summary["prompts"] == 8 and summary["rows"] == 6 and summary["dropped"] == 2
+    assert summary["dropped_reasons"] == {"empty revision in round 1": 1, "the revision repeats the critique": 1}
     rng = random.Random(7)
     expected = [[constitution.principles[rng.randrange(5)].name for _ in range(2)] for _ in prompts]
-    kept = [i for i in range(8) if i != 3]
+    kept = [i for i in range(8) if i not in (3, 5)]
     for row, i in zip(rows, kept):
         chain = row["constitution"]
         assert [step["principle"] for step in chain["steps"]] == expected[i]
@@ -135,8 +138,8 @@ def test_revise_keeps_the_chain_and_samples_principles_with_the_seed():
     # the revision request sees the prompt, the reply, the critique request and the critique
     revision_request = [c for c, _ in backend.requests if c[-1]["content"].startswith("revise")][0]
     assert [m["role"] for m in revision_request] == ["user", "assistant", "user", "assistant", "user"]
-    again, _ = critique_and_revise(RecordingBackend(empty_revision_for={"question 3"}), constitution, prompts,
-                                   rounds=2, seed=7)
+    again, _ = critique_and_revise(RecordingBackend(empty_revision_for={"question 3"}, parrot_for={"question 5"}),
+                                   constitution, prompts, rounds=2, seed=7)
     assert again == rows
 
 

@@ -354,3 +354,39 @@ def test_llm_judge_reward_in_the_registry():
     result = combined(["q", "q"], ["great", "meh"])
     assert result.total == [1.0, 0.0] and result.errors == 1
     assert not math.isnan(result.total[1])
+
+
+# -- the command ----------------------------------------------------------------------------------------------------
+
+
+def test_cli_judge_pairwise_on_preference_rows_reports_agreement(server, tmp_path, capsys):
+    from alignkit.cli import main
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"})
+                              for i in range(8)) + "\n")
+    out = tmp_path / "judged.jsonl"
+    args = ["judge", "--mode", "pairwise", "--data", str(data), "--judge-base-url", server, "--judge-model", "m",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["verdict"] for r in rows] == ["A"] * 8  # the fake server always answers A
+    labels = [r["label"] for r in rows]
+    assert set(labels) == {"A", "B"}  # chosen shown first or second, seeded
+    assert summary["agreement"]["percent_agreement"] == labels.count("A") / 8
+    assert summary["judge"]["items"] == 8 and _FakeOpenAI.calls == 8
+    assert main(args) == 0  # the rerun is answered from the cache
+    assert _FakeOpenAI.calls == 8 and json.loads(capsys.readouterr().out)["judge"]["cache_hits"] == 8
+
+
+def test_cli_judge_pointwise_with_labels(server, tmp_path, capsys):
+    from alignkit.cli import main
+
+    data = tmp_path / "replies.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"r{i}", "human": h})
+                              for i, h in enumerate([6, 6, 3])) + "\n")
+    assert main(["judge", "--mode", "pointwise", "--data", str(data), "--judge-base-url", server, "--judge-model", "m",
+                 "--labels-field", "human", "--no-cache"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["agreement"]["compared"] == 3 and summary["agreement"]["percent_agreement"] == pytest.approx(2 / 3)
