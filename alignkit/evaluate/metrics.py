@@ -570,3 +570,29 @@ def run_metrics(model, tokenizer, names: list[str], **kwargs) -> dict[str, Any]:
         if isinstance(results[name], dict):
             results[name]["seconds"] = round(time.perf_counter() - start, 2)
     return results
+
+
+@metric("reward_accuracy")
+def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_size: int = 8,
+                    limit: int | None = None, confidence: float = 0.95, seed: int = 0,
+                    model_name: str | None = None, **_) -> dict[str, Any]:
+    """A reward model (``alignkit rm``) on held-out preference pairs: ``accuracy`` = share of pairs with
+    r(chosen) > r(rejected) (Wilson interval), ``mean_margin`` = mean r(chosen) - r(rejected)
+    (bootstrap interval), and the mean/std of all rewards. Rows the data layer rejects are skipped and
+    counted (``data`` summary)."""
+    from alignkit.data import load_examples
+    from alignkit.evaluate.stats import wilson_interval
+    from alignkit.methods.reward import as_reward_model, score_examples
+
+    scorer = as_reward_model(model, [model_name] if model_name else [])
+    examples, report = load_examples(data, kind="preference", limit=limit, on_error="skip")
+    chosen, rejected, pairs, pair_report = score_examples(scorer, tokenizer, examples, max_length, batch_size)
+    margins = (chosen - rejected).tolist()
+    n = len(margins)
+    wins = sum(1 for m in margins if m > 0)
+    rewards = torch.cat([chosen, rejected])
+    return {"accuracy": wins / max(1, n), "accuracy_interval": list(wilson_interval(wins, n, confidence)) if n else None,
+            "mean_margin": sum(margins) / max(1, n), "mean_margin_interval": _mean_interval(margins, confidence, seed),
+            "reward_mean": float(rewards.mean()) if n else math.nan,
+            "reward_std": float(rewards.std()) if n > 1 else math.nan,
+            "n": n, "data": report.summary(), "tokenize": pair_report.summary()}

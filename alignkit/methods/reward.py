@@ -1,0 +1,205 @@
+"""Reward model: a causal-LM backbone with a scalar head, trained on ranked pairs (Bradley-Terry).
+
+The reward of a (prompt, response) is the head's value at the last non-padding token of the
+conversation ``prompt + response`` (the end-of-turn marker), ``r = w^T h_last + b``. Pairs are
+scored in one forward pass (chosen rows and rejected rows in one batch) and trained with
+
+    L = -mean_b log sigma(r_c - r_r - m_b)  +  center_rewards_coefficient * mean_b (r_c + r_r)^2
+
+``m_b`` is the pair's ``margin`` column when the data has one (``use_margin``), else 0. The
+pairwise loss only sees differences, so rewards can drift to any offset; the optional centring
+term keeps them near zero, which makes rewards of different runs comparable and PPO happier.
+
+The backbone is full-weight or LoRA (``lora:``); the head is always trained. The final model is
+saved with ``ScalarHeadModel.save`` (backbone or adapter + ``head.safetensors``), so
+``alignkit score``, best-of-N and PPO load it with ``alignkit.heads.load_scalar_model(path)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import Field
+
+from alignkit.config import register_job
+from alignkit.methods.base import build_policy, epoch_batches, register_recipe, scheduled_updates
+from alignkit.methods.preference import (PreferenceJob, collate_pairs, load_preference_data, split_pairs,
+                                         tokenize_pairs)
+
+
+@register_job
+class RewardJob(PreferenceJob):
+    METHOD = "rm"
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="weight of mean((r_chosen + r_rejected)^2), keeps rewards near 0 (e.g. 0.01)")
+    use_margin: bool = Field(True, description="subtract the row's 'margin' column inside the sigmoid when present")
+
+
+class RewardRecipe:
+    """Engine recipe for ``alignkit rm``; ``model`` is a `ScalarHeadModel`."""
+
+    def __init__(self, job: RewardJob, model=None, tokenizer=None, train=None, validation=None):
+        from alignkit.heads import ScalarHeadModel
+
+        self.job = job
+        if model is None:
+            model, tokenizer = build_policy(job)
+        if not isinstance(model, ScalarHeadModel):
+            model = ScalarHeadModel(model, kind="reward")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.notes: list[str] = []
+        if train is None:
+            train, validation, self.notes = load_preference_data(job, job.ranking_pairs)
+        data = job.data
+        self.train_pairs, report = tokenize_pairs(tokenizer, train, data.max_length, data.max_prompt_length)
+        self.notes.append(f"train {report.summary()}")
+        self.validation_pairs, vreport = tokenize_pairs(tokenizer, validation or [], data.max_length,
+                                                        data.max_prompt_length)
+        if validation:
+            self.notes.append(f"validation {vreport.summary()}")
+        if not self.train_pairs:
+            raise ValueError("no training pairs left after tokenization and truncation")
+        self.lengths = [len(pair) for pair in self.train_pairs]
+        self.batch_size = job.training.batch_size
+        self.accumulation = job.training.gradient_accumulation_steps
+        self._batches_per_epoch = math.ceil(len(self.train_pairs) / self.batch_size)
+        self._cache: dict[int, list] = {}
+
+    # -- engine interface
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self._batches_per_epoch / self.accumulation)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.job.training.seed, epoch,
+                                                self.job.group_by_length)}
+        return self._cache[epoch]
+
+    def updates(self, start_step: int):
+        for chunk in scheduled_updates(len(self.train_pairs), self.steps_per_epoch(), start_step,
+                                       self._epoch, self.accumulation):
+            yield [self.collate([self.train_pairs[i] for i in indices]) for indices in chunk]
+
+    def collate(self, pairs):
+        return collate_pairs(pairs, self.tokenizer.pad_token_id, self.device)
+
+    def rewards(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen rewards [B], rejected rewards [B]) from one forward pass over the 2B rows."""
+        scores = self.model.sequence_scores(batch["input_ids"], batch["attention_mask"])
+        return split_pairs(scores)
+
+    def loss(self, batch):
+        from alignkit.losses import bradley_terry_loss
+
+        chosen, rejected = self.rewards(batch)
+        margin = batch["margin"] if self.job.use_margin else None
+        loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin,
+                                           center_coefficient=self.job.center_rewards_coefficient or 0.0)
+        both = torch.cat([chosen, rejected]).detach()
+        return loss, {"accuracy": float(metrics["accuracy"]), "margin": float(metrics["margin"]),
+                      "reward_mean": float(both.mean()), "reward_std": float(both.std()) if both.numel() > 1 else 0.0}
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.validation_pairs:
+            return {}
+        chosen, rejected, margins = self.score_pairs(self.validation_pairs)
+        return reward_metrics(chosen, rejected, margins if self.job.use_margin else None,
+                              self.job.center_rewards_coefficient or 0.0)
+
+    @torch.no_grad()
+    def score_pairs(self, pairs):
+        chosen_all, rejected_all, margins = [], [], []
+        size = max(1, self.job.training.batch_size)
+        for start in range(0, len(pairs), size):
+            batch = self.collate(pairs[start:start + size])
+            chosen, rejected = self.rewards(batch)
+            chosen_all.append(chosen.float().cpu())
+            rejected_all.append(rejected.float().cpu())
+            margins.append(batch["margin"].cpu())
+        return torch.cat(chosen_all), torch.cat(rejected_all), torch.cat(margins)
+
+    def save_final(self, directory) -> None:
+        self.model.save(directory, self.tokenizer)
+        if self.job.lora is not None and self.job.lora.merge_on_save:
+            from alignkit.models import is_peft_model
+
+            if is_peft_model(self.model.backbone):
+                _save_merged(self.model, self.tokenizer, f"{directory}-merged")
+
+
+def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                   center_coefficient: float = 0.0) -> dict[str, float]:
+    """Loss, accuracy (r_c > r_r), mean margin r_c - r_r, and the mean/std of all rewards."""
+    from alignkit.losses import bradley_terry_loss
+
+    loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin, center_coefficient=center_coefficient)
+    both = torch.cat([chosen, rejected])
+    return {"loss": float(loss), "accuracy": float(metrics["accuracy"]), "margin": float(metrics["margin"]),
+            "reward_mean": float(both.mean()), "reward_std": float(both.std()) if both.numel() > 1 else 0.0,
+            "pairs": float(chosen.numel())}
+
+
+# ----------------------------------------------------------------------------- using a trained reward model
+
+def as_reward_model(model, candidates=()):
+    """A `ScalarHeadModel` from ``model`` itself, or loaded from the first of ``candidates`` (paths or
+    names, e.g. the folder the CLI loaded ``model`` from) that is a reward-model folder.
+
+    `alignkit eval` loads ``--model`` as a causal LM; a reward model's folder also holds
+    ``head.json`` + ``head.safetensors``, so the head is found through the model's path.
+    """
+    from alignkit.heads import ScalarHeadModel, is_scalar_model, load_scalar_model
+
+    if isinstance(model, ScalarHeadModel):
+        return model
+    seen = []
+    for candidate in [*candidates, getattr(model, "name_or_path", None),
+                      getattr(getattr(model, "config", None), "_name_or_path", None)]:
+        if not candidate or not isinstance(candidate, str):
+            continue
+        path = candidate.split("+", 1)[0]
+        seen.append(path)
+        if is_scalar_model(path):
+            device = next(model.parameters()).device
+            dtype = next(model.parameters()).dtype
+            return load_scalar_model(path, device=device, dtype=dtype)[0]
+    raise ValueError(f"this metric needs a reward model (a folder written by `alignkit rm`, with head.json); "
+                     f"none found at {', '.join(dict.fromkeys(seen)) or 'the given model'}")
+
+
+@torch.no_grad()
+def score_examples(model, tokenizer, examples, max_length: int | None = 1024, batch_size: int = 8,
+                   max_prompt_length: int | None = None):
+    """Rewards of preference examples: ``(chosen [P], rejected [P], pairs kept, PairReport)``."""
+    pairs, report = tokenize_pairs(tokenizer, examples, max_length, max_prompt_length)
+    device = next(model.parameters()).device
+    chosen_all, rejected_all = [], []
+    model.eval()
+    for start in range(0, len(pairs), max(1, batch_size)):
+        batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id, device)
+        chosen, rejected = split_pairs(model.sequence_scores(batch["input_ids"], batch["attention_mask"]))
+        chosen_all.append(chosen.float().cpu())
+        rejected_all.append(rejected.float().cpu())
+    if not pairs:
+        return torch.zeros(0), torch.zeros(0), pairs, report
+    return torch.cat(chosen_all), torch.cat(rejected_all), pairs, report
+
+
+def _save_merged(model, tokenizer, directory) -> None:
+    """Write the reward model with its LoRA adapter merged into a full backbone."""
+    import copy
+
+    from alignkit.heads import ScalarHeadModel
+    from alignkit.models import merge_adapter
+
+    merged = copy.deepcopy(model)
+    plain = ScalarHeadModel.__new__(ScalarHeadModel)
+    torch.nn.Module.__init__(plain)
+    plain.backbone = merge_adapter(merged.backbone)
+    plain.head = merged.head
+    plain.kind = merged.kind
+    plain.save(directory, tokenizer)
+
+
+register_recipe("rm")(RewardRecipe)
