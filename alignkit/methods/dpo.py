@@ -1,0 +1,485 @@
+"""Direct preference optimisation (and its variants) on preference pairs.
+
+For a pair (prompt x, chosen y_c, rejected y_r), with sequence log-probabilities summed over the
+response tokens, the policy pi is pushed to prefer y_c over y_r more than the reference pi_ref does:
+
+    h    = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x)]
+    loss = -log sigma(beta * h)                                   (loss_type: sigmoid, Rafailov et al. 2023)
+
+``loss_type`` picks the variant (equations in ``alignkit/losses.py``): ``sigmoid`` with
+``label_smoothing`` (conservative DPO), ``robust`` (unbiased under label noise), ``hinge`` (SLiC),
+``ipo`` (squared loss on *average* per-token log-ratios), and the reference-free ``simpo``
+(length-normalised margin, target gap gamma) and ``orpo`` (odds ratio + NLL on the chosen response).
+``nll_weight`` adds the chosen responses' NLL to any variant (1 by default for ORPO, 0 otherwise).
+
+What the recipe does, and why:
+
+* **One forward per step.** Chosen and rejected rows are concatenated into one batch of ``2B`` rows.
+* **No full-vocabulary logits.** The decoder gives hidden states; the output layer is applied only
+  at response positions, a chunk of tokens at a time (`preference.response_logprob_sums`).
+* **The reference is the starting policy, computed once.** With ``precompute_reference_logprobs``
+  (default) the reference log-prob sums of every training and validation pair are computed before
+  the first step (no grad, eval mode) and cached on disk under
+  ``$ALIGNKIT_HOME/cache/reference/<key>.safetensors``; the key hashes the model's weights, the
+  reference model, the tokenizer and every pair's token ids (so data, template and max lengths), and
+  a resumed or repeated run reuses the file. The policy itself is the reference at that moment, so
+  no second copy of the weights is ever loaded (a fresh LoRA adapter is switched off for the pass).
+* **Without precomputation** the reference runs every step: for LoRA it is the same base model with
+  the adapters disabled (one copy of the weights in memory); when training continues an existing
+  adapter, a frozen copy of that adapter is loaded beside it; for full fine-tuning a frozen copy of
+  the starting weights is kept. ``reference_model: PATH`` uses another model instead.
+* **Deterministic order.** Batches come from ``epoch_batches`` (length-bucketed) and
+  ``scheduled_updates``, a pure function of (seed, step): resume reproduces the run.
+
+Metrics: ``loss``, the implicit rewards ``reward_chosen``/``reward_rejected`` (``beta * log-ratio``;
+``beta * average log-prob`` for the reference-free variants), ``reward_accuracy`` (share of pairs with
+reward_chosen > reward_rejected), ``reward_margin``, ``logp_chosen``/``logp_rejected`` (summed
+response log-probs) and, on the validation split, ``kl``: the mean per-token k3 estimate
+``exp(d) - d - 1``, ``d = log pi_ref - log pi``, over the validation responses, a measure of how far
+the policy drifted from the reference (0 at the start; off-policy, so "KL-like", not a true KL).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from alignkit.config import register_job
+from alignkit.methods.base import build_policy, epoch_batches, is_peft_model, register_recipe, scheduled_updates
+from alignkit.methods.preference import (PreferenceJob, collate_pairs, load_preference_data, pairs_digest,
+                                         response_logprob_sums, split_pairs, tokenize_pairs)
+
+REFERENCE_FREE = ("simpo", "orpo")
+AVERAGED = ("ipo", "simpo", "orpo")
+DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+CACHE_FORMAT = 1
+
+
+@register_job
+class DPOJob(PreferenceJob):
+    METHOD = "dpo"
+    ALIASES = {**PreferenceJob.ALIASES, "precompute_ref_log_probs": "precompute_reference_logprobs",
+               "ref_model": "reference_model", "rpo_alpha": "nll_weight"}
+
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"] = "sigmoid"
+    beta: float | None = Field(None, gt=0, description="strength of the preference (0.1; simpo: 2.0; "
+                                                       "orpo: the odds-ratio weight lambda, 0.1)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="probability that a label is flipped "
+                                                                  "(sigmoid: cDPO, robust, simpo)")
+    gamma_beta_ratio: float = Field(0.5, ge=0, description="simpo: target margin gamma = ratio * beta")
+    simpo_gamma: float | None = Field(None, ge=0, description="simpo: target margin gamma (wins over the ratio)")
+    nll_weight: float | None = Field(None, ge=0, description="weight of the chosen responses' NLL "
+                                                             "(default 1 for orpo, 0 otherwise)")
+    precompute_reference_logprobs: bool = Field(True, description="compute reference log-probs once, cache them")
+    reference_model: str | None = Field(None, description="reference model path; default: the starting policy")
+    reference_cache_dir: str | None = Field(None, description="default: $ALIGNKIT_HOME/cache/reference")
+    reference_batch_size: int | None = Field(None, gt=0, description="pairs per reference pass (default batch_size)")
+    logprob_chunk_size: int = Field(1024, gt=0, description="tokens per output-layer chunk")
+
+    @model_validator(mode="after")
+    def _check_variant(self):
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "robust", "simpo"):
+            raise ValueError(f"label_smoothing applies to loss_type sigmoid, robust or simpo, not {self.loss_type!r}")
+        if self.reference_model and self.loss_type in REFERENCE_FREE:
+            raise ValueError(f"loss_type {self.loss_type!r} is reference-free; remove reference_model")
+        return self
+
+    @property
+    def effective_beta(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss_type]
+
+    @property
+    def effective_nll_weight(self) -> float:
+        if self.nll_weight is not None:
+            return self.nll_weight
+        return 1.0 if self.loss_type == "orpo" else 0.0
+
+
+# ----------------------------------------------------------------------------- the objective
+
+def preference_objective(job: DPOJob, sums: torch.Tensor, counts: torch.Tensor,
+                         reference_sums: torch.Tensor | None):
+    """Loss and metrics from the ``[2B]`` response log-prob sums/counts (chosen rows first).
+
+    Pure tensor code: the same function serves training, evaluation and the tests.
+    Returns ``(loss scalar, per-pair implicit rewards (chosen [B], rejected [B]), metrics dict)``.
+    """
+    from alignkit.losses import dpo_loss, orpo_loss, simpo_loss
+
+    beta = job.effective_beta
+    chosen_sum, rejected_sum = split_pairs(sums)
+    chosen_count, rejected_count = split_pairs(counts.clamp(min=1))
+    if job.loss_type in AVERAGED:
+        chosen, rejected = chosen_sum / chosen_count, rejected_sum / rejected_count
+    else:
+        chosen, rejected = chosen_sum, rejected_sum
+    if job.loss_type == "simpo":
+        gamma_ratio = job.simpo_gamma / beta if job.simpo_gamma is not None else job.gamma_beta_ratio
+        losses, reward_c, reward_r = simpo_loss(chosen, rejected, beta=beta, gamma_beta_ratio=gamma_ratio,
+                                                label_smoothing=job.label_smoothing)
+    elif job.loss_type == "orpo":
+        losses, reward_c, reward_r = orpo_loss(chosen, rejected, beta=beta)
+    else:
+        if reference_sums is None:
+            raise ValueError(f"loss_type {job.loss_type!r} needs reference log-probs")
+        reference_c, reference_r = split_pairs(reference_sums.to(sums.device))
+        if job.loss_type in AVERAGED:
+            reference_c, reference_r = reference_c / chosen_count, reference_r / rejected_count
+        losses, reward_c, reward_r = dpo_loss(chosen, rejected, reference_c, reference_r, beta=beta,
+                                              loss_type=job.loss_type, label_smoothing=job.label_smoothing)
+    loss = losses.mean()
+    metrics = {}
+    nll_weight = job.effective_nll_weight
+    if nll_weight:
+        nll = -chosen_sum.sum() / chosen_count.sum()
+        loss = loss + nll_weight * nll
+        metrics["nll"] = float(nll.detach())
+    metrics.update({
+        "reward_chosen": float(reward_c.mean()), "reward_rejected": float(reward_r.mean()),
+        "reward_accuracy": float((reward_c > reward_r).float().mean()),
+        "reward_margin": float((reward_c - reward_r).mean()),
+        "logp_chosen": float(chosen_sum.detach().mean()), "logp_rejected": float(rejected_sum.detach().mean()),
+    })
+    return loss, (reward_c, reward_r), metrics
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+class DPORecipe:
+    """Engine recipe for ``alignkit dpo``. ``reference_model`` (a module) overrides ``job.reference_model``."""
+
+    def __init__(self, job: DPOJob, model=None, tokenizer=None, train=None, validation=None,
+                 reference_model=None):
+        self.job = job
+        if model is None:
+            model, tokenizer = build_policy(job)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.notes: list[str] = []
+        if train is None:
+            train, validation, self.notes = load_preference_data(job, job.ranking_pairs)
+        data = job.data
+        self.train_pairs, report = tokenize_pairs(tokenizer, train, data.max_length, data.max_prompt_length)
+        self.notes.append(f"train {report.summary()}")
+        self.validation_pairs, vreport = tokenize_pairs(tokenizer, validation or [], data.max_length,
+                                                        data.max_prompt_length)
+        if validation:
+            self.notes.append(f"validation {vreport.summary()}")
+        if not self.train_pairs:
+            raise ValueError("no training pairs left after tokenization and truncation")
+        self.lengths = [len(pair) for pair in self.train_pairs]
+        self.batch_size = job.training.batch_size
+        self.accumulation = job.training.gradient_accumulation_steps
+        self._batches_per_epoch = math.ceil(len(self.train_pairs) / self.batch_size)
+        self._cache: dict[int, list] = {}
+        self.needs_reference = job.loss_type not in REFERENCE_FREE
+
+        # The reference. `_reference_module` + `_reference_mode` say how to run it on the fly.
+        self.fresh_adapter = is_peft_model(model) and _adapter_is_identity(model)
+        self._external_reference = reference_model
+        if self._external_reference is None and job.reference_model:
+            self._external_reference = _load_reference(job, tokenizer, self.device)
+        self.precomputed: dict[str, torch.Tensor] | None = None
+        self._reference_mode = "none"
+        if self.needs_reference and not job.precompute_reference_logprobs:
+            self._setup_live_reference()
+        if (self.needs_reference and job.precompute_reference_logprobs) or (
+                self.validation_pairs and self._reference_mode == "none"):
+            self.precomputed = self._precompute()
+            if job.precompute_reference_logprobs:
+                self._external_reference = None  # computed: the reference weights are not needed any more
+
+    # -- reference
+    def _setup_live_reference(self) -> None:
+        if self._external_reference is not None:
+            self._reference_mode = "module"
+            _freeze(self._external_reference)
+        elif is_peft_model(self.model) and self.fresh_adapter:
+            self._reference_mode = "adapters_disabled"
+        elif is_peft_model(self.model):
+            self._reference_mode = "reference_adapter"
+            _add_reference_adapter(self.model)
+            self.notes.append("reference: a frozen copy of the starting adapter ('reference'), same base weights")
+        else:
+            self._reference_mode = "module"
+            self._external_reference = _freeze(copy.deepcopy(self.model))
+            self.notes.append("reference: a frozen copy of the starting weights (full fine-tuning without "
+                              "precompute_reference_logprobs keeps two copies in memory)")
+
+    @contextlib.contextmanager
+    def _reference_runner(self, starting_policy: bool = False):
+        """Yields a model computing reference log-probs: the live reference, or (``starting_policy``)
+        the policy as it is now, with a no-op fresh adapter switched off (same values, less work)."""
+        if starting_policy:
+            if self._external_reference is not None:
+                yield self._external_reference
+                return
+            with _eval_mode(self.model):
+                if is_peft_model(self.model) and self.fresh_adapter:
+                    with self.model.disable_adapter():
+                        yield self.model
+                else:
+                    yield self.model
+            return
+        mode = self._reference_mode
+        if mode == "module":
+            yield self._external_reference
+        elif mode == "adapters_disabled":
+            with _eval_mode(self.model), self.model.disable_adapter():
+                yield self.model
+        elif mode == "reference_adapter":
+            active = self.model.active_adapter
+            with _eval_mode(self.model):
+                self.model.set_adapter("reference", inference_mode=True)
+                try:
+                    yield self.model
+                finally:
+                    self.model.set_adapter(active)
+                    self.model.set_requires_grad("reference", False)
+        else:
+            raise RuntimeError("no live reference model is set up")
+
+    @torch.no_grad()
+    def _reference_logps(self, batch, per_token: bool = False, starting_policy: bool = False):
+        with self._reference_runner(starting_policy) as reference:
+            return response_logprob_sums(reference, batch, self.job.logprob_chunk_size, per_token=per_token)
+
+    def cache_key(self) -> str:
+        import hashlib
+
+        reference = self._external_reference
+        fingerprint = _weights_fingerprint(reference if reference is not None else self.model,
+                                           skip_lora=reference is None and self.fresh_adapter)
+        key = {
+            "format": CACHE_FORMAT,
+            "model": self.job.model.name_or_path, "adapter": self.job.model.adapter,
+            "reference_model": self.job.reference_model, "weights": fingerprint,
+            "dtype": str(next(self.model.parameters()).dtype), "device": self.device.type,
+            "vocabulary": len(self.tokenizer), "chat_template": str(getattr(self.tokenizer, "chat_template", "")),
+            "train": pairs_digest(self.train_pairs) if self.needs_reference else None,
+            "validation": pairs_digest(self.validation_pairs),
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+    def cache_path(self) -> Path:
+        from alignkit.models import alignkit_home
+
+        folder = Path(self.job.reference_cache_dir) if self.job.reference_cache_dir else \
+            alignkit_home() / "cache" / "reference"
+        return folder / f"{self.cache_key()}.safetensors"
+
+    def _precompute(self) -> dict[str, torch.Tensor]:
+        """Reference sums for every train pair (when needed) and per-token log-probs for validation."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.cache_path()
+        if path.exists():
+            try:
+                cached = load_file(str(path))
+                self.notes.append(f"reference log-probs: loaded from cache {path}")
+                return cached
+            except Exception as error:  # a damaged file: compute again
+                self.notes.append(f"reference log-probs: cache {path} unreadable ({error}); recomputing")
+        out: dict[str, torch.Tensor] = {}
+        if self.needs_reference:
+            out["train"] = self._reference_pass(self.train_pairs, per_token=False)[0]
+        if self.validation_pairs:
+            out["validation"], out["validation_tokens"] = self._reference_pass(self.validation_pairs, per_token=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{id(self)}")
+        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+        tmp.replace(path)
+        self.notes.append(f"reference log-probs: computed for {len(self.train_pairs)} train and "
+                          f"{len(self.validation_pairs)} validation pairs, cached at {path}")
+        return out
+
+    def _reference_pass(self, pairs, per_token: bool):
+        """``[P, 2]`` (chosen, rejected) sums in pair order; with ``per_token`` also the flat per-token
+        log-probs, pair by pair (chosen tokens then rejected tokens)."""
+        size = self.job.reference_batch_size or self.batch_size
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))  # similar lengths, less padding
+        sums = torch.zeros(len(pairs), 2, dtype=torch.float32)
+        tokens: list[list[torch.Tensor]] = [[] for _ in pairs]
+        for start in range(0, len(order), size):
+            indices = order[start:start + size]
+            batch = self.collate([pairs[i] for i in indices])
+            result = self._reference_logps(batch, per_token=per_token, starting_policy=True)
+            chosen, rejected = split_pairs(result[0].float().cpu())
+            sums[indices, 0], sums[indices, 1] = chosen, rejected
+            if per_token:
+                rows = _split_tokens(result[2].float().cpu(), result[1])
+                for j, index in enumerate(indices):
+                    tokens[index] = [rows[j], rows[j + len(indices)]]
+        if not per_token:
+            return sums, None
+        return sums, torch.cat([t for pair in tokens for t in pair]) if pairs else torch.zeros(0)
+
+    # -- engine interface
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self._batches_per_epoch / self.accumulation)
+
+    def _epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.job.training.seed, epoch,
+                                                self.job.group_by_length)}
+        return self._cache[epoch]
+
+    def updates(self, start_step: int):
+        for chunk in scheduled_updates(len(self.train_pairs), self.steps_per_epoch(), start_step,
+                                       self._epoch, self.accumulation):
+            yield [self.training_batch(indices) for indices in chunk]
+
+    def collate(self, pairs):
+        return collate_pairs(pairs, self.tokenizer.pad_token_id, self.device)
+
+    def training_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = self.collate([self.train_pairs[i] for i in indices])
+        if self.precomputed is not None and "train" in self.precomputed:
+            cached = self.precomputed["train"][indices]
+            batch["reference"] = torch.cat([cached[:, 0], cached[:, 1]]).to(self.device)
+        return batch
+
+    def loss(self, batch):
+        reference = batch.get("reference")
+        if reference is None and self.needs_reference:
+            reference = self._reference_logps(batch)[0]
+        sums, counts = response_logprob_sums(self.model, batch, self.job.logprob_chunk_size)
+        loss, _, metrics = preference_objective(self.job, sums, counts, reference)
+        return loss, metrics
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.validation_pairs:
+            return {}
+        from alignkit.losses import kl_k3
+
+        size = max(1, self.batch_size)
+        totals: dict[str, float] = {}
+        kl_sum, kl_tokens, pairs = 0.0, 0, 0
+        cached_tokens = None
+        if self.precomputed is not None and "validation_tokens" in self.precomputed:
+            cached_tokens = _split_tokens(self.precomputed["validation_tokens"], self._validation_token_counts())
+        for start in range(0, len(self.validation_pairs), size):
+            chunk = self.validation_pairs[start:start + size]
+            batch = self.collate(chunk)
+            sums, counts, token_logps = response_logprob_sums(self.model, batch, self.job.logprob_chunk_size,
+                                                              per_token=True)
+            if cached_tokens is not None:
+                n = len(chunk)
+                pair_rows = range(start, start + n)
+                reference_tokens = torch.cat([cached_tokens[2 * i] for i in pair_rows]
+                                             + [cached_tokens[2 * i + 1] for i in pair_rows]).to(token_logps.device)
+                reference = torch.cat([self.precomputed["validation"][start:start + n, 0],
+                                       self.precomputed["validation"][start:start + n, 1]]).to(sums.device)
+            else:
+                reference, _, reference_tokens = self._reference_logps(batch, per_token=True)
+            loss, _, metrics = preference_objective(self.job, sums, counts,
+                                                    reference if self.needs_reference else None)
+            for key, value in {"loss": float(loss), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + value * len(chunk)
+            kl_sum += float(kl_k3(token_logps.float(), reference_tokens.float()).sum())
+            kl_tokens += token_logps.numel()
+            pairs += len(chunk)
+        result = {key: value / pairs for key, value in totals.items()}
+        result["kl"] = kl_sum / max(1, kl_tokens)
+        return result
+
+    def _validation_token_counts(self) -> list[int]:
+        counts = []
+        for pair in self.validation_pairs:
+            counts += [len(pair.chosen_ids) - max(pair.chosen_start, 1),
+                       len(pair.rejected_ids) - max(pair.rejected_start, 1)]
+        return counts
+
+    def save_final(self, directory) -> None:
+        from alignkit.models import save_model
+
+        if self._reference_mode == "reference_adapter" and "reference" in self.model.peft_config:
+            self.model.delete_adapter("reference")
+            self._reference_mode = "none"
+        save_model(self.model, self.tokenizer, directory)
+        if self.job.lora is not None and self.job.lora.merge_on_save:
+            save_model(self.model, self.tokenizer, f"{directory}-merged", merge=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _split_tokens(flat: torch.Tensor, counts) -> list[torch.Tensor]:
+    """Split flat per-token values into rows, given per-row token counts (a tensor or a list)."""
+    return list(torch.split(flat, [int(c) for c in counts]))
+
+
+def _adapter_is_identity(model) -> bool:
+    """True when every LoRA ``B`` matrix is zero: the adapter adds nothing (a fresh adapter)."""
+    found = False
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            found = True
+            if parameter.detach().abs().max() != 0:
+                return False
+    return found
+
+
+def _weights_fingerprint(model, skip_lora: bool) -> str:
+    """A cheap, exact-enough identity of a model's weights: per tensor its name, shape and sum."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if skip_lora and "lora_" in name:
+                continue
+            head = parameter.detach().flatten()[:4].float().tolist()
+            digest.update(f"{name}:{tuple(parameter.shape)}:{float(parameter.detach().float().sum()):.6e}:"
+                          f"{head}".encode())
+    return digest.hexdigest()
+
+
+def _freeze(model):
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _load_reference(job: DPOJob, tokenizer, device):
+    from alignkit.models import load_model_and_tokenizer
+
+    reference, reference_tokenizer = load_model_and_tokenizer(
+        job.reference_model, device=device, dtype=None if job.model.dtype == "auto" else job.model.dtype,
+        trust_remote_code=job.model.trust_remote_code)
+    if len(reference_tokenizer) != len(tokenizer) or reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"reference_model {job.reference_model!r} has a different tokenizer than the policy; "
+                         "DPO needs both to read the same token ids")
+    return _freeze(reference)
+
+
+def _add_reference_adapter(model) -> None:
+    """Load a frozen copy of the active adapter under the name 'reference' (same base weights)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    active = model.active_adapter
+    config = copy.deepcopy(model.peft_config[active])
+    config.inference_mode = True
+    model.add_adapter("reference", config)
+    set_peft_model_state_dict(model, get_peft_model_state_dict(model, adapter_name=active), adapter_name="reference")
+    model.set_adapter(active)
+    model.set_requires_grad("reference", False)
+
+
+register_recipe("dpo")(DPORecipe)
