@@ -231,7 +231,7 @@ def _details(metric: str, result: Any) -> list[str]:
     scalars = [[key, _fmt(value)] for key, value in result.items()
                if not isinstance(value, (dict, list)) and not key.endswith("_interval")]
     if scalars:
-        lines += ["", *_table(["field", "value"], scalars)]
+        lines += [*([""] if lines else []), *_table(["field", "value"], scalars)]
     examples = result.get("examples") or result.get("predictions")
     if examples:
         lines += ["", "<details><summary>examples</summary>", "", "```json",
@@ -277,6 +277,9 @@ def _plot_bars(ax, rows, baseline, title, rate: bool) -> None:
         shown = [(i, b) for i, b in enumerate(before) if b]
         ax.barh([i + height for i, _ in shown], [b["value"] for _, b in shown], height=height, color="#bbbbbb",
                 xerr=_errors([b for _, b in shown]), capsize=3, label="baseline")
+        for i, b in shown:
+            ax.text(b["high"] if b["high"] is not None else b["value"], i + height, f"  {_fmt(b['value'], 3)}",
+                    va="center", fontsize=7, color="#555555")
     ax.barh(positions, [r["value"] for r in rows], height=height, color="#3b75af", xerr=_errors(rows), capsize=3,
             label="this model")
     for i, r in enumerate(rows):
