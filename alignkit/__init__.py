@@ -27,6 +27,11 @@ _EXPORTS = {
     "chat_generate": "alignkit.generation",
     "SFTJob": "alignkit.methods.sft",
     "SFTRecipe": "alignkit.methods.sft",
+    "RewardJob": "alignkit.methods.reward",
+    "RewardRecipe": "alignkit.methods.reward",
+    "DPOJob": "alignkit.methods.dpo",
+    "DPORecipe": "alignkit.methods.dpo",
+    "load_scalar_model": "alignkit.heads",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -189,3 +189,29 @@ def test_truncation_keeps_one_prompt_for_both_responses_and_drops_spoiled_pairs(
     length = pairs[0].chosen_start + 3  # both responses cut to their identical first tokens
     pairs, report = tokenize_pairs(tiny_tokenizer, [same_start], max_length=length, max_prompt_length=None)
     assert not pairs and report.dropped_identical == 1
+
+
+def test_lora_reward_model_saves_adapter_and_head_and_loads_by_path(tmp_path, tiny_model, tiny_tokenizer):
+    tiny_model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    train = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8))
+    job = build_job("rm", {"model": {"name_or_path": str(tmp_path / "base"), "device": "cpu"},
+                           "lora": {"rank": 4, "alpha": 8, "dropout": 0.0},
+                           "data": {"train": str(train), "validation_fraction": 0}})
+    recipe = RewardRecipe(job)
+    with torch.no_grad():
+        recipe.model.head.bias.fill_(0.5)
+        next(p for n, p in recipe.model.named_parameters() if "lora_B" in n).fill_(0.1)
+    recipe.save_final(tmp_path / "rm")
+    assert (tmp_path / "rm" / "adapter_config.json").exists() and (tmp_path / "rm" / "head.safetensors").exists()
+    loaded, _ = load_scalar_model(tmp_path / "rm")
+    batch = recipe.collate(recipe.train_pairs)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.sequence_scores(batch["input_ids"], batch["attention_mask"]),
+                                   torch.cat(recipe.rewards(batch)), atol=1e-5, rtol=1e-5)
+    # An adapter folder as the starting model (an SFT run's output): that adapter is trained further.
+    again = RewardRecipe(build_job("rm", {"model": {"name_or_path": str(tmp_path / "rm"), "device": "cpu"},
+                                          "lora": {"rank": 4}, "data": {"train": str(train)}}))
+    names = [n for n, p in again.model.named_parameters() if p.requires_grad]
+    assert names and all(n.count("base_model.model") == 1 for n in names if "lora_" in n)
+    assert list(again.model.backbone.peft_config) == ["default"]

@@ -51,9 +51,10 @@ import torch
 from pydantic import Field, model_validator
 
 from alignkit.config import register_job
-from alignkit.methods.base import build_policy, epoch_batches, is_peft_model, register_recipe, scheduled_updates
-from alignkit.methods.preference import (PreferenceJob, collate_pairs, load_preference_data, pairs_digest,
-                                         response_logprob_sums, split_pairs, tokenize_pairs)
+from alignkit.methods.base import epoch_batches, is_peft_model, register_recipe, scheduled_updates
+from alignkit.methods.preference import (PreferenceJob, build_preference_policy, collate_pairs,
+                                         load_preference_data, pairs_digest, response_logprob_sums,
+                                         split_pairs, tokenize_pairs)
 
 REFERENCE_FREE = ("simpo", "orpo")
 AVERAGED = ("ipo", "simpo", "orpo")
@@ -158,7 +159,7 @@ class DPORecipe:
                  reference_model=None):
         self.job = job
         if model is None:
-            model, tokenizer = build_policy(job)
+            model, tokenizer = build_preference_policy(job)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.notes: list[str] = []

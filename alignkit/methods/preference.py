@@ -41,6 +41,21 @@ class PreferenceJob(Job):
     group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding)")
 
 
+# ----------------------------------------------------------------------------- model
+
+def build_preference_policy(job: Job):
+    """`build_policy`, except that a ``model.name_or_path`` that is itself a LoRA adapter folder (an SFT
+    run's ``final``) has *that* adapter trained further instead of a second adapter stacked on top,
+    the same as ``model.adapter: FOLDER``."""
+    from alignkit.methods.base import build_policy
+    from alignkit.models import resolve_model
+
+    if (job.lora is not None and job.lora.enabled and job.model.adapter is None
+            and resolve_model(job.model.name_or_path).kind == "adapter"):
+        job = job.model_copy(update={"lora": None})
+    return build_policy(job)
+
+
 # ----------------------------------------------------------------------------- data
 
 def load_preference_data(job: Job, ranking_pairs: str = "all"):

@@ -22,9 +22,9 @@ import torch
 from pydantic import Field
 
 from alignkit.config import register_job
-from alignkit.methods.base import build_policy, epoch_batches, register_recipe, scheduled_updates
-from alignkit.methods.preference import (PreferenceJob, collate_pairs, load_preference_data, split_pairs,
-                                         tokenize_pairs)
+from alignkit.methods.base import epoch_batches, register_recipe, scheduled_updates
+from alignkit.methods.preference import (PreferenceJob, build_preference_policy, collate_pairs,
+                                         load_preference_data, split_pairs, tokenize_pairs)
 
 
 @register_job
@@ -43,7 +43,7 @@ class RewardRecipe:
 
         self.job = job
         if model is None:
-            model, tokenizer = build_policy(job)
+            model, tokenizer = build_preference_policy(job)
         if not isinstance(model, ScalarHeadModel):
             model = ScalarHeadModel(model, kind="reward")
         self.model, self.tokenizer = model, tokenizer
