@@ -112,9 +112,9 @@ class LocalChatBackend:
         """``log p(" " + label | conversation, reply so far = prefix)`` for every label.
 
         The assistant's reply is forced to begin with ``prefix`` (``"Verdict:"``) and each label is
-        scored as its full token sequence (``" A"``, ``" tie"``, ``" 10"``). Labels share token
-        prefixes, so the model runs once per distinct prefix (not once per label): one forward pass
-        per conversation for ``A/B/tie``, three for the digits of ``1..10``.
+        scored as its full token sequence (``" A"``, ``" tie"``, ``" 10"``). One row ``prompt + prefix +
+        label`` gives the next-token distribution after every proper prefix of that label, so a few
+        rows cover all labels: one forward pass per conversation for ``A/B/tie`` and for ``1..10``.
         """
         import torch
 
@@ -132,38 +132,47 @@ class LocalChatBackend:
                 label_ids.append(full[len(prefix_ids):])
             else:  # the label merged into the prefix's last token: encode it alone
                 label_ids.append(tokenizer.encode(" " + label, add_special_tokens=False))
-        branches = sorted({tuple(ids[:k]) for ids in label_ids for k in range(len(ids))})
-        rows = [tokenize_prompt(tokenizer, c) + prefix_ids + list(branch)
-                for c in conversations for branch in branches]
+        # A row prompt + prefix + label yields the next-token distribution after every proper prefix
+        # of that label; pick rows (longest labels first) until every such branch point is covered.
+        needed = {tuple(ids[:k]) for ids in label_ids for k in range(len(ids))}
+        covering: list[tuple[int, ...]] = []
+        for ids in sorted(label_ids, key=len, reverse=True):
+            branches = {tuple(ids[:k]) for k in range(len(ids))}
+            if branches - {b for row in covering for b in (row[:k] for k in range(len(row)))}:
+                covering.append(tuple(ids))
+        keep = max(len(row) for row in covering) + 1
+        starts = [tokenize_prompt(tokenizer, c) + prefix_ids for c in conversations]
+        rows = [(c, start + list(path), path) for c, start in enumerate(starts) for path in covering]
         device = next(model.parameters()).device
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        next_token: list[torch.Tensor] = []  # log-softmax over the vocabulary after each row
+        at: list[dict[tuple[int, ...], torch.Tensor]] = [{} for _ in conversations]
         was_training = model.training
         model.eval()
         with torch.no_grad():
             for begin in range(0, len(rows), self.batch_size):
                 chunk = rows[begin:begin + self.batch_size]
-                width = max(len(r) for r in chunk)
+                width = max(len(r) for _, r, _ in chunk)
                 input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
                 attention = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, row in enumerate(chunk):  # left padding: every row ends at the last column
+                for i, (_, row, _) in enumerate(chunk):  # left padding: every row ends at the last column
                     input_ids[i, width - len(row):] = torch.tensor(row)
                     attention[i, width - len(row):] = 1
                 positions = (attention.cumsum(-1) - 1).clamp(min=0)
                 inputs = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                               position_ids=positions.to(device))
                 try:
-                    logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+                    logits = model(**inputs, logits_to_keep=keep).logits[:, -keep:]
                 except TypeError:  # models without logits_to_keep
-                    logits = model(**inputs).logits[:, -1]
-                next_token.extend(torch.log_softmax(logits.float(), dim=-1).cpu())
+                    logits = model(**inputs).logits[:, -keep:]
+                logps = torch.log_softmax(logits.float(), dim=-1).cpu()
+                for i, (c, _, path) in enumerate(chunk):
+                    for k in range(len(path)):  # the distribution after path[:k] sits len(path) - k + 1 from the end
+                        at[c].setdefault(path[:k], logps[i, keep - (len(path) - k) - 1])
         if was_training:
             model.train()
-        table = []
-        for c in range(len(conversations)):
-            at = {branch: next_token[c * len(branches) + b] for b, branch in enumerate(branches)}
-            table.append([sum(float(at[tuple(ids[:k])][token]) for k, token in enumerate(ids)) for ids in label_ids])
-        return table
+        assert all(needed <= set(table) for table in at)
+        return [[sum(float(at[c][tuple(ids[:k])][token]) for k, token in enumerate(ids)) for ids in label_ids]
+                for c in range(len(conversations))]
 
 
 def weights_fingerprint(model) -> str:
