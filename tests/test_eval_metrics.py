@@ -174,7 +174,9 @@ def synthetic_results():
     return {
         "win_rate": {"win_rate": 0.62, "win_rate_interval": [0.52, 0.71], "p_value": 0.01, "n": 100, "wins": 55,
                      "losses": 31, "ties": 14, "model_a": "dpo", "model_b": "base", "judge": "rm"},
-        "reward_accuracy": {"reward_accuracy": 0.7, "n": 50},                    # no interval: the report adds one
+        "reward_accuracy": {"accuracy": 0.9, "accuracy_interval": [0.8, 0.95], "mean_margin": 1.5,
+                            "mean_margin_interval": [1.2, 1.8], "n": 50},      # the shape alignkit rm's metric returns
+        "format_accuracy": {"format_accuracy": 0.7, "n": 50},                    # no interval: the report adds one
         "elo": {"ratings": {"dpo": {"rating": 1040.0, "interval": [1010.0, 1070.0]},
                             "base": {"rating": 960.0, "interval": [930.0, 990.0]}},
                 "pairs": [], "method": "bradley_terry", "n": 100},
@@ -192,8 +194,10 @@ def test_report_files_headline_and_warnings(tmp_path):
     results = synthetic_results()
     rows = {(r["metric"], r["name"]): r for r in headline_rows(results)}
     assert rows[("win_rate", "win_rate")]["low"] == 0.52 and "p = 0.01" in rows[("win_rate", "win_rate")]["note"]
-    reward = rows[("reward_accuracy", "reward_accuracy")]
-    assert (reward["low"], reward["high"]) == pytest.approx(wilson_interval(35, 50))
+    added = rows[("format_accuracy", "format_accuracy")]
+    assert (added["low"], added["high"]) == pytest.approx(wilson_interval(35, 50)) and "Wilson" in added["note"]
+    assert rows[("reward_accuracy", "accuracy")]["low"] == 0.8
+    assert rows[("reward_accuracy", "mean_margin")]["high"] == 1.8
     assert rows[("elo", "rating: dpo")]["value"] == 1040.0
     assert rows[("drift", "KL to reference (nats/seq)")]["value"] == 12.0
 
@@ -202,10 +206,11 @@ def test_report_files_headline_and_warnings(tmp_path):
     assert report["warnings"] == ["drift: Mean length grew"]
     assert paths["png"].stat().st_size > 10_000 and paths["png"].read_bytes()[:4] == b"\x89PNG"
     page = paths["markdown"].read_text()
-    assert "| reward_accuracy | 0.7 |" in page and "**WARNING** drift: Mean length grew" in page
+    assert "| format_accuracy | 0.7 |" in page and "| reward_accuracy / accuracy | 0.9 | [0.8, 0.95] |" in page
+    assert "**WARNING** drift: Mean length grew" in page
     assert "![report](report.png)" in page
 
-    results["reward_accuracy"]["reward_accuracy"] = 0.8
+    results["format_accuracy"]["format_accuracy"] = 0.8
     second = write_report(results, tmp_path / "second", {"model": "dpo-2"}, baseline=tmp_path / "first")
     assert "| baseline |" in second["markdown"].read_text()
     assert json.loads(second["json"].read_text())["baseline"]["meta"]["model"] == "dpo"
