@@ -8,7 +8,7 @@ import torch
 from alignkit.config import ConfigError, build_job, load_job
 from alignkit.engine import Engine
 from alignkit.methods.dpo import DPORecipe
-from alignkit.methods.preference import response_logprob_sums
+from alignkit.methods.preference import collate_pairs, response_logprob_sums
 from alignkit.models import add_lora
 from tests.test_reward_model import synthetic_pairs, write_jsonl
 
@@ -32,8 +32,9 @@ def pairs_file(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(32))
 
 
-def naive_sums(model, batch):
-    """Summed response log-probs from full-vocabulary logits (the computation we avoid)."""
+def naive_sums(model, pairs, pad_token_id=1):
+    """Summed response log-probs from full-vocabulary logits over a padded batch (what we avoid)."""
+    batch = collate_pairs(pairs, pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
@@ -45,14 +46,27 @@ def log_sigmoid(x):
     return -math.log1p(math.exp(-x))
 
 
-def test_one_forward_response_logprobs_equal_naive_full_logits(tmp_path, pairs_file, tiny_model, tiny_tokenizer):
-    recipe = DPORecipe(dpo_job(tmp_path, pairs_file), model=tiny_model, tokenizer=tiny_tokenizer)
-    batch = recipe.collate(recipe.train_pairs[:5])
-    assert batch["input_ids"].shape[0] == 10  # chosen and rejected rows in one batch
-    sums, counts = response_logprob_sums(tiny_model, batch, chunk_size=7)
-    expected_sums, expected_counts = naive_sums(tiny_model, batch)
-    torch.testing.assert_close(sums, expected_sums, atol=1e-4, rtol=1e-5)
-    assert torch.equal(counts, expected_counts) and (counts > 0).all()
+def test_one_forward_response_logprobs_equal_naive_full_logits(tiny_model, tiny_tokenizer):
+    from alignkit.data.types import PreferenceExample
+    from alignkit.methods.preference import tokenize_pairs
+
+    words = "cat dog bird fish red green blue one two three".split()
+    examples = [PreferenceExample(prompt=[{"role": "user", "content": " ".join(words[:2 + 3 * i])}],
+                                  chosen=" ".join(words[i:]) + " yes", rejected=" ".join(words[:i + 1]) + " no")
+                for i in range(5)]  # lengths differ, so sequences can share rows
+    pairs, _ = tokenize_pairs(tiny_tokenizer, examples, max_length=64)
+    expected_sums, expected_counts = naive_sums(tiny_model, pairs)
+    padded = collate_pairs(pairs, tiny_tokenizer.pad_token_id)
+    packed = collate_pairs(pairs, tiny_tokenizer.pad_token_id, padding_free=True)
+    assert padded["input_ids"].shape[0] == 10  # chosen and rejected sequences in one batch
+    assert packed["input_ids"].shape[0] < 10 and packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
+    assert (packed["sequence_index"] >= 0).sum() == (padded["sequence_index"] >= 0).sum()
+    for batch in (padded, packed):
+        sums, counts, tokens = response_logprob_sums(tiny_model, batch, chunk_size=7, per_token=True)
+        torch.testing.assert_close(sums, expected_sums, atol=1e-4, rtol=1e-5)
+        assert torch.equal(counts, expected_counts) and (counts > 0).all()
+        per_sequence = torch.split(tokens, counts.long().tolist())
+        torch.testing.assert_close(torch.stack([t.sum() for t in per_sequence]), expected_sums, atol=1e-4, rtol=1e-5)
 
 
 def expected_loss(job, policy, reference, counts):
@@ -114,8 +128,9 @@ def test_every_variant_through_the_recipe_equals_the_hand_computed_loss(tmp_path
     indices = list(range(6))
     batch = recipe.training_batch(indices)
     loss, metrics = recipe.loss(batch)
-    policy, counts = naive_sums(tiny_model, batch)
-    reference, _ = naive_sums(reference_model, batch)
+    pairs = [recipe.train_pairs[i] for i in indices]
+    policy, counts = naive_sums(tiny_model, pairs)
+    reference, _ = naive_sums(reference_model, pairs)
     expected = expected_loss(job, policy.tolist(), reference.tolist(), counts.tolist())
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert {"reward_chosen", "reward_rejected", "reward_accuracy", "reward_margin", "logp_chosen",
@@ -146,7 +161,7 @@ def test_lora_reference_is_the_base_model_and_the_policy_moves(tmp_path, pairs_f
     recipe = DPORecipe(job, model=policy, tokenizer=tiny_tokenizer)
     indices = list(range(8))
     batch = recipe.training_batch(indices)
-    base_sums, _ = naive_sums(base, batch)
+    base_sums, _ = naive_sums(base, [recipe.train_pairs[i] for i in indices])
 
     def reference_now():
         if precompute:
@@ -170,7 +185,8 @@ def test_full_finetuning_live_reference_is_a_frozen_copy(tmp_path, pairs_file, t
     batch = recipe.training_batch([0, 1, 2])
     assert "reference" not in batch
     Engine(job.training.model_copy(update={"max_steps": 2, "eval_steps": None}), recipe, tmp_path / "run").train()
-    torch.testing.assert_close(recipe._reference_logps(batch)[0], naive_sums(start, batch)[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(recipe._reference_logps(batch)[0], naive_sums(start, recipe.train_pairs[:3])[0],
+                               atol=1e-4, rtol=1e-5)
     assert not any(p.requires_grad for p in recipe._external_reference.parameters())
 
 
@@ -186,7 +202,8 @@ def test_continuing_an_adapter_keeps_that_adapter_as_the_reference(tmp_path, pai
     assert recipe._reference_mode == "reference_adapter"
     batch = recipe.training_batch([0, 1, 2])
     Engine(job.training.model_copy(update={"max_steps": 2, "eval_steps": None}), recipe, tmp_path / "run").train()
-    torch.testing.assert_close(recipe._reference_logps(batch)[0], naive_sums(start, batch)[0], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(recipe._reference_logps(batch)[0], naive_sums(start, recipe.train_pairs[:3])[0],
+                               atol=1e-4, rtol=1e-5)
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)
     recipe.save_final(tmp_path / "final")

@@ -208,25 +208,61 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
 
 # ----------------------------------------------------------------------------- batches
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
-    """One right-padded batch of ``2B`` rows, chosen rows first, then rejected rows in the same order.
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, device=None,
+                  padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """One batch of the ``2B`` sequences of ``B`` pairs: chosen ``0..B-1``, then rejected ``B..2B-1``.
 
-    Returns ``input_ids``, ``attention_mask`` (long), ``response_mask`` (bool: the response tokens,
-    end-of-turn marker included) and ``margin`` (``[B]``, 0 where a pair has none).
+    Returns ``input_ids``, ``attention_mask``, ``response_mask`` (bool: the response tokens, end-of-turn
+    marker included), ``sequence_index`` (``[rows, T]``: which of the 2B sequences each token belongs
+    to, -1 on padding) and ``margin`` (``[B]``, 0 where a pair has none).
+
+    Padded (default): one right-padded row per sequence, ``attention_mask`` ``[2B, T]``.
+    ``padding_free``: the sequences are packed first-fit (longest first) into as few rows as possible,
+    each row no longer than the longest sequence; ``position_ids`` restart at 0 for every sequence and
+    ``attention_mask`` is a 4D block-diagonal causal mask (``[rows, 1, T, T]``, additive), so packed
+    sequences never see each other. Same results, no compute spent on padding.
     """
-    rows = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     starts = [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs]
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, starts)):
-        input_ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
-        attention_mask[i, :len(row)] = 1
-        response_mask[i, start:len(row)] = True
-    margin = torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask,
-             "margin": margin}
+    width = max(len(row) for row in sequences)
+    if padding_free:
+        bins: list[list[int]] = []
+        space: list[int] = []
+        for index in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i)):
+            size = len(sequences[index])
+            target = next((b for b, free in enumerate(space) if size <= free), None)
+            if target is None:
+                bins.append([])
+                space.append(width)
+                target = len(bins) - 1
+            bins[target].append(index)
+            space[target] -= size
+    else:
+        bins = [[index] for index in range(len(sequences))]
+    input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+    response_mask = torch.zeros((len(bins), width), dtype=torch.bool)
+    sequence_index = torch.full((len(bins), width), -1, dtype=torch.long)
+    for row, members in enumerate(bins):
+        offset = 0
+        for index in members:
+            tokens, size = sequences[index], len(sequences[index])
+            where = slice(offset, offset + size)
+            input_ids[row, where] = torch.as_tensor(tokens, dtype=torch.long)
+            position_ids[row, where] = torch.arange(size)
+            response_mask[row, offset + starts[index]:offset + size] = True
+            sequence_index[row, where] = index
+            offset += size
+    batch = {"input_ids": input_ids, "response_mask": response_mask, "sequence_index": sequence_index,
+             "margin": torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)}
+    if padding_free:
+        from alignkit.data import block_diagonal_attention_mask
+
+        lengths = [[len(sequences[i]) for i in members] for members in bins]
+        batch["attention_mask"] = block_diagonal_attention_mask(lengths, width)
+        batch["position_ids"] = position_ids
+    else:
+        batch["attention_mask"] = (sequence_index >= 0).long()
     if device is not None:
         batch = {key: value.to(device) for key, value in batch.items()}
     return batch
@@ -240,27 +276,39 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def response_logprob_sums(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
                           per_token: bool = False):
-    """Sum of the response tokens' log-probabilities per row, and their count: ``([2B], [2B])``.
+    """Sum of the response tokens' log-probabilities per sequence, and their count: ``([S], [S])``
+    for the ``S`` sequences of a `collate_pairs` batch (padded or padding-free).
 
     The decoder runs once over all rows; the output layer is applied only at positions whose next
-    token is a response token (``token_logprobs`` on the gathered hidden states, chunk by chunk), so
-    prompt and padding positions cost no vocabulary projection at all. With ``per_token=True`` also
-    returns the flat ``[N]`` log-probs in row order (for drift metrics).
+    token is a response token of the same sequence (``token_logprobs`` on the gathered hidden states,
+    chunk by chunk), so prompt and padding positions cost no vocabulary projection at all. With
+    ``per_token=True`` also returns the flat ``[N]`` log-probs, sequence by sequence (drift metrics).
     """
     from alignkit.logprobs import _logit_transform, _output_layer, decoder_hidden_states, token_logprobs
 
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    hidden = decoder_hidden_states(model, input_ids, attention_mask)
-    targets_mask = batch["response_mask"][:, 1:] & attention_mask[:, 1:].bool()
+    input_ids, sequence_index = batch["input_ids"], batch["sequence_index"]
+    mask_2d = batch["attention_mask"] if batch["attention_mask"].dim() == 2 else None
+    attention = batch["attention_mask"]
+    if attention.dim() == 4:  # additive float mask: in the model's dtype, as attention expects
+        attention = attention.to(next(model.parameters()).dtype)
+    hidden = decoder_hidden_states(model, input_ids, attention, batch.get("position_ids"))
+    owner = sequence_index[:, 1:]
+    targets_mask = batch["response_mask"][:, 1:] & (owner == sequence_index[:, :-1]) & (owner >= 0)
+    if mask_2d is not None:
+        targets_mask &= mask_2d[:, 1:].bool()
+    owner = owner[targets_mask]                                  # [N] sequence of each target
+    if per_token:  # sequence by sequence (a stable sort keeps each sequence's tokens in order)
+        order = torch.sort(owner, stable=True).indices
     selected = hidden[:, :-1][targets_mask]                      # [N, H]
     targets = input_ids[:, 1:][targets_mask]                     # [N]
     head = _output_layer(model)
     scale, softcap = _logit_transform(model)
     logps = token_logprobs(selected, head.weight, targets, chunk_size=chunk_size, temperature=1.0 / scale,
                            bias=getattr(head, "bias", None), softcap=softcap)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(targets_mask)[targets_mask]
-    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=logps.device).index_add(0, rows, logps)
-    counts = targets_mask.sum(-1).float()
+    sequences = int(sequence_index.max()) + 1
+    sums = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
+    counts = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(
+        0, owner, torch.ones_like(logps))
     if per_token:
-        return sums, counts, logps
+        return sums, counts, logps[order]
     return sums, counts
