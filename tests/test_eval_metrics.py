@@ -97,6 +97,8 @@ def test_accuracy_with_a_registry_reward(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_text_overlap_against_references(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("rouge_score")
     references = ["the cat is on the red mat today", "a dog and a bird are in the city", "one two three four five"]
     data = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": f"p{i}", "completion": r} for i, r in enumerate(references)])
     monkeypatch.setattr(metrics, "_responses", lambda *args, **kwargs: list(references))
@@ -189,6 +191,7 @@ def synthetic_results():
 
 
 def test_report_files_headline_and_warnings(tmp_path):
+    pytest.importorskip("matplotlib")
     from alignkit.evaluate.report import headline_rows, write_report
 
     results = synthetic_results()
@@ -219,6 +222,8 @@ def test_report_files_headline_and_warnings(tmp_path):
 # ------------------------------------------------------------------------------------------------ command
 
 def test_eval_command_end_to_end(tiny_tokenizer, tmp_path, capsys):
+    for package in ("matplotlib", "sacrebleu", "rouge_score"):   # the `eval` extra
+        pytest.importorskip(package)
     from alignkit.cli import main
     from alignkit.heads import ScalarHeadModel
     from alignkit.models import save_model
