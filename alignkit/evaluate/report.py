@@ -179,6 +179,8 @@ def render_markdown(report: dict[str, Any], image: str | None = "report.png") ->
                                                                          if "drift" in results else "None."]
     if image:
         lines += ["", f"![report]({image})"]
+    elif report.get("figure_error"):
+        lines += ["", f"(no figure: {report['figure_error']})"]
     for metric, result in results.items():
         lines += ["", f"## {metric}", ""]
         lines += _details(metric, result)
@@ -437,7 +439,10 @@ def write_report(results: dict[str, Any], directory: str | os.PathLike, meta: di
     if baseline_path is not None:
         report["baseline_path"] = str(baseline_path)
     paths = {"json": directory / "report.json", "markdown": directory / "report.md"}
-    image = plot_report(report, directory / "report.png")
+    try:
+        image = plot_report(report, directory / "report.png")
+    except ValueError as error:  # matplotlib missing: the numbers still get written
+        image, report["figure_error"] = None, str(error)
     if image is not None:
         paths["png"] = image
     paths["json"].write_text(json.dumps(report, indent=2, default=_json_default, allow_nan=True))
