@@ -251,9 +251,17 @@ class DPORecipe:
         else:
             raise RuntimeError("no live reference model is set up")
 
+    def _autocast(self):
+        """The engine's autocast (bf16 on a GPU that has it, or when asked), for passes run outside it."""
+        precision = self.job.training.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported()):
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     @torch.no_grad()
     def _reference_logps(self, batch, per_token: bool = False, starting_policy: bool = False):
-        with self._reference_runner(starting_policy) as reference:
+        with self._reference_runner(starting_policy) as reference, self._autocast():
             return response_logprob_sums(reference, batch, self.job.logprob_chunk_size, per_token=per_token)
 
     def cache_key(self) -> str:
@@ -267,6 +275,7 @@ class DPORecipe:
             "model": self.job.model.name_or_path, "adapter": self.job.model.adapter,
             "reference_model": self.job.reference_model, "weights": fingerprint,
             "dtype": str(next(self.model.parameters()).dtype), "device": self.device.type,
+            "precision": self.job.training.precision,
             "vocabulary": len(self.tokenizer), "chat_template": str(getattr(self.tokenizer, "chat_template", "")),
             "train": pairs_digest(self.train_pairs) if self.needs_reference else None,
             "validation": pairs_digest(self.validation_pairs),
