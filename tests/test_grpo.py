@@ -84,26 +84,31 @@ def by_length(prompts, completions, **fields):
     return [float(len(c)) for c in completions]
 
 
-def test_micro_batch_split_does_not_change_the_gradient(tmp_path, tiny_model, tiny_tokenizer):
+def test_micro_batch_split_and_shared_prompt_forward_do_not_change_the_gradient(tmp_path, tiny_model,
+                                                                                tiny_tokenizer):
     grads = {}
-    for size in (32, 5):
+    for size, shared in ((32, True), (5, True), (5, False)):
         for aggregation in ("token", "sequence"):
             job = make_job(tmp_path, beta=0.05, loss_aggregation=aggregation, stop_strings=["e", "a"],
-                           training={"batch_size": size})
+                           share_prompt_forward=shared, training={"batch_size": size})
             model = type(tiny_model)(tiny_model.config)
             model.load_state_dict(tiny_model.state_dict())
             recipe = make_recipe(job, model, tiny_tokenizer, reward=by_length)
             micro_batches = next(recipe.updates(0))
+            assert ("prompt_ids" in micro_batches[0]) == shared
             model.zero_grad()
             for mb in micro_batches:
                 loss, _ = recipe.loss(mb)
                 (loss / len(micro_batches)).backward()
-            grads[size, aggregation] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            grads[size, shared, aggregation] = torch.cat([p.grad.flatten() for p in model.parameters()
+                                                          if p.grad is not None])
     assert len(set(recipe.current["completion_mask"].sum(-1).tolist())) > 1  # lengths differ
     for aggregation in ("token", "sequence"):
-        assert torch.allclose(grads[32, aggregation], grads[5, aggregation], atol=1e-6, rtol=1e-4)
-    assert grads[32, "token"].abs().max() > 0
-    assert not torch.allclose(grads[32, "token"], grads[32, "sequence"], atol=1e-6, rtol=1e-4)
+        reference = grads[32, True, aggregation]
+        for key in ((5, True, aggregation), (5, False, aggregation)):
+            assert torch.allclose(reference, grads[key], atol=1e-6, rtol=1e-4), key
+    assert grads[32, True, "token"].abs().max() > 0
+    assert not torch.allclose(grads[32, True, "token"], grads[32, True, "sequence"], atol=1e-6, rtol=1e-4)
 
 
 def test_resume_in_the_middle_of_a_rollout_is_exact(tmp_path, tiny_model, tiny_tokenizer):

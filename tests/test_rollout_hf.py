@@ -94,3 +94,36 @@ def test_get_backend():
     assert get_backend("hf", max_batch_size=4, unknown_option=1).max_batch_size == 4
     with pytest.raises(ValueError, match="unknown rollout backend"):
         get_backend("nope")
+
+
+def test_shared_prompt_prefill_and_grouped_forward_match_per_row(tiny_model, tiny_tokenizer):
+    from alignkit.rollout.hf import completion_logprobs, grouped_completion_logprobs, rollout_tensors
+
+    prompts = prompts_for(tiny_tokenizer, ["hello the cat", "what is one plus two please answer"])
+    params = SamplingParams(max_new_tokens=7, seed=2, stop_strings=["e"])
+    shared = HFGenerateBackend(share_prefix=True).generate(tiny_model, tiny_tokenizer, prompts, 3, params)
+    plain = HFGenerateBackend(share_prefix=False).generate(tiny_model, tiny_tokenizer, prompts, 3, params)
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+    assert torch.allclose(shared.sampling_logprobs, plain.sampling_logprobs, atol=1e-5)
+    assert len(set(shared.completion_mask.sum(-1).tolist())) > 1  # ragged lengths are covered
+
+    pad = tiny_tokenizer.pad_token_id
+    layout = rollout_tensors(shared.prompt_ids, shared.completion_ids, shared.completion_mask, pad)
+    length = shared.completion_ids.shape[1]
+    weights = torch.randn(shared.completion_ids.shape) * shared.completion_mask
+
+    def gradient(fn):
+        tiny_model.zero_grad()
+        logps = fn()
+        (logps * weights).sum().backward()
+        return logps.detach(), torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None])
+
+    per_row, per_row_grad = gradient(lambda: completion_logprobs(
+        tiny_model, layout["input_ids"], layout["attention_mask"], layout["position_ids"], layout["prompt_width"],
+        length, temperature=0.8))
+    prompt_ids, prompt_attention = left_pad(prompts, pad)
+    grouped, grouped_grad = gradient(lambda: grouped_completion_logprobs(
+        tiny_model, prompt_ids, prompt_attention, shared.completion_ids, shared.completion_mask, 3, temperature=0.8))
+    mask = shared.completion_mask.bool()
+    assert torch.allclose(per_row[mask], grouped[mask], atol=1e-5)
+    assert torch.allclose(per_row_grad, grouped_grad, atol=1e-5, rtol=1e-4)

@@ -21,8 +21,11 @@ Simplifications chosen, and why:
   detached current log-probs (no extra forward). With more iterations pi_old is the log-probs the
   backend recomputed at sampling time.
 - All P*G completions form one optimizer step, split into micro-batches of ``training.batch_size``
-  completions for memory; each micro-batch is weighted by its share of tokens (or sequences), so
-  the step's gradient is the same whatever the micro-batch size.
+  completions (whole groups) for memory; each micro-batch is weighted by its share of tokens (or
+  sequences), so the step's gradient is the same whatever the micro-batch size.
+- The G completions of a prompt share it: sampling prefills each prompt once, and the training
+  forward runs each prompt once and lets its G completions attend to that KV cache
+  (``share_prompt_forward``), which is exact and saves (G-1)/G of the prompt's compute.
 - Log-probs are those of the temperature-scaled distribution (sampling and training agree);
   top-p / top-k only decide which tokens can be sampled.
 - The reference is the policy with LoRA adapters disabled (no second copy), or a frozen copy of
@@ -54,6 +57,8 @@ class GRPOJob(OnlineJob):
     num_iterations: int = Field(1, gt=0, description="optimizer steps on each rollout batch")
     loss_aggregation: Literal["token", "sequence"] = "token"
     scale_rewards: bool = Field(True, description="divide group-centred rewards by the group's std")
+    share_prompt_forward: bool = Field(
+        True, description="run each prompt once per group in the training forward (exact; off with gradient checkpointing)")
 
     @model_validator(mode="after")
     def _one_accumulation(self):
@@ -88,27 +93,44 @@ class GRPORecipe(OnlineRecipe):
             self.timings["time/reference"] = time.perf_counter() - started
         return rollout
 
+    def grouped(self) -> bool:
+        return self.job.share_prompt_forward and not self.job.training.gradient_checkpointing
+
     def micro_batches(self, rollout: dict, position: int) -> list[dict]:
-        rows = list(range(rollout["completion_ids"].shape[0]))
-        chunks = self.split_rows(rows)
-        scales = self.scales(chunks, rollout["completion_mask"], self.job.loss_aggregation)
+        job, group = self.job, self.job.num_generations
+        count = rollout["completion_ids"].shape[0]
         extra = {"advantages": rollout["advantages"]}
-        if self.job.num_iterations > 1:
+        if job.num_iterations > 1:
             extra["old_logps"] = rollout["sampling_logprobs"]
         if "ref_logps" in rollout:
             extra["ref_logps"] = rollout["ref_logps"]
+        if self.grouped():  # micro-batches of whole groups: each prompt runs once
+            per = max(1, job.training.batch_size // group)
+            groups = list(range(count // group))
+            group_chunks = [groups[i:i + per] for i in range(0, len(groups), per)]
+            chunks = [[g * group + i for g in chunk for i in range(group)] for chunk in group_chunks]
+            scales = self.scales(chunks, rollout["completion_mask"], job.loss_aggregation)
+            return [self.grouped_micro_batch(rollout, chunk, group, scale, **extra)
+                    for chunk, scale in zip(group_chunks, scales)]
+        chunks = self.split_rows(list(range(count)))
+        scales = self.scales(chunks, rollout["completion_mask"], job.loss_aggregation)
         return [self.micro_batch(rollout, chunk, scale, **extra) for chunk, scale in zip(chunks, scales)]
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         from alignkit.losses import kl_k3, masked_mean, ppo_clip_loss
-        from alignkit.rollout.hf import completion_logprobs
+        from alignkit.rollout.hf import completion_logprobs, grouped_completion_logprobs
 
         job = self.job
         mask = batch["completion_mask"]
-        logps, entropy = completion_logprobs(
-            self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["prompt_width"],
-            mask.shape[1], temperature=self.logprob_temperature(), chunk_size=job.logprob_chunk_size,
-            with_entropy=True)
+        options = dict(temperature=self.logprob_temperature(), chunk_size=job.logprob_chunk_size, with_entropy=True)
+        if "prompt_ids" in batch:
+            logps, entropy = grouped_completion_logprobs(
+                self.model, batch["prompt_ids"], batch["prompt_attention"], batch["completion_ids"], mask,
+                batch["group"], **options)
+        else:
+            logps, entropy = completion_logprobs(
+                self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["prompt_width"],
+                mask.shape[1], **options)
         old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
         loss, clip = ppo_clip_loss(logps, old_logps, batch["advantages"], mask, epsilon_low=job.epsilon,
                                    epsilon_high=job.epsilon_high, aggregation=job.loss_aggregation)

@@ -428,6 +428,31 @@ class OnlineRecipe:
         batch["prompt_width"] = prompt_needed
         return batch
 
+    def grouped_micro_batch(self, rollout: dict, groups: list[int], group: int, scale: float, **extra) -> dict:
+        """Whole groups of the rollout for `grouped_completion_logprobs`: each prompt once
+        (``prompt_ids``, ``prompt_attention``), its ``group`` completions after it."""
+        layout = rollout["layout"]
+        rows = torch.tensor([g * group + i for g in groups for i in range(group)], dtype=torch.long)
+        width = layout["prompt_width"]
+        firsts = torch.tensor([g * group for g in groups], dtype=torch.long)
+        prompt_attention = layout["attention_mask"][firsts, :width]
+        needed = int(prompt_attention.sum(-1).max())
+        completion_mask = rollout["completion_mask"][rows]
+        length = max(1, int(completion_mask.sum(-1).max()))
+        batch = {
+            "prompt_ids": layout["input_ids"][firsts, width - needed:width],
+            "prompt_attention": prompt_attention[:, width - needed:],
+            "completion_ids": rollout["completion_ids"][rows, :length],
+            "completion_mask": completion_mask[:, :length],
+            "scale": torch.tensor(scale),
+        }
+        for key, value in extra.items():
+            value = value[rows]
+            batch[key] = value[:, :length] if value.dim() == 2 else value
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch["group"] = group
+        return batch
+
     def split_rows(self, rows: list[int]) -> list[list[int]]:
         size = self.job.training.batch_size
         return [rows[i:i + size] for i in range(0, len(rows), size)]

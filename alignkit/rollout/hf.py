@@ -133,6 +133,42 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return (logps, entropy) if with_entropy else logps
 
 
+def grouped_completion_logprobs(model, prompt_ids: torch.Tensor, prompt_attention: torch.Tensor,
+                                completion_ids: torch.Tensor, completion_mask: torch.Tensor, group: int,
+                                temperature: float = 1.0, chunk_size: int = 1024, with_entropy: bool = False):
+    """`completion_logprobs` for rows that come in groups sharing one prompt, running each prompt once.
+
+    ``prompt_ids``/``prompt_attention`` are ``[P, W]`` (left-padded, one row per group) and the
+    completions ``[P * group, L]`` (group after group). The prompts go through the decoder once,
+    with a KV cache; the cache is repeated ``group`` times and the completions attend to it. The
+    result (values and gradients) equals the per-row forward over ``[prompt | completion]``, at
+    about ``1/group`` of the prompt's cost, forward and backward.
+    """
+    from transformers import DynamicCache
+
+    from alignkit.models import decoder_of
+
+    decoder = decoder_of(model)
+    cache = DynamicCache()
+    prompt_positions = (prompt_attention.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_attention, position_ids=prompt_positions,
+                  past_key_values=cache, use_cache=True)
+    hidden = [out.last_hidden_state[:, -1:].repeat_interleave(group, dim=0)]  # predicts completion token 0
+    length = completion_ids.shape[1]
+    if length > 1:
+        cache.batch_repeat_interleave(group)
+        attention = torch.cat([prompt_attention.repeat_interleave(group, dim=0),
+                               completion_mask[:, :-1].to(prompt_attention.dtype)], dim=1)
+        starts = prompt_attention.sum(-1).repeat_interleave(group)[:, None]
+        positions = starts + torch.arange(length - 1, device=completion_ids.device)[None]
+        out = decoder(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
+                      past_key_values=cache, use_cache=True)
+        hidden.append(out.last_hidden_state)
+    hidden = torch.cat(hidden, dim=1)
+    logps, entropy = head_logprobs(model, hidden, completion_ids, temperature, chunk_size, with_entropy)
+    return (logps, entropy) if with_entropy else logps
+
+
 def head_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                   chunk_size: int = 1024, with_entropy: bool = False):
     """``(logps, entropy or None)`` of ``targets`` from decoder ``hidden`` states through the model's
@@ -207,6 +243,8 @@ class HFGenerateBackend:
     """Batched `model.generate` with the KV cache; see the module docstring.
 
     ``max_batch_size``: rows (samples, not prompts) per `generate` call, None = all at once.
+    ``share_prefix`` (default): each prompt is prefilled once and its KV cache repeated for its
+    ``num_generations`` samples, instead of prefilling the same prompt G times.
     ``logprob_batch_size``: rows per log-prob forward pass. ``compute_logprobs=False`` skips the
     log-prob pass (``sampling_logprobs`` is then NaN); GRPO with one iteration per batch does not
     need them, since its ratio is 1 by construction.
@@ -215,8 +253,9 @@ class HFGenerateBackend:
     name = "hf"
 
     def __init__(self, max_batch_size: int | None = None, logprob_batch_size: int = 64, chunk_size: int = 1024,
-                 compute_logprobs: bool = True):
+                 compute_logprobs: bool = True, share_prefix: bool = True):
         self.max_batch_size = max_batch_size
+        self.share_prefix = share_prefix
         self.logprob_batch_size = logprob_batch_size
         self.chunk_size = chunk_size
         self.compute_logprobs = compute_logprobs
@@ -246,7 +285,7 @@ class HFGenerateBackend:
             with rng, torch.no_grad():
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
-                sampled = self._sample(model, tokenizer, expanded, params, eos_ids, pad_id, device)
+                sampled = self._sample(model, tokenizer, expanded, params, eos_ids, pad_id, device, num_generations)
             generated = time.perf_counter()
             batch = build_rollout_batch(model, tokenizer, expanded, sampled, num_generations, params, eos_ids,
                                         pad_id, with_logprobs=with_logprobs,
@@ -260,7 +299,7 @@ class HFGenerateBackend:
         return batch
 
     def _sample(self, model, tokenizer, rows: list[list[int]], params: SamplingParams, eos_ids: list[int],
-                pad_id: int, device) -> list[list[int]]:
+                pad_id: int, device, group: int = 1) -> list[list[int]]:
         sampling = params.temperature > 0
         settings = dict(
             max_new_tokens=params.max_new_tokens, do_sample=sampling, eos_token_id=eos_ids, pad_token_id=pad_id,
@@ -272,8 +311,30 @@ class HFGenerateBackend:
             settings.update(temperature=None, top_p=None, top_k=None)
         if params.stop_strings:
             settings.update(stop_strings=list(params.stop_strings), tokenizer=tokenizer)
+        if self.share_prefix and group > 1:
+            unique = rows[::group]
+            per_call = max(1, (self.max_batch_size or len(rows)) // group)
+            sampled: list[list[int]] = []
+            for start in range(0, len(unique), per_call):
+                chunk = unique[start:start + per_call]
+                input_ids, attention = left_pad(chunk, pad_id)
+                input_ids, attention = input_ids.to(device), attention.to(device)
+                cache = None
+                if input_ids.shape[1] > 1:  # prefill each prompt once, then share its cache
+                    from transformers import DynamicCache
+
+                    cache = DynamicCache()
+                    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+                    model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
+                          position_ids=positions[:, :-1], past_key_values=cache, use_cache=True)
+                    cache.batch_repeat_interleave(group)
+                output = model.generate(input_ids=input_ids.repeat_interleave(group, dim=0),
+                                        attention_mask=attention.repeat_interleave(group, dim=0),
+                                        past_key_values=cache, **settings)
+                sampled.extend(output[:, input_ids.shape[1]:].tolist())
+            return sampled
         size = self.max_batch_size or len(rows)
-        sampled: list[list[int]] = []
+        sampled = []
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
             input_ids, attention = left_pad(chunk, pad_id)
