@@ -53,9 +53,10 @@ def test_pass_at_k_with_several_samples(tiny_model, tiny_tokenizer, graded):
     result = run_metrics(tiny_model, tiny_tokenizer, ["accuracy"], data=graded, reward=good_field, samples=4,
                          k=[1, 2, 4], max_new_tokens=3)["accuracy"]
     assert result["temperature"] == 1.0 and result["completions"] == 20 and result["correct"] == 12
-    for k in (1, 2, 4):
-        assert result[f"pass@{k}"] == pytest.approx(3 / 5)
-        low, high = result[f"pass@{k}_interval"]
+    assert "pass@1" not in result                              # pass@1 is `accuracy`
+    for k in ("accuracy", "pass@2", "pass@4"):
+        assert result[k] == pytest.approx(3 / 5)
+        low, high = result[f"{k}_interval"]
         assert 0.0 <= low < 3 / 5 < high <= 1.0
 
 
@@ -68,7 +69,8 @@ def test_pass_at_k_uses_the_unbiased_estimator(tiny_model, tiny_tokenizer, tmp_p
 
     result = metrics.accuracy(tiny_model, tiny_tokenizer, data, reward=half_right, samples=4, k=[1, 2, 3],
                               max_new_tokens=2)
-    for k in (1, 2, 3):
+    assert result["accuracy"] == pytest.approx((pass_at_k(4, 2, 1) + 0.0) / 2)
+    for k in (2, 3):
         assert result[f"pass@{k}"] == pytest.approx((pass_at_k(4, 2, k) + 0.0) / 2)
 
 

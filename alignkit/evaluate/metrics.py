@@ -187,7 +187,7 @@ def accuracy(model, tokenizer, data: str, reward: str = "numeric_match", reward_
     ``accuracy`` is the fraction of correct completions (= mean pass@1). With one sample per prompt
     its interval is Wilson's; with ``samples`` > 1 the samples of a prompt are correlated, so the
     intervals are percentile bootstraps over prompts. ``pass@k`` (Chen et al.'s unbiased estimator)
-    is reported for every k in ``k`` (default: 1 and ``samples``).
+    is reported for every k > 1 in ``k`` (default: ``samples``); pass@1 is ``accuracy``.
     """
     import numpy as np
 
@@ -220,6 +220,8 @@ def accuracy(model, tokenizer, data: str, reward: str = "numeric_match", reward_
         raise ValueError(f"pass@k needs 1 <= k <= samples ({samples}); got k={bad}")
     if samples > 1:
         for value in ks:
+            if value == 1:  # pass@1 is `accuracy` itself (the mean over prompts of c/n)
+                continue
             per = [pass_at_k(samples, int(c), value) for c in per_prompt]
             result[f"pass@{value}"] = float(np.mean(per))
             result[f"pass@{value}_interval"] = _rate_interval(per, confidence, seed)
