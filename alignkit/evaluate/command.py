@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="keyword argument for the reward function (YAML value; repeatable)")
     accuracy.add_argument("--threshold", type=float, default=0.5, help="a completion is correct if reward >= this")
     accuracy.add_argument("--samples", type=int, default=1, help="completions per prompt (pass@k)")
-    accuracy.add_argument("--k", default=None, help="comma-separated k for pass@k (default: 1 and --samples)")
+    accuracy.add_argument("--k", default=None, help="comma-separated k for pass@k (default: --samples; accuracy is pass@1)")
     pairwise = parser.add_argument_group("win_rate / elo")
     pairwise.add_argument("--model-b", help="the model to compare against (win_rate)")
     pairwise.add_argument("--models", action="append", default=[],
