@@ -6,7 +6,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny models: one thread avoids OpenMP overhead and thrashing on small shared machines
+torch.set_num_threads(1)
 
 
 @pytest.fixture
