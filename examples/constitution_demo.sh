@@ -29,7 +29,10 @@ step "2/4 critique and revise"
 alignkit constitution revise "${COMMON[@]}" --out "$OUT/revise"
 python - "$OUT/revise/sft.jsonl" <<'PY'
 import json, sys
-row = json.loads(open(sys.argv[1]).readline())
+line = open(sys.argv[1]).readline()
+if not line:
+    sys.exit(0)
+row = json.loads(line)
 chain = row["constitution"]
 print("prompt:   ", row["messages"][0]["content"])
 print("initial:  ", chain["initial"][:200])
@@ -43,9 +46,13 @@ alignkit constitution pairs "${COMMON[@]}" --judge-method logprobs --cache-dir "
     --out "$OUT/pairs"
 
 step "4/4 train on what was written: SFT then DPO, a few LoRA steps each"
-alignkit sft --set data.train="$OUT/revise/sft.jsonl" --set data.validation_fraction=0 \
-    --set data.max_length=384 --set training.max_steps=3 --set training.batch_size=2 \
-    --set training.eval_at_start=false --set training.output_dir="$OUT/sft"
+if [ -s "$OUT/revise/sft.jsonl" ]; then
+    alignkit sft --set data.train="$OUT/revise/sft.jsonl" --set data.validation_fraction=0 \
+        --set data.max_length=384 --set training.max_steps=3 --set training.batch_size=2 \
+        --set training.eval_at_start=false --set training.output_dir="$OUT/sft"
+else
+    echo "no revision survived (empty, or only repeating the critique); skipping SFT"
+fi
 if [ -s "$OUT/pairs/pairs.jsonl" ]; then
     alignkit dpo --set data.train="$OUT/pairs/pairs.jsonl" --set data.validation_fraction=0 \
         --set data.max_length=384 --set training.max_steps=2 --set training.batch_size=2 \
