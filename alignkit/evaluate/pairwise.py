@@ -243,8 +243,10 @@ def llm_judge(spec: str, device=None, dtype=None):
     """A pairwise LLM judge from ``alignkit.judges``: ``MODEL`` (a local model; verdicts read from the
     label log-probabilities, the only method a small model manages) or ``MODEL@URL`` (an
     OpenAI-compatible server; verdicts parsed from the reply, None when malformed)."""
+    import importlib
+
     try:
-        import alignkit.judges as judges
+        judges = importlib.import_module("alignkit.judges")
     except ImportError as error:
         raise ValueError(f"--judge llm:{spec}: LLM judges need alignkit.judges, which is not available "
                          f"({error}); use --judge reward-model:PATH") from None
