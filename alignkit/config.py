@@ -48,6 +48,7 @@ class LoraConfig(Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
+    layers: int | list[int] | None = Field(None, description="adapt only these decoder layers; an int N = the last N")
     merge_on_save: bool = Field(False, description="also write the adapter merged into a full model")
 
 

@@ -501,20 +501,41 @@ def is_peft_model(model) -> bool:
 
 
 def add_lora(model, rank: int = 16, alpha: float = 32, dropout: float = 0.05,
-             target_modules: str | list[str] = "all-linear", is_trainable: bool = True):
+             target_modules: str | list[str] = "all-linear", is_trainable: bool = True,
+             layers: int | list[int] | None = None):
     """Wrap ``model`` in a PEFT LoRA adapter (``task_type`` CAUSAL_LM) and return the PeftModel.
 
     ``target_modules="all-linear"`` adapts every linear layer except the output head. The base
     weights are frozen; the adapter's weights are trainable unless ``is_trainable`` is False.
     LoRA's B matrices start at zero, so the wrapped model computes exactly what the base did.
+
+    ``layers`` limits the adapters to some decoder layers: a list of indices, or an int N for the
+    last N layers. Backward then stops at the lowest adapted layer, which makes a step much cheaper
+    (on a 30-layer model, adapting the last 10 skips two thirds of the backward pass).
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    layers_to_transform = None
+    if layers is not None:
+        total = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+        if isinstance(layers, int):
+            if total is None or not 0 < layers <= total:
+                raise ValueError(f"lora layers={layers}: the model has {total} decoder layers")
+            layers_to_transform = list(range(total - layers, total))
+        else:
+            layers_to_transform = sorted(int(i) for i in layers)
+            if total is not None and any(not 0 <= i < total for i in layers_to_transform):
+                raise ValueError(f"lora layers {layers_to_transform}: indices must be in 0..{total - 1}")
+        if target_modules == "all-linear":  # peft wants explicit names together with layer indices
+            output = model.get_output_embeddings()
+            target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                     if isinstance(module, torch.nn.Linear) and module is not output})
     config = LoraConfig(
         r=int(rank), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
         task_type=TaskType.CAUSAL_LM, inference_mode=not is_trainable,
+        layers_to_transform=layers_to_transform,
     )
     return get_peft_model(model, config)
 

@@ -381,3 +381,14 @@ def test_embedded_model_answers_and_cache_matches_gguf():
         tensor = tensors[gguf_name]
         reference = torch.from_numpy(np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32))
         assert torch.equal(state[name], reference.reshape(state[name].shape)), name
+
+
+def test_lora_on_the_last_layers_only(tiny_model):
+    from alignkit.models import add_lora
+
+    model = add_lora(tiny_model, rank=2, alpha=4, layers=1)
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters()
+               if p.requires_grad and ".layers." in name}
+    assert adapted == {"1"}
+    with pytest.raises(ValueError, match="decoder layers"):
+        add_lora(tiny_model, rank=2, layers=5)

@@ -42,7 +42,7 @@ def build_policy(job: Job, trainable: bool = True):
     )
     if job.lora is not None and job.lora.enabled and job.model.adapter is None:
         model = add_lora(model, rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
-                         target_modules=job.lora.target_modules)
+                         target_modules=job.lora.target_modules, layers=job.lora.layers)
     if job.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
