@@ -37,7 +37,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="LoRA SFT quickstart on the embedded model")
     parser.add_argument("--config", default=str(ROOT / "examples/sft_support.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=80)
+    parser.add_argument("--questions", type=int, default=20, help="held-out questions for the format check")
     args = parser.parse_args()
 
     from alignkit import load_job, load_model_and_tokenizer, run_job
@@ -50,7 +51,9 @@ def main() -> int:
         train, validation = build()
         for path, rows in ((train_file, train), (valid_file, validation)):
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    questions = [json.loads(line)["messages"][0]["content"] for line in valid_file.read_text().splitlines()]
+    held_out = [json.loads(line) for line in valid_file.read_text().splitlines()]
+    # format check on one phrasing of each held-out (topic, product) pair and one more: 20 questions
+    questions = [row["messages"][0]["content"] for row in held_out][::2][:args.questions]
     overrides = [f"data.train={train_file}", f"data.validation={valid_file}", "training.eval_at_start=true",
                  *args.overrides]
     job = load_job("sft", args.config, overrides)
