@@ -114,6 +114,37 @@ def scheduled_updates(num_items: int, steps_per_epoch: int, start_step: int,
         step += 1
 
 
+class BatchSchedule:
+    """Which rows each optimizer step trains on, for offline methods (SFT, reward models, DPO).
+
+    Each epoch's batches are a pure function of (seed, epoch) — grouped by length or shuffled —
+    and each optimizer step takes ``accumulation`` consecutive batches, so any step's data can be
+    recomputed from the step number alone: that is what makes ``resume`` exact.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, accumulation: int, seed: int,
+                 group_by_length: bool = True):
+        if not lengths:
+            raise ValueError("no training rows to schedule")
+        self.lengths, self.batch_size, self.accumulation = lengths, batch_size, accumulation
+        self.seed, self.group_by_length = seed, group_by_length
+        self._cache: dict[int, list] = {}
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.accumulation)
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.seed, epoch,
+                                                self.group_by_length)}
+        return self._cache[epoch]
+
+    def updates(self, start_step: int) -> Iterator[list[list[int]]]:
+        """From `start_step` on, forever: one list of micro-batch index lists per optimizer step."""
+        return scheduled_updates(len(self.lengths), self.steps_per_epoch(), start_step, self.epoch,
+                                 self.accumulation)
+
+
 # ----------------------------------------------------------------------------- run
 
 def run_job(job: Job) -> dict[str, Any]:

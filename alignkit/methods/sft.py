@@ -17,8 +17,7 @@ import torch
 from pydantic import Field
 
 from alignkit.config import Job, register_job
-from alignkit.methods.base import (build_policy, epoch_batches, load_train_validation, register_recipe,
-                                   scheduled_updates)
+from alignkit.methods.base import BatchSchedule, build_policy, load_train_validation, register_recipe
 
 
 @register_job
@@ -56,25 +55,17 @@ class SFTRecipe:
             before = len(self.train_rows)
             self.train_rows = pack_rows(self.train_rows, job.data.max_length)
             self.notes.append(f"packing: {before} rows into {len(self.train_rows)} sequences of <= {job.data.max_length}")
-        self.lengths = [len(row["input_ids"]) if isinstance(row, dict) else len(row.input_ids) for row in self.train_rows]
-        self.batch_size = 1 if job.packing else job.training.batch_size
-        self.accumulation = job.training.gradient_accumulation_steps
-        self._batches_per_epoch = math.ceil(len(self.train_rows) / self.batch_size)
-        self._cache: dict[int, list] = {}
+        lengths = [len(row["input_ids"]) if isinstance(row, dict) else len(row.input_ids) for row in self.train_rows]
+        self.schedule = BatchSchedule(lengths, 1 if job.packing else job.training.batch_size,
+                                      job.training.gradient_accumulation_steps, job.training.seed,
+                                      job.group_by_length and not job.packing)
 
     # -- engine interface
     def steps_per_epoch(self) -> int:
-        return math.ceil(self._batches_per_epoch / self.accumulation)
-
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._cache:
-            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.job.training.seed, epoch,
-                                                self.job.group_by_length and not self.job.packing)}
-        return self._cache[epoch]
+        return self.schedule.steps_per_epoch()
 
     def updates(self, start_step: int):
-        for chunk in scheduled_updates(len(self.train_rows), self.steps_per_epoch(), start_step,
-                                       self._epoch, self.accumulation):
+        for chunk in self.schedule.updates(start_step):
             yield [self.collate([self.train_rows[i] for i in indices]) for indices in chunk]
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
