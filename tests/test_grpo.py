@@ -177,8 +177,9 @@ def test_thinking_level_instruction_budget_and_final_answer(tmp_path, tiny_model
     assert "<think>" in text and "128 tokens" in text
     seen = []
 
-    def spy(prompts, completions, **fields):
+    def spy(prompts, completions, full_completion=None, **fields):
         seen.extend(completions)
+        assert full_completion == ["<think>a</think> 7", "no thinking 7"]
         return [0.0] * len(completions)
 
     recipe.reward = CombinedReward([spy])

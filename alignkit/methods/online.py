@@ -321,7 +321,10 @@ class OnlineRecipe:
                 fields["prompt_messages"].append(ex.prompt)
                 for name in names:
                     fields[name].append(ex.fields.get(name))
-        answers = [final_answer(t) for t in texts] if self.thinking else list(texts)
+        answers = list(texts)
+        if self.thinking:  # rewards read the final answer; the whole text stays available as a field
+            answers = [final_answer(t) for t in texts]
+            fields["full_completion"] = list(texts)
         result = self.reward(prompts, answers, **fields)
         return torch.tensor(result.total, dtype=torch.float32), result
 
