@@ -15,7 +15,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! python -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0 (CPU build)"
-  python -m pip install -q torch==2.13.0 2>&1 | grep -v "is ignored: it is neither" || true
+  python -m pip install -q torch==2.13.0 numpy 2>&1 | grep -v "is ignored: it is neither" || true
   python -c "import torch" || { echo "[setup] torch install failed" >&2; exit 1; }
 fi
 spec="."
