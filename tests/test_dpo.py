@@ -56,14 +56,18 @@ def test_one_forward_response_logprobs_equal_naive_full_logits(tiny_model, tiny_
                 for i in range(5)]  # lengths differ, so sequences can share rows
     pairs, _ = tokenize_pairs(tiny_tokenizer, examples, max_length=64)
     expected_sums, expected_counts = naive_sums(tiny_model, pairs)
-    padded = collate_pairs(pairs, tiny_tokenizer.pad_token_id)
-    packed = collate_pairs(pairs, tiny_tokenizer.pad_token_id, padding_free=True)
-    assert padded["input_ids"].shape[0] == 10  # chosen and rejected sequences in one batch
-    assert packed["input_ids"].shape[0] < 10 and packed["input_ids"].shape[1] == padded["input_ids"].shape[1]
-    assert (packed["sequence_index"] >= 0).sum() == (padded["sequence_index"] >= 0).sum()
-    for batch in (padded, packed):
+    layouts = {name: collate_pairs(pairs, tiny_tokenizer.pad_token_id, padding_free=free, share_prompt=share)
+               for name, free, share in (("padded", False, False), ("packed", True, False),
+                                         ("shared", False, True), ("shared+packed", True, True))}
+    real_tokens = {name: int((b["input_ids"] != tiny_tokenizer.pad_token_id).sum()) for name, b in layouts.items()}
+    prompt_tokens = sum(p.chosen_start for p in pairs)
+    assert layouts["padded"]["input_ids"].shape[0] == 10  # the 2B sequences in one batch
+    assert layouts["packed"]["input_ids"].shape[0] < 10 and real_tokens["packed"] == real_tokens["padded"]
+    assert real_tokens["shared"] == real_tokens["padded"] - prompt_tokens  # each prompt once
+    assert layouts["shared+packed"]["input_ids"].numel() <= layouts["shared"]["input_ids"].numel()
+    for name, batch in layouts.items():
         sums, counts, tokens = response_logprob_sums(tiny_model, batch, chunk_size=7, per_token=True)
-        torch.testing.assert_close(sums, expected_sums, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(sums, expected_sums, atol=1e-4, rtol=1e-5, msg=name)
         assert torch.equal(counts, expected_counts) and (counts > 0).all()
         per_sequence = torch.split(tokens, counts.long().tolist())
         torch.testing.assert_close(torch.stack([t.sum() for t in per_sequence]), expected_sums, atol=1e-4, rtol=1e-5)

@@ -9,7 +9,7 @@ from alignkit.data import DataError
 from alignkit.engine import Engine
 from alignkit.heads import load_scalar_model
 from alignkit.methods.preference import collate_pairs, load_preference_data, tokenize_pairs, truncate_pair
-from alignkit.methods.reward import RewardRecipe
+from alignkit.methods.reward import RewardRecipe, pair_scores
 
 WORDS = "cat dog bird fish red green blue one two three apple banana cherry grape lemon".split()
 
@@ -116,11 +116,14 @@ def test_reward_is_read_at_the_last_real_token_with_padding(tmp_path, tiny_model
     train = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(6))
     recipe = RewardRecipe(rm_job(tmp_path, train), model=tiny_model, tokenizer=tiny_tokenizer)
     pairs = recipe.train_pairs[:3]
-    with torch.no_grad():
-        together = torch.cat(recipe.rewards(recipe.collate(pairs)))
-        alone = torch.cat([torch.cat(recipe.rewards(recipe.collate([pair]))) for pair in pairs])
     order = [0, 2, 4, 1, 3, 5]  # alone is (c0, r0, c1, r1, ...); together is (c0, c1, c2, r0, r1, r2)
-    torch.testing.assert_close(together, alone[order], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        alone = torch.cat([recipe.model(torch.tensor([ids]))
+                           for pair in pairs for ids in (pair.chosen_ids, pair.rejected_ids)])
+        for share, free in ((False, False), (True, False), (True, True), (False, True)):
+            recipe.job.share_prompt, recipe.job.padding_free = share, free
+            together = torch.cat(recipe.rewards(recipe.collate(pairs)))
+            torch.testing.assert_close(together, alone[order], atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- data shapes and bad rows
@@ -207,8 +210,7 @@ def test_lora_reward_model_saves_adapter_and_head_and_loads_by_path(tmp_path, ti
     loaded, _ = load_scalar_model(tmp_path / "rm")
     batch = recipe.collate(recipe.train_pairs)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.sequence_scores(batch["input_ids"], batch["attention_mask"]),
-                                   torch.cat(recipe.rewards(batch)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pair_scores(loaded, batch), torch.cat(recipe.rewards(batch)), atol=1e-5, rtol=1e-5)
     # An adapter folder as the starting model (an SFT run's output): that adapter is trained further.
     again = RewardRecipe(build_job("rm", {"model": {"name_or_path": str(tmp_path / "rm"), "device": "cpu"},
                                           "lora": {"rank": 4}, "data": {"train": str(train)}}))

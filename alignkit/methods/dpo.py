@@ -14,10 +14,13 @@ response tokens, the policy pi is pushed to prefer y_c over y_r more than the re
 
 What the recipe does, and why:
 
-* **One forward per step.** Chosen and rejected sequences go through the model together, in one
-  batch; with ``padding_free`` (default) they are packed into as few rows as possible (block-diagonal
-  attention, positions restarting per sequence), so no compute goes to padding. Batches are also
-  grouped by length (``group_by_length``).
+* **One forward per step, each prompt computed once.** Chosen and rejected sequences go through the
+  model together. With ``share_prompt`` (default) a pair is one segment ``prompt | chosen |
+  rejected``: both responses attend to the one copy of the prompt and not to each other, positions
+  continue from the prompt, so the log-probs are those of the two separate sequences while the
+  prompt's tokens are processed once instead of twice. With ``padding_free`` (default) the segments
+  are packed into as few rows as possible, so no compute goes to padding; batches are also grouped
+  by length (``group_by_length``).
 * **No full-vocabulary logits.** The decoder gives hidden states; the output layer is applied only
   at response positions, a chunk of tokens at a time (`preference.response_logprob_sums`).
 * **The reference is the starting policy, computed once.** With ``precompute_reference_logprobs``
@@ -85,8 +88,9 @@ class DPOJob(PreferenceJob):
     reference_cache_dir: str | None = Field(None, description="default: $ALIGNKIT_HOME/cache/reference")
     reference_batch_size: int | None = Field(None, gt=0, description="pairs per reference pass (default batch_size)")
     logprob_chunk_size: int = Field(1024, gt=0, description="tokens per output-layer chunk")
-    padding_free: bool = Field(True, description="pack the chosen and rejected sequences of a batch into rows "
-                                                 "without padding (block-diagonal attention)")
+    share_prompt: bool = Field(True, description="compute each pair's prompt once for both responses "
+                                                 "(same log-probs, fewer tokens)")
+    padding_free: bool = Field(True, description="pack the pairs of a batch into rows without padding")
 
     @model_validator(mode="after")
     def _check_variant(self):
@@ -351,7 +355,8 @@ class DPORecipe:
             yield [self.training_batch(indices) for indices in chunk]
 
     def collate(self, pairs):
-        return collate_pairs(pairs, self.tokenizer.pad_token_id, self.device, padding_free=self.job.padding_free)
+        return collate_pairs(pairs, self.tokenizer.pad_token_id, self.device, padding_free=self.job.padding_free,
+                             share_prompt=self.job.share_prompt)
 
     def training_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.collate([self.train_pairs[i] for i in indices])

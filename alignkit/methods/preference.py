@@ -14,9 +14,11 @@ response, no prompt, ...) raise their `DataError` or, with ``data.on_error: skip
 counted in the run notes. Pairs that truncation spoils (a response cut to nothing, or both responses
 cut to the same tokens) are dropped and counted the same way.
 
-`response_logprob_sums` runs the decoder once and applies the output layer only at the response
-positions (never at prompt or padding tokens), chunk by chunk, so ``[rows, tokens, vocab]`` logits
-never exist.
+`collate_pairs` lays the 2B sequences of B pairs out for one forward pass: padded rows, or (DPO's
+default) each pair as one segment ``prompt | chosen | rejected`` whose prompt is computed once for
+both responses, segments packed into rows without padding. `response_logprob_sums` runs the decoder
+once and applies the output layer only at the positions that predict a response token (never at
+prompt or padding tokens), chunk by chunk, so ``[rows, tokens, vocab]`` logits never exist.
 """
 from __future__ import annotations
 
@@ -208,61 +210,124 @@ def pairs_digest(pairs: Sequence[TokenizedPair]) -> str:
 
 # ----------------------------------------------------------------------------- batches
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, device=None,
-                  padding_free: bool = False) -> dict[str, torch.Tensor]:
-    """One batch of the ``2B`` sequences of ``B`` pairs: chosen ``0..B-1``, then rejected ``B..2B-1``.
+def _segments(pairs: Sequence[TokenizedPair], share_prompt: bool):
+    """Per pair: (shared prefix, [(sequence id, branch tokens, response start in branch)] x 2).
 
-    Returns ``input_ids``, ``attention_mask``, ``response_mask`` (bool: the response tokens, end-of-turn
-    marker included), ``sequence_index`` (``[rows, T]``: which of the 2B sequences each token belongs
-    to, -1 on padding) and ``margin`` (``[B]``, 0 where a pair has none).
-
-    Padded (default): one right-padded row per sequence, ``attention_mask`` ``[2B, T]``.
-    ``padding_free``: the sequences are packed first-fit (longest first) into as few rows as possible,
-    each row no longer than the longest sequence; ``position_ids`` restart at 0 for every sequence and
-    ``attention_mask`` is a 4D block-diagonal causal mask (``[rows, 1, T, T]``, additive), so packed
-    sequences never see each other. Same results, no compute spent on padding.
+    Sequence ids: chosen of pair i is ``i``, rejected is ``B + i``. With ``share_prompt`` (and both
+    rows having the same prompt tokens) the prompt is the shared prefix and the branches are the two
+    responses; otherwise the prefix is empty and each branch is a whole sequence.
     """
-    sequences = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
-    starts = [p.chosen_start for p in pairs] + [p.rejected_start for p in pairs]
-    width = max(len(row) for row in sequences)
-    if padding_free:
-        bins: list[list[int]] = []
-        space: list[int] = []
-        for index in sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i)):
-            size = len(sequences[index])
-            target = next((b for b, free in enumerate(space) if size <= free), None)
-            if target is None:
-                bins.append([])
-                space.append(width)
-                target = len(bins) - 1
-            bins[target].append(index)
-            space[target] -= size
-    else:
-        bins = [[index] for index in range(len(sequences))]
-    input_ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((len(bins), width), dtype=torch.long)
-    response_mask = torch.zeros((len(bins), width), dtype=torch.bool)
-    sequence_index = torch.full((len(bins), width), -1, dtype=torch.long)
-    for row, members in enumerate(bins):
-        offset = 0
-        for index in members:
-            tokens, size = sequences[index], len(sequences[index])
-            where = slice(offset, offset + size)
-            input_ids[row, where] = torch.as_tensor(tokens, dtype=torch.long)
-            position_ids[row, where] = torch.arange(size)
-            response_mask[row, offset + starts[index]:offset + size] = True
-            sequence_index[row, where] = index
-            offset += size
-    batch = {"input_ids": input_ids, "response_mask": response_mask, "sequence_index": sequence_index,
-             "margin": torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32)}
-    if padding_free:
-        from alignkit.data import block_diagonal_attention_mask
+    count = len(pairs)
+    out = []
+    for i, p in enumerate(pairs):
+        prompt = p.chosen_ids[:p.chosen_start]
+        if share_prompt and prompt == p.rejected_ids[:p.rejected_start]:
+            out.append((prompt, [(i, p.chosen_ids[p.chosen_start:], 0),
+                                 (count + i, p.rejected_ids[p.rejected_start:], 0)]))
+        else:
+            out.append(([], [(i, p.chosen_ids, p.chosen_start), (count + i, p.rejected_ids, p.rejected_start)]))
+    return out
 
-        lengths = [[len(sequences[i]) for i in members] for members in bins]
-        batch["attention_mask"] = block_diagonal_attention_mask(lengths, width)
-        batch["position_ids"] = position_ids
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, device=None,
+                  padding_free: bool = False, share_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """One batch holding the ``2B`` sequences of ``B`` pairs (chosen ``0..B-1``, rejected ``B..2B-1``),
+    for one forward pass.
+
+    Layouts:
+
+    * default: one right-padded row per sequence; ``attention_mask`` is ``[2B, T]``;
+    * ``share_prompt``: a pair is one segment ``prompt | chosen response | rejected response``; the
+      prompt is computed once and both responses attend to it (and to themselves), not to each other;
+      both responses' positions continue from the prompt's. Every prompt token is processed once
+      instead of twice, with the same log-probabilities;
+    * ``padding_free``: segments (or sequences) are packed first-fit, longest first, into as few rows
+      as possible, none longer than the longest segment: no compute on padding.
+
+    With either option ``attention_mask`` is a 4D additive ``[rows, 1, T, T]`` mask encoding exactly
+    who may attend to whom, and ``position_ids`` are given.
+
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` (4D layouts), ``margin`` (``[B]``, 0
+    where a pair has none), and the response tokens as flat indices into ``rows x T``:
+    ``target_index`` (the token), ``source_index`` (the position whose hidden state predicts it:
+    the previous token of its sequence, the prompt's last token for a response's first token) and
+    ``target_sequence`` (its sequence id), ordered sequence by sequence; ``last_index`` (``[2B]``) is
+    each sequence's last token (where a reward model reads its score), ``response_mask`` marks the
+    target tokens.
+    """
+    count = len(pairs)
+    segments = _segments(pairs, share_prompt)
+    padded = not share_prompt and not padding_free
+    # Units placed in rows: a whole segment, or (padded layout) each of its two sequences alone.
+    units = [(prefix, [branches[side]]) for side in (0, 1) for prefix, branches in segments] if padded \
+        else segments  # padded: row r holds sequence r
+    sizes = [len(prefix) + sum(len(b[1]) for b in branches) for prefix, branches in units]
+    width = max(sizes)
+    if padding_free:
+        rows_of: list[list[int]] = []
+        space: list[int] = []
+        for unit in sorted(range(len(units)), key=lambda u: (-sizes[u], u)):
+            row = next((r for r, free in enumerate(space) if sizes[unit] <= free), None)
+            if row is None:
+                rows_of.append([])
+                space.append(width)
+                row = len(rows_of) - 1
+            rows_of[row].append(unit)
+            space[row] -= sizes[unit]
     else:
-        batch["attention_mask"] = (sequence_index >= 0).long()
+        rows_of = [[unit] for unit in range(len(units))]
+    rows = len(rows_of)
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((rows, width), dtype=torch.long)
+    group = torch.full((rows, width), -1, dtype=torch.long)      # which unit a token belongs to
+    branch_of = torch.zeros((rows, width), dtype=torch.long)     # 0: shared prefix, 1/2: a branch
+    targets: dict[int, list[tuple[int, int]]] = {}               # sequence -> [(target, source)]
+    last_index = torch.zeros(2 * count, dtype=torch.long)
+    for row, members in enumerate(rows_of):
+        offset = 0
+        for unit in members:
+            prefix, branches = units[unit]
+            base = row * width
+            if prefix:
+                input_ids[row, offset:offset + len(prefix)] = torch.as_tensor(prefix)
+                position_ids[row, offset:offset + len(prefix)] = torch.arange(len(prefix))
+                group[row, offset:offset + len(prefix)] = unit
+            prefix_last = offset + len(prefix) - 1 if prefix else None
+            cursor = offset + len(prefix)
+            for number, (sequence, tokens, response_start) in enumerate(branches, start=1):
+                n = len(tokens)
+                input_ids[row, cursor:cursor + n] = torch.as_tensor(tokens)
+                position_ids[row, cursor:cursor + n] = torch.arange(len(prefix), len(prefix) + n)
+                group[row, cursor:cursor + n] = unit
+                branch_of[row, cursor:cursor + n] = number
+                pairs_of_sequence = targets.setdefault(sequence, [])
+                for j in range(response_start, n):
+                    source = cursor + j - 1 if j > 0 else prefix_last
+                    if source is not None:
+                        pairs_of_sequence.append((base + cursor + j, base + source))
+                last_index[sequence] = base + cursor + n - 1
+                cursor += n
+            offset = cursor
+    flat = [(target, source, sequence) for sequence in sorted(targets) for target, source in targets[sequence]]
+    target_index = torch.tensor([t for t, _, _ in flat], dtype=torch.long)
+    response_mask = torch.zeros(rows * width, dtype=torch.bool)
+    response_mask[target_index] = True
+    batch = {"input_ids": input_ids, "margin": torch.tensor([p.margin or 0.0 for p in pairs], dtype=torch.float32),
+             "target_index": target_index, "source_index": torch.tensor([s for _, s, _ in flat], dtype=torch.long),
+             "target_sequence": torch.tensor([q for _, _, q in flat], dtype=torch.long),
+             "last_index": last_index, "response_mask": response_mask.view(rows, width)}
+    if padded:
+        batch["attention_mask"] = (group >= 0).long()
+    else:
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        same_unit = (group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0)
+        visible_branch = (branch_of[:, None, :] == 0) | (branch_of[:, None, :] == branch_of[:, :, None])
+        allowed = same_unit & visible_branch & causal
+        allowed |= torch.eye(width, dtype=torch.bool)            # padding attends to itself (no empty rows)
+        mask = torch.zeros((rows, 1, width, width), dtype=torch.float32)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+        batch["attention_mask"] = mask
+        batch["position_ids"] = position_ids
     if device is not None:
         batch = {key: value.to(device) for key, value in batch.items()}
     return batch
@@ -276,39 +341,32 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def response_logprob_sums(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
                           per_token: bool = False):
-    """Sum of the response tokens' log-probabilities per sequence, and their count: ``([S], [S])``
-    for the ``S`` sequences of a `collate_pairs` batch (padded or padding-free).
+    """Sum of the response tokens' log-probabilities per sequence, and their count: ``([2B], [2B])``
+    for a `collate_pairs` batch (any layout).
 
-    The decoder runs once over all rows; the output layer is applied only at positions whose next
-    token is a response token of the same sequence (``token_logprobs`` on the gathered hidden states,
-    chunk by chunk), so prompt and padding positions cost no vocabulary projection at all. With
-    ``per_token=True`` also returns the flat ``[N]`` log-probs, sequence by sequence (drift metrics).
+    The decoder runs once over all rows; the output layer is applied only at the hidden states that
+    predict a response token (``source_index``), chunk by chunk (``token_logprobs``), so prompt and
+    padding positions cost no vocabulary projection at all. With ``per_token=True`` also returns the
+    flat ``[N]`` log-probs, sequence by sequence (for drift metrics).
     """
     from alignkit.logprobs import _logit_transform, _output_layer, decoder_hidden_states, token_logprobs
 
-    input_ids, sequence_index = batch["input_ids"], batch["sequence_index"]
-    mask_2d = batch["attention_mask"] if batch["attention_mask"].dim() == 2 else None
+    input_ids = batch["input_ids"]
     attention = batch["attention_mask"]
     if attention.dim() == 4:  # additive float mask: in the model's dtype, as attention expects
         attention = attention.to(next(model.parameters()).dtype)
     hidden = decoder_hidden_states(model, input_ids, attention, batch.get("position_ids"))
-    owner = sequence_index[:, 1:]
-    targets_mask = batch["response_mask"][:, 1:] & (owner == sequence_index[:, :-1]) & (owner >= 0)
-    if mask_2d is not None:
-        targets_mask &= mask_2d[:, 1:].bool()
-    owner = owner[targets_mask]                                  # [N] sequence of each target
-    if per_token:  # sequence by sequence (a stable sort keeps each sequence's tokens in order)
-        order = torch.sort(owner, stable=True).indices
-    selected = hidden[:, :-1][targets_mask]                      # [N, H]
-    targets = input_ids[:, 1:][targets_mask]                     # [N]
+    selected = hidden.reshape(-1, hidden.shape[-1])[batch["source_index"]]   # [N, H]
+    targets = input_ids.reshape(-1)[batch["target_index"]]                   # [N]
+    owner = batch["target_sequence"]
     head = _output_layer(model)
     scale, softcap = _logit_transform(model)
     logps = token_logprobs(selected, head.weight, targets, chunk_size=chunk_size, temperature=1.0 / scale,
                            bias=getattr(head, "bias", None), softcap=softcap)
-    sequences = int(sequence_index.max()) + 1
+    sequences = 2 * batch["margin"].shape[0]
     sums = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
     counts = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(
         0, owner, torch.ones_like(logps))
     if per_token:
-        return sums, counts, logps[order]
+        return sums, counts, logps
     return sums, counts

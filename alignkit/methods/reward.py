@@ -2,7 +2,8 @@
 
 The reward of a (prompt, response) is the head's value at the last non-padding token of the
 conversation ``prompt + response`` (the end-of-turn marker), ``r = w^T h_last + b``. Pairs are
-scored in one forward pass (chosen rows and rejected rows in one batch) and trained with
+scored in one forward pass (by default each pair's prompt is computed once for both responses, and
+pairs are packed without padding: ``share_prompt``, ``padding_free``) and trained with
 
     L = -mean_b log sigma(r_c - r_r - m_b)  +  center_rewards_coefficient * mean_b (r_c + r_r)^2
 
@@ -33,6 +34,8 @@ class RewardJob(PreferenceJob):
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="weight of mean((r_chosen + r_rejected)^2), keeps rewards near 0 (e.g. 0.01)")
     use_margin: bool = Field(True, description="subtract the row's 'margin' column inside the sigmoid when present")
+    share_prompt: bool = Field(True, description="compute each pair's prompt once for both responses")
+    padding_free: bool = Field(True, description="pack the pairs of a batch into rows without padding")
 
 
 class RewardRecipe:
@@ -82,12 +85,12 @@ class RewardRecipe:
             yield [self.collate([self.train_pairs[i] for i in indices]) for indices in chunk]
 
     def collate(self, pairs):
-        return collate_pairs(pairs, self.tokenizer.pad_token_id, self.device)
+        return collate_pairs(pairs, self.tokenizer.pad_token_id, self.device, padding_free=self.job.padding_free,
+                             share_prompt=self.job.share_prompt)
 
     def rewards(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chosen rewards [B], rejected rewards [B]) from one forward pass over the 2B rows."""
-        scores = self.model.sequence_scores(batch["input_ids"], batch["attention_mask"])
-        return split_pairs(scores)
+        """(chosen rewards [B], rejected rewards [B]) from one forward pass over the batch."""
+        return split_pairs(pair_scores(self.model, batch))
 
     def loss(self, batch):
         from alignkit.losses import bradley_terry_loss
@@ -140,6 +143,15 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.T
             "pairs": float(chosen.numel())}
 
 
+def pair_scores(model, batch) -> torch.Tensor:
+    """The reward of each of the 2B sequences of a `collate_pairs` batch, read at its last token."""
+    attention = batch["attention_mask"]
+    if attention.dim() == 2:
+        return model.sequence_scores(batch["input_ids"], attention)
+    values = model.values(batch["input_ids"], attention.to(next(model.parameters()).dtype), batch["position_ids"])
+    return values.reshape(-1)[batch["last_index"]]
+
+
 # ----------------------------------------------------------------------------- using a trained reward model
 
 def as_reward_model(model, candidates=()):
@@ -177,8 +189,9 @@ def score_examples(model, tokenizer, examples, max_length: int | None = 1024, ba
     chosen_all, rejected_all = [], []
     model.eval()
     for start in range(0, len(pairs), max(1, batch_size)):
-        batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id, device)
-        chosen, rejected = split_pairs(model.sequence_scores(batch["input_ids"], batch["attention_mask"]))
+        batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id, device,
+                              padding_free=True, share_prompt=True)
+        chosen, rejected = split_pairs(pair_scores(model, batch))
         chosen_all.append(chosen.float().cpu())
         rejected_all.append(rejected.float().cpu())
     if not pairs:
