@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from alignkit.rollout.stops import stop_token_ids
+
 
 def render_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """Token ids of each conversation followed by the assistant generation prompt."""
@@ -21,7 +23,7 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     """Completion token ids for each prompt (batched, left-padded, KV cache), EOS and pad removed."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = _stop_ids(tokenizer, model)
+    eos = stop_token_ids(tokenizer, model)
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []
@@ -49,16 +51,3 @@ def chat_generate(model, tokenizer, conversations: list[list[dict]], **settings)
     """Generate one assistant reply per conversation; returns the decoded texts."""
     ids = generate_ids(model, tokenizer, render_prompts(tokenizer, conversations), **settings)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
-
-
-def _stop_ids(tokenizer, model) -> list[int]:
-    stops = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            stops.add(source)
-        elif isinstance(source, (list, tuple)):
-            stops.update(source)
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if end_of_turn is not None:
-        stops.add(end_of_turn)
-    return sorted(stops)

@@ -127,3 +127,34 @@ def test_shared_prompt_prefill_and_grouped_forward_match_per_row(tiny_model, tin
     mask = shared.completion_mask.bool()
     assert torch.allclose(per_row[mask], grouped[mask], atol=1e-5)
     assert torch.allclose(per_row_grad, grouped_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_every_sampler_shares_one_stop_rule(tiny_model, tiny_tokenizer):
+    """The static engine's finishing and plain chat generation use the same stop ids and cuts as "hf"."""
+    from alignkit.generation import generate_ids
+    from alignkit.rollout.static import finish_batch
+    from alignkit.rollout.stops import stop_string_end, stop_token_ids
+
+    tok = tiny_tokenizer
+    eos = tok.eos_token_id
+    ids = stop_token_ids(tok, tiny_model)
+    assert eos in ids and tok.convert_tokens_to_ids("<|im_end|>") in ids
+    yes, cat, dog = (tok.convert_tokens_to_ids(t) for t in ("Ġyes", "Ġc", "Ġd"))
+    assert stop_string_end(tok, [dog, dog, cat, dog], ["c"]) == 3      # the first prefix holding "c"
+    assert stop_string_end(tok, [dog, dog], ["c"]) is None
+    sampled = [[yes, eos, cat, cat], [dog, dog, dog, dog], [dog, cat, dog, eos]]
+    params = SamplingParams(max_new_tokens=4, stop_strings=["c"])
+    prompt = prompts_for(tok, ["hi"])[0]
+    hf = build_rollout_batch(tiny_model, tok, [prompt] * 3, sampled, 3, params, [eos], tok.pad_token_id)
+    static = finish_batch(tok, torch.tensor(sampled), torch.zeros(3, 4), [prompt], 3, params, [eos],
+                          tok.pad_token_id, 0.0)
+    assert torch.equal(static.completion_mask, hf.completion_mask)
+    assert torch.equal(static.completion_ids, hf.completion_ids)
+    assert static.texts == hf.texts and torch.equal(static.truncated, hf.truncated)
+    # plain chat generation stops at the same ids (every id a stop: nothing is returned)
+    every = list(range(len(tok)))
+    tiny_model.generation_config.eos_token_id = every
+    try:
+        assert generate_ids(tiny_model, tok, [prompt], max_new_tokens=3) == [[]]
+    finally:
+        tiny_model.generation_config.eos_token_id = eos

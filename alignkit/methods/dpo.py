@@ -34,8 +34,8 @@ What the recipe does, and why:
   the adapters disabled (one copy of the weights in memory); when training continues an existing
   adapter, a frozen copy of that adapter is loaded beside it; for full fine-tuning a frozen copy of
   the starting weights is kept. ``reference_model: PATH`` uses another model instead.
-* **Deterministic order.** Batches come from ``epoch_batches`` (length-bucketed) and
-  ``scheduled_updates``, a pure function of (seed, step): resume reproduces the run.
+* **Deterministic order.** Batches come from ``BatchSchedule`` (length-bucketed), a pure function
+  of (seed, step): resume reproduces the run.
 
 Metrics: ``loss``, the implicit rewards ``reward_chosen``/``reward_rejected`` (``beta * log-ratio``;
 ``beta * average log-prob`` for the reference-free variants), ``reward_accuracy`` (share of pairs with
@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -57,7 +56,7 @@ import torch
 from pydantic import Field, model_validator
 
 from alignkit.config import register_job
-from alignkit.methods.base import epoch_batches, is_peft_model, register_recipe, scheduled_updates
+from alignkit.methods.base import BatchSchedule, is_peft_model, register_recipe
 from alignkit.methods.preference import (PreferenceJob, build_preference_policy, collate_pairs,
                                          load_preference_data, pairs_digest, response_logprob_sums,
                                          split_pairs, tokenize_pairs)
@@ -185,9 +184,8 @@ class DPORecipe:
             raise ValueError("no training pairs left after tokenization and truncation")
         self.lengths = [len(pair) for pair in self.train_pairs]
         self.batch_size = job.training.batch_size
-        self.accumulation = job.training.gradient_accumulation_steps
-        self._batches_per_epoch = math.ceil(len(self.train_pairs) / self.batch_size)
-        self._cache: dict[int, list] = {}
+        self.schedule = BatchSchedule(self.lengths, self.batch_size, job.training.gradient_accumulation_steps,
+                                      job.training.seed, job.group_by_length)
         self.needs_reference = job.loss_type not in REFERENCE_FREE
 
         # The reference. `_reference_module` + `_reference_mode` say how to run it on the fly.
@@ -341,17 +339,10 @@ class DPORecipe:
 
     # -- engine interface
     def steps_per_epoch(self) -> int:
-        return math.ceil(self._batches_per_epoch / self.accumulation)
-
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._cache:
-            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.job.training.seed, epoch,
-                                                self.job.group_by_length)}
-        return self._cache[epoch]
+        return self.schedule.steps_per_epoch()
 
     def updates(self, start_step: int):
-        for chunk in scheduled_updates(len(self.train_pairs), self.steps_per_epoch(), start_step,
-                                       self._epoch, self.accumulation):
+        for chunk in self.schedule.updates(start_step):
             yield [self.training_batch(indices) for indices in chunk]
 
     def collate(self, pairs):

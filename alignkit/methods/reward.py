@@ -17,13 +17,12 @@ saved with ``ScalarHeadModel.save`` (backbone or adapter + ``head.safetensors``)
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from pydantic import Field
 
 from alignkit.config import register_job
-from alignkit.methods.base import epoch_batches, register_recipe, scheduled_updates
+from alignkit.methods.base import BatchSchedule, register_recipe
 from alignkit.methods.preference import (PreferenceJob, build_preference_policy, collate_pairs,
                                          load_preference_data, split_pairs, tokenize_pairs)
 
@@ -65,23 +64,15 @@ class RewardRecipe:
             raise ValueError("no training pairs left after tokenization and truncation")
         self.lengths = [len(pair) for pair in self.train_pairs]
         self.batch_size = job.training.batch_size
-        self.accumulation = job.training.gradient_accumulation_steps
-        self._batches_per_epoch = math.ceil(len(self.train_pairs) / self.batch_size)
-        self._cache: dict[int, list] = {}
+        self.schedule = BatchSchedule(self.lengths, self.batch_size, job.training.gradient_accumulation_steps,
+                                      job.training.seed, job.group_by_length)
 
     # -- engine interface
     def steps_per_epoch(self) -> int:
-        return math.ceil(self._batches_per_epoch / self.accumulation)
-
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._cache:
-            self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.job.training.seed, epoch,
-                                                self.job.group_by_length)}
-        return self._cache[epoch]
+        return self.schedule.steps_per_epoch()
 
     def updates(self, start_step: int):
-        for chunk in scheduled_updates(len(self.train_pairs), self.steps_per_epoch(), start_step,
-                                       self._epoch, self.accumulation):
+        for chunk in self.schedule.updates(start_step):
             yield [self.collate([self.train_pairs[i] for i in indices]) for indices in chunk]
 
     def collate(self, pairs):

@@ -27,25 +27,7 @@ from contextlib import nullcontext
 import torch
 
 from alignkit.rollout.base import RolloutBatch, SamplingParams
-
-
-def default_stop_ids(tokenizer, model=None) -> list[int]:
-    """EOS ids of the tokenizer and the model's generation config, plus ``<|im_end|>`` when known."""
-    stops: set[int] = set()
-    sources = [tokenizer.eos_token_id]
-    generation_config = getattr(model, "generation_config", None) if model is not None else None
-    if generation_config is not None:
-        sources.append(generation_config.eos_token_id)
-    for source in sources:
-        if isinstance(source, int):
-            stops.add(source)
-        elif isinstance(source, (list, tuple)):
-            stops.update(int(s) for s in source)
-    vocab = tokenizer.get_vocab()
-    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        if marker in vocab:
-            stops.add(vocab[marker])
-    return sorted(stops)
+from alignkit.rollout.stops import cut_at_stop, stop_token_ids
 
 
 def _pad_id(tokenizer, eos_ids: list[int]) -> int:
@@ -54,36 +36,6 @@ def _pad_id(tokenizer, eos_ids: list[int]) -> int:
     if eos_ids:
         return eos_ids[0]
     raise ValueError("the tokenizer has no pad token and no EOS token to pad with")
-
-
-def cut_at_stop(tokenizer, tokens: list[int], eos_ids: set[int], stop_strings: list[str]) -> tuple[list[int], bool, str]:
-    """(kept tokens, ended, text) for one sampled row.
-
-    Kept tokens end with the first EOS (included) or with the token that completes the first stop
-    string (included), whichever comes first; ``ended`` is False when neither happened. ``text`` is
-    the decoded completion without special tokens, cut before the stop string.
-    """
-    end = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
-    body = tokens if end is None else tokens[:end]
-    if stop_strings:
-        full = tokenizer.decode(body, skip_special_tokens=False)
-        if any(stop in full for stop in stop_strings):
-            # The shortest prefix whose text holds a stop string (containment is monotone in length).
-            low, high = 1, len(body)
-            while low < high:
-                middle = (low + high) // 2
-                text = tokenizer.decode(body[:middle], skip_special_tokens=False)
-                if any(stop in text for stop in stop_strings):
-                    high = middle
-                else:
-                    low = middle + 1
-            kept = body[:low]
-            text = tokenizer.decode(kept, skip_special_tokens=True)
-            cut = min((text.find(stop) for stop in stop_strings if stop in text), default=len(text))
-            return kept, True, text[:cut]
-    if end is None:
-        return list(tokens), False, tokenizer.decode(tokens, skip_special_tokens=True)
-    return list(tokens[:end + 1]), True, tokenizer.decode(body, skip_special_tokens=True)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +226,7 @@ class HFGenerateBackend:
         with_logprobs = self.compute_logprobs if with_logprobs is None else with_logprobs
         started = time.perf_counter()
         device = next(model.parameters()).device
-        eos_ids = list(params.eos_token_ids) or default_stop_ids(tokenizer, model)
+        eos_ids = list(params.eos_token_ids) or stop_token_ids(tokenizer, model)
         pad_id = _pad_id(tokenizer, eos_ids)
         expanded = [list(p) for p in prompt_ids for _ in range(num_generations)]
         was_training = model.training

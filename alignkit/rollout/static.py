@@ -40,7 +40,7 @@ usual choice for RL: it is what a trainer's forward pass with the same temperatu
 `alignkit.logprobs.model_token_logprobs(..., temperature=T)`). For greedy decoding (temperature 0)
 they are plain ``log_softmax(logits)`` (temperature 1). They are 0 on padding.
 
-**Stopping** (the same rules as the ``"hf"`` backend). A row finishes at its first EOS token
+**Stopping** (the same rules as the ``"hf"`` backend: `alignkit.rollout.stops`). A row finishes at its first EOS token
 (``params.eos_token_ids``; by default the tokenizer's eos token, the generation config's eos ids
 and the end-of-turn markers ``<|im_end|>``, ``<|eot_id|>``, ``<|end|>``, ``<end_of_turn>`` when the
 vocabulary has them) or at the first token whose decoded completion before any EOS (special tokens
@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.rollout.base import RolloutBatch, SamplingParams
+from alignkit.rollout.stops import cut_at_stop, stop_token_ids
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 # Rope types whose inverse frequencies do not depend on the sequence length: "default" is computed
 # here from rope_theta; the others are read from the model's own rotary module.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
 class _Unsupported(Exception):
@@ -633,53 +633,11 @@ class _Rollout:
 # Host-side finishing: EOS, stop strings, masks, texts
 
 
-def _default_eos_ids(tokenizer, model) -> list[int]:
-    """EOS ids of the tokenizer and generation config, plus the usual end-of-turn markers (the same
-    rule as the ``"hf"`` backend, so switching backends does not change where rows stop)."""
-    stops = set()
-    config = getattr(_unwrap_peft(model), "generation_config", None)
-    for source in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
-        if isinstance(source, int):
-            stops.add(source)
-        elif isinstance(source, (list, tuple)):
-            stops.update(int(token) for token in source)
-    vocabulary = tokenizer.get_vocab()
-    for marker in END_OF_TURN_MARKERS:
-        if marker in vocabulary:
-            stops.add(vocabulary[marker])
-    return sorted(stops)
-
-
 def _pad_id(tokenizer) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _stop_string_end(tokenizer, tokens: list[int], stops: list[str]) -> int | None:
-    """Smallest ``k`` such that the decoded ``tokens[:k]`` contains a stop string (None if none).
-
-    Matching sees special tokens as text (``skip_special_tokens=False``), as the ``"hf"`` backend does.
-    """
-    if not stops:
-        return None
-    decode = lambda k: tokenizer.decode(tokens[:k], skip_special_tokens=False)  # noqa: E731
-    if not any(stop in decode(len(tokens)) for stop in stops):
-        return None
-    low, high = 1, len(tokens)             # decode(high) contains a stop; find the first such k
-    while low < high:
-        middle = (low + high) // 2
-        if any(stop in decode(middle) for stop in stops):
-            high = middle
-        else:
-            low = middle + 1
-    return low
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> str:
-    cuts = [text.find(stop) for stop in stops if stop in text]
-    return text[:min(cuts)] if cuts else text
 
 
 def finish_batch(tokenizer, tokens: Tensor, logps: Tensor, prompt_ids: list[list[int]], group: int,
@@ -690,20 +648,10 @@ def finish_batch(tokenizer, tokens: Tensor, logps: Tensor, prompt_ids: list[list
     truncated (it then has exactly ``params.max_new_tokens`` tokens).
     """
     tokens, logps = tokens.cpu(), logps.cpu().float()
-    rows, steps = tokens.shape
-    eos = set(eos_ids)
     ends, stopped, texts = [], [], []
     for row in tokens.tolist():
-        eos_index = next((i for i, token in enumerate(row) if token in eos), None)
-        body = row if eos_index is None else row[:eos_index]          # the EOS token is not text
-        stop_end = _stop_string_end(tokenizer, body, params.stop_strings)
-        if stop_end is not None:
-            end, ended = stop_end, True
-            text = _cut_at_stop(tokenizer.decode(body[:stop_end], skip_special_tokens=True), params.stop_strings)
-        else:
-            end, ended = (steps, False) if eos_index is None else (eos_index + 1, True)
-            text = tokenizer.decode(body, skip_special_tokens=True)
-        ends.append(end)
+        kept, ended, text = cut_at_stop(tokenizer, row, eos_ids, params.stop_strings)
+        ends.append(len(kept))
         stopped.append(ended)
         texts.append(text)
     width = max(ends) if ends else 0
@@ -740,7 +688,7 @@ class _TransformersGenerate:
         started = time.perf_counter()
         device = next(model.parameters()).device
         pad_id = _pad_id(tokenizer)
-        eos_ids = list(params.eos_token_ids) or _default_eos_ids(tokenizer, model)
+        eos_ids = list(params.eos_token_ids) or stop_token_ids(tokenizer, _unwrap_peft(model))
         width = max(len(ids) for ids in prompt_ids)
         input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -832,7 +780,7 @@ class StaticCacheBackend:
         device = weights.device
         on_cuda = device.type == "cuda"
         pad_id = _pad_id(tokenizer)
-        eos_ids = [int(token) for token in params.eos_token_ids] or _default_eos_ids(tokenizer, model)
+        eos_ids = [int(token) for token in params.eos_token_ids] or stop_token_ids(tokenizer, _unwrap_peft(model))
         vocab = weights.vocab
         top_k = params.top_k if 0 < params.top_k < vocab else 0
         sampler = _Sampler(float(params.temperature), int(top_k), float(params.top_p))

@@ -16,7 +16,8 @@ import time
 import torch
 
 from alignkit.rollout.base import RolloutBatch, SamplingParams
-from alignkit.rollout.hf import _pad_id, build_rollout_batch, default_stop_ids
+from alignkit.rollout.hf import _pad_id, build_rollout_batch
+from alignkit.rollout.stops import stop_token_ids
 
 
 def policy_weights(model):
@@ -91,7 +92,7 @@ class VLLMBackend:
         with_logprobs = self.compute_logprobs if with_logprobs is None else with_logprobs
         started = time.perf_counter()
         self._sync(model)
-        eos_ids = list(params.eos_token_ids) or default_stop_ids(tokenizer, model)
+        eos_ids = list(params.eos_token_ids) or stop_token_ids(tokenizer, model)
         pad_id = _pad_id(tokenizer, eos_ids)
         sampling = VLLMSamplingParams(
             n=num_generations, temperature=params.temperature, top_p=params.top_p,
