@@ -3,6 +3,7 @@
     python bench/dpo_vs_trl.py                                 # 64 pairs, batch 8, max length 256, CPU
     python bench/dpo_vs_trl.py --repeats 2 --lora              # LoRA (rank 16) instead of full weights
     python bench/dpo_vs_trl.py --device cuda --pairs 512 --max-length 1024 --batch-size 8
+    python bench/dpo_vs_trl.py --naive-logprobs --skip-trl    # what the chunked log-probs save
 
 What is compared, and how it is kept fair:
 
@@ -301,6 +302,8 @@ def main() -> None:
     parser.add_argument("--naive-logprobs", action="store_true",
                         help="also run alignkit with full [rows, tokens, vocab] float32 logits instead of the "
                              "chunked head, to show what chunking saves")
+    parser.add_argument("--skip-trl", action="store_true",
+                        help="leave TRL out (with --naive-logprobs: only the chunked-vs-full-logits comparison)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     parser.add_argument("--output", help="also write the results as JSON here")
@@ -325,7 +328,7 @@ def main() -> None:
     rows, source = bench_rows(args.pairs, args.max_length)
     data_file = Path(tempfile.mkdtemp(prefix="bench-data-")) / "pairs.json"
     data_file.write_text(json.dumps(rows))
-    names = (["alignkit", "trl"] + (["trl-live"] if args.trl_live_reference else [])
+    names = (["alignkit"] + ([] if args.skip_trl else ["trl"]) + (["trl-live"] if args.trl_live_reference else [])
              + (["alignkit-naive"] if args.naive_logprobs else []))
     results: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(args.repeats):
