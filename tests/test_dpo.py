@@ -154,6 +154,34 @@ def test_a_few_steps_raise_reward_accuracy_on_a_learnable_preference(tmp_path, t
     assert last["eval/reward_accuracy"] >= 0.9 and last["eval/reward_accuracy"] > first["eval/reward_accuracy"]
     assert last["eval/reward_margin"] > first["eval/reward_margin"]
     assert first["eval/kl"] == pytest.approx(0.0, abs=1e-6) and last["eval/kl"] > 0
+    if loss_type == "sigmoid":  # the policy is its reference at step 0: every pair a tie, counted half
+        assert first["eval/reward_accuracy"] == 0.5
+
+
+def test_eval_reward_accuracy_scores_a_dpo_policy_by_its_implicit_reward(tmp_path, tiny_model, tiny_tokenizer):
+    from alignkit.evaluate.metrics import reward_accuracy
+
+    train = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", synthetic_pairs(24, seed=7))
+    base = copy.deepcopy(tiny_model)
+    policy = add_lora(tiny_model, rank=4, alpha=8, dropout=0.0)
+    with pytest.raises(ValueError, match="--reference-model"):
+        reward_accuracy(base, tiny_tokenizer, str(held_out))        # a plain model has no reference
+    before = reward_accuracy(policy, tiny_tokenizer, str(held_out), beta=0.5)
+    assert before["scored_by"] == "implicit reward" and before["reference"].startswith("base model")
+    assert before["ties"] == before["n"] == 24 and before["accuracy"] == 0.5   # untrained adapter: all ties
+    job = dpo_job(tmp_path, train, beta=0.5)
+    Engine(job.training, DPORecipe(job, model=policy, tokenizer=tiny_tokenizer), tmp_path / "run").train()
+    after = reward_accuracy(policy, tiny_tokenizer, str(held_out), beta=0.5)
+    assert after["accuracy"] >= 0.9 and after["ties"] == 0 and after["accuracy_interval"][0] > 0.5
+    # the same numbers with the untouched base model given as the reference
+    explicit = reward_accuracy(policy, tiny_tokenizer, str(held_out), beta=0.5, reference_model=(base, tiny_tokenizer))
+    assert explicit["accuracy"] == after["accuracy"]
+    assert explicit["mean_margin"] == pytest.approx(after["mean_margin"], rel=1e-4, abs=1e-5)
+    # beta scales margins, not accuracy
+    doubled = reward_accuracy(policy, tiny_tokenizer, str(held_out), beta=1.0)
+    assert doubled["mean_margin"] == pytest.approx(2 * after["mean_margin"], rel=1e-4)
+    assert doubled["accuracy"] == after["accuracy"]
 
 
 @pytest.mark.parametrize("precompute", [True, False])

@@ -60,8 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pairwise.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for Elo intervals")
     choice = parser.add_argument_group("multiple_choice")
     choice.add_argument("--prompt-style", choices=("plain", "chat"), default="plain")
+    preference = parser.add_argument_group("reward_accuracy")
+    preference.add_argument("--beta", type=float, default=None,
+                            help="a DPO policy's implicit-reward scale (default: the run's config.yaml, else 0.1)")
     drift = parser.add_argument_group("drift")
-    drift.add_argument("--reference-model", help="reference for KL and drift (default for a LoRA policy: its base)")
+    drift.add_argument("--reference-model", help="reference for KL, drift and a DPO policy's implicit reward "
+                                                 "(default for a LoRA policy: its base)")
     drift.add_argument("--drift-temperature", type=float, default=1.0)
     drift.add_argument("--refusal-pattern", action="append", default=[], metavar="REGEX",
                        help="refusal regular expression (repeatable; replaces the default list)")
@@ -128,7 +132,7 @@ def metric_options(args) -> dict[str, Any]:
         elo_method=args.elo_method, k_factor=args.k_factor, n_resamples=args.bootstrap,
         prompt_style=args.prompt_style, reference_model=args.reference_model,
         drift_temperature=args.drift_temperature, refusal_patterns=args.refusal_pattern or None,
-        drift_thresholds=thresholds, device=args.device, dtype=args.dtype,
+        drift_thresholds=thresholds, device=args.device, dtype=args.dtype, beta=args.beta,
         model_name=args.model + (f"+{args.adapter}" if args.adapter else ""),
     )
 

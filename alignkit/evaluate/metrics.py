@@ -577,24 +577,105 @@ def run_metrics(model, tokenizer, names: list[str], **kwargs) -> dict[str, Any]:
 @metric("reward_accuracy")
 def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_size: int = 8,
                     limit: int | None = None, confidence: float = 0.95, seed: int = 0,
-                    model_name: str | None = None, **_) -> dict[str, Any]:
-    """A reward model (``alignkit rm``) on held-out preference pairs: ``accuracy`` = share of pairs with
-    r(chosen) > r(rejected) (Wilson interval), ``mean_margin`` = mean r(chosen) - r(rejected)
-    (bootstrap interval), and the mean/std of all rewards. Rows the data layer rejects are skipped and
-    counted (``data`` summary)."""
+                    model_name: str | None = None, reference_model=None, beta: float | None = None,
+                    device=None, dtype=None, **_) -> dict[str, Any]:
+    """Held-out preference pairs scored by a reward model or, for a policy, by its implicit reward.
+
+    * A reward model (``alignkit rm``; its folder holds ``head.json``): ``r`` is the scalar head.
+    * A DPO policy (any causal LM): ``r(x, y) = beta * [log pi(y|x) - log pi_ref(y|x)]``, the reward
+      DPO optimises implicitly (Rafailov et al. 2023). ``pi_ref`` is ``reference_model``, or, for a
+      LoRA policy, its base with the adapter disabled. ``beta`` defaults to the run's ``config.yaml``
+      (beside the model folder) or 0.1; it scales the margins, not the accuracy.
+
+    ``accuracy`` = share of pairs with r(chosen) > r(rejected), ties counting one half (an untrained
+    policy's implicit rewards are all 0: 50%, not an artefact of rounding), with a Wilson interval;
+    ``mean_margin`` = mean r(chosen) - r(rejected) (bootstrap interval); the mean/std of all rewards.
+    Rows the data layer rejects are skipped and counted (``data`` summary).
+    """
     from alignkit.data import load_examples
     from alignkit.evaluate.stats import wilson_interval
+    from alignkit.heads import ScalarHeadModel, is_scalar_model
+    from alignkit.methods.preference import preference_accuracy
     from alignkit.methods.reward import as_reward_model, score_examples
 
-    scorer = as_reward_model(model, [model_name] if model_name else [])
     examples, report = load_examples(data, kind="preference", limit=limit, on_error="skip")
-    chosen, rejected, pairs, pair_report = score_examples(scorer, tokenizer, examples, max_length, batch_size)
+    candidates = [model_name.split("+", 1)[0]] if model_name else []
+    candidates += [getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)]
+    if isinstance(model, ScalarHeadModel) or any(isinstance(c, str) and c and is_scalar_model(c) for c in candidates):
+        scorer = as_reward_model(model, [model_name] if model_name else [])
+        chosen, rejected, _pairs, pair_report = score_examples(scorer, tokenizer, examples, max_length, batch_size)
+        extra = {"scored_by": "reward model"}
+    else:
+        beta = beta if beta is not None else _run_beta(model_name)
+        chosen, rejected, pair_report, reference_name = _implicit_rewards(
+            model, tokenizer, examples, reference_model, beta, max_length, batch_size, device, dtype)
+        extra = {"scored_by": "implicit reward", "beta": beta, "reference": reference_name}
     margins = (chosen - rejected).tolist()
     n = len(margins)
-    wins = sum(1 for m in margins if m > 0)
     rewards = torch.cat([chosen, rejected])
-    return {"accuracy": wins / max(1, n), "accuracy_interval": list(wilson_interval(wins, n, confidence)) if n else None,
+    tie = 1e-6 * max(1.0, float(rewards.abs().max())) if n else 0.0
+    wins = preference_accuracy(chosen, rejected) * n if n else 0.0
+    return {"accuracy": wins / max(1, n),
+            "accuracy_interval": list(wilson_interval(wins, n, confidence)) if n else None,
             "mean_margin": sum(margins) / max(1, n), "mean_margin_interval": _mean_interval(margins, confidence, seed),
             "reward_mean": float(rewards.mean()) if n else math.nan,
             "reward_std": float(rewards.std()) if n > 1 else math.nan,
+            "ties": sum(1 for m in margins if abs(m) <= tie), **extra,
             "n": n, "data": report.summary(), "tokenize": pair_report.summary()}
+
+
+def _run_beta(model_name: str | None) -> float:
+    """``beta`` from the ``config.yaml`` of the run a model folder came from (``runs/x/final``), else 0.1."""
+    from pathlib import Path
+
+    import yaml
+
+    for part in reversed((model_name or "").split("+")):
+        for folder in ((Path(part), Path(part).parent) if part else ()):
+            config = folder / "config.yaml"
+            if config.is_file():
+                value = (yaml.safe_load(config.read_text()) or {}).get("beta")
+                if isinstance(value, (int, float)):
+                    return float(value)
+    return 0.1
+
+
+@torch.no_grad()
+def _implicit_rewards(model, tokenizer, examples, reference_model, beta: float, max_length, batch_size,
+                      device=None, dtype=None):
+    """``(chosen [P], rejected [P], PairReport, reference name)``: ``beta * (log pi - log pi_ref)`` sums."""
+    import contextlib
+
+    from alignkit.methods.preference import collate_pairs, response_logprob_sums, split_pairs, tokenize_pairs
+
+    if reference_model is not None:
+        reference, reference_tokenizer, reference_name = _load_other_model(reference_model, device, dtype)
+        if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"reward_accuracy: the reference model {reference_name} has a different tokenizer")
+        reference_context = contextlib.nullcontext
+    elif hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
+        reference, reference_name, reference_context = model, "base model (adapter disabled)", model.disable_adapter
+    else:
+        raise ValueError("reward_accuracy on a policy (no reward-model head found) scores the implicit DPO "
+                         "reward and needs a reference: --reference-model NAME_OR_PATH (or a LoRA policy, "
+                         "whose base model is the reference)")
+    pairs, pair_report = tokenize_pairs(tokenizer, examples, max_length, None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    target = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chosen_all, rejected_all = [], []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[start:start + batch_size], pad, target, padding_free=True, share_prompt=True)
+            policy = response_logprob_sums(model, batch)[0].float().cpu()
+            with reference_context():
+                base = response_logprob_sums(reference, batch)[0].float().cpu()
+            chosen, rejected = split_pairs(beta * (policy - base))
+            chosen_all.append(chosen)
+            rejected_all.append(rejected)
+    finally:
+        model.train(was_training)
+    empty = torch.zeros(0)
+    return (torch.cat(chosen_all) if chosen_all else empty, torch.cat(rejected_all) if rejected_all else empty,
+            pair_report, reference_name)

@@ -39,7 +39,7 @@ What the recipe does, and why:
 
 Metrics: ``loss``, the implicit rewards ``reward_chosen``/``reward_rejected`` (``beta * log-ratio``;
 ``beta * average log-prob`` for the reference-free variants), ``reward_accuracy`` (share of pairs with
-reward_chosen > reward_rejected), ``reward_margin``, ``logp_chosen``/``logp_rejected`` (summed
+reward_chosen > reward_rejected, ties counting one half), ``reward_margin``, ``logp_chosen``/``logp_rejected`` (summed
 response log-probs) and, on the validation split, ``kl``: the mean per-token k3 estimate
 ``exp(d) - d - 1``, ``d = log pi_ref - log pi``, over the validation responses, a measure of how far
 the policy drifted from the reference (0 at the start; off-policy, so "KL-like", not a true KL).
@@ -58,7 +58,8 @@ from pydantic import Field, model_validator
 from alignkit.config import register_job
 from alignkit.methods.base import BatchSchedule, is_peft_model, register_recipe
 from alignkit.methods.preference import (PreferenceJob, build_preference_policy, collate_pairs,
-                                         load_preference_data, pairs_digest, response_logprob_sums,
+                                         load_preference_data, pairs_digest, preference_accuracy,
+                                         response_logprob_sums,
                                          split_pairs, tokenize_pairs)
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -151,7 +152,7 @@ def preference_objective(job: DPOJob, sums: torch.Tensor, counts: torch.Tensor,
         metrics["nll"] = float(nll.detach())
     metrics.update({
         "reward_chosen": float(reward_c.mean()), "reward_rejected": float(reward_r.mean()),
-        "reward_accuracy": float((reward_c > reward_r).float().mean()),
+        "reward_accuracy": preference_accuracy(reward_c, reward_r),
         "reward_margin": float((reward_c - reward_r).mean()),
         "logp_chosen": float(chosen_sum.detach().mean()), "logp_rejected": float(rejected_sum.detach().mean()),
     })
@@ -319,20 +320,26 @@ class DPORecipe:
     def _reference_pass(self, pairs, per_token: bool):
         """``[P, 2]`` (chosen, rejected) sums in pair order; with ``per_token`` also the flat per-token
         log-probs, pair by pair (chosen tokens then rejected tokens)."""
+        from tqdm.auto import tqdm
+
         size = self.job.reference_batch_size or self.batch_size
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))  # similar lengths, less padding
         sums = torch.zeros(len(pairs), 2, dtype=torch.float32)
         tokens: list[list[torch.Tensor]] = [[] for _ in pairs]
+        progress = tqdm(total=len(pairs), desc=f"reference log-probs ({'validation' if per_token else 'train'})",
+                        unit="pair", dynamic_ncols=True, leave=False)
         for start in range(0, len(order), size):
             indices = order[start:start + size]
             batch = self.collate([pairs[i] for i in indices])
             result = self._reference_logps(batch, per_token=per_token, starting_policy=True)
+            progress.update(len(indices))
             chosen, rejected = split_pairs(result[0].float().cpu())
             sums[indices, 0], sums[indices, 1] = chosen, rejected
             if per_token:
                 rows = _split_tokens(result[2].float().cpu(), result[1])
                 for j, index in enumerate(indices):
                     tokens[index] = [rows[j], rows[j + len(indices)]]
+        progress.close()
         if not per_token:
             return sums, None
         return sums, torch.cat([t for pair in tokens for t in pair]) if pairs else torch.zeros(0)

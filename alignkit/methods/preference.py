@@ -333,6 +333,20 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, device=None
     return batch
 
 
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, relative_tie: float = 1e-6) -> float:
+    """Share of pairs whose reward favours the chosen response, a tie counting one half.
+
+    A tie is ``|r_c - r_r| <= relative_tie * max(1, max |r|)``: at the start of DPO every implicit
+    reward is 0 up to float rounding, and this reads 50% (chance) instead of whatever the rounding gives.
+    """
+    if chosen.numel() == 0:
+        return float("nan")
+    margin = (chosen - rejected).detach().float()
+    scale = max(1.0, float(torch.cat([chosen, rejected]).detach().abs().max()))
+    tied = margin.abs() <= relative_tie * scale
+    return float(((margin > 0) & ~tied).float().mean() + 0.5 * tied.float().mean())
+
+
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[2B, ...]`` -> (chosen ``[B, ...]``, rejected ``[B, ...]``)."""
     half = values.shape[0] // 2
