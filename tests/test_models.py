@@ -196,11 +196,13 @@ def test_save_model_crash_leaves_nothing_behind(tiny_model, tiny_tokenizer, tmp_
 # clear errors
 
 
-def test_missing_local_path_names_it(tmp_path):
+def test_missing_local_path_names_it(tmp_path, monkeypatch):
     missing = tmp_path / "no" / "such-model"
     with pytest.raises(ModelLoadError, match="such-model") as info:
         load_model_and_tokenizer(str(missing), device="cpu")
     assert str(missing) in str(info.value)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")    # relative paths resolve in an empty folder, wherever tests run
     for text in ("./nowhere", "../x", "a/b/c", "has spaces", "model.gguf"):
         with pytest.raises(ModelLoadError, match="no such file"):
             resolve_model(text)
