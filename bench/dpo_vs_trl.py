@@ -172,8 +172,6 @@ def naive_response_logprob_sums(model, batch, chunk_size=1024, per_token=False):
 
 
 def worker_alignkit(args, rows, naive_logprobs: bool = False) -> dict:
-    import torch
-
     if naive_logprobs:
         import alignkit.methods.dpo as dpo
 
@@ -199,25 +197,15 @@ def worker_alignkit(args, rows, naive_logprobs: bool = False) -> dict:
                      "learning_rate": args.learning_rate, "lr_scheduler": "constant", "max_grad_norm": 1.0,
                      "precision": "fp32", "progress": False, "tensorboard": False, "seed": args.seed},
     })
-    baseline = peak_now()
-    cpu_started = time.process_time()
-    started = time.perf_counter()
-    recipe = DPORecipe(job, model=model, tokenizer=tokenizer, train=examples, validation=[])
-    train_started = time.perf_counter()
-    Engine(job.training, recipe, workdir / "run").train()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    finished = time.perf_counter()
-    peak = peak_memory_mb(device)
-    return {"seconds": finished - started, "train_seconds": finished - train_started,
-            "cpu_seconds": time.process_time() - cpu_started, "peak_mb": peak,
-            "baseline_mb": baseline, "accuracy": accuracy(sums(model), before)}
+    _, timing = timed_training(device, lambda: DPORecipe(job, model=model, tokenizer=tokenizer, train=examples,
+                                                         validation=[]),
+                               lambda recipe: Engine(job.training, recipe, workdir / "run").train())
+    return {**timing, "accuracy": accuracy(sums(model), before)}
 
 
 def worker_trl(args, rows, live_reference: bool) -> dict:
     import copy
 
-    import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -238,20 +226,30 @@ def worker_trl(args, rows, live_reference: bool) -> dict:
         report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=device.type == "cpu",
         dataloader_num_workers=0, disable_tqdm=True, eval_strategy="no", optim="adamw_torch",
     )
+    trainer, timing = timed_training(
+        device, lambda: DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=dataset,
+                                   processing_class=tokenizer),
+        lambda trainer: trainer.train())
+    return {**timing, "accuracy": accuracy(sums(trainer.model), before)}
+
+
+def timed_training(device, build, train):
+    """``(trainer, timings)``: wall time of ``build()`` + ``train(trainer)``, of the training alone, CPU
+    time, peak memory and the memory baseline before building; the same clocks for every worker."""
+    import torch
+
     baseline = peak_now()
     cpu_started = time.process_time()
     started = time.perf_counter()
-    trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=dataset,
-                         processing_class=tokenizer)
+    trainer = build()
     train_started = time.perf_counter()
-    trainer.train()
+    train(trainer)
     if device.type == "cuda":
         torch.cuda.synchronize()
     finished = time.perf_counter()
-    peak = peak_memory_mb(device)
-    return {"seconds": finished - started, "train_seconds": finished - train_started,
-            "cpu_seconds": time.process_time() - cpu_started, "peak_mb": peak,
-            "baseline_mb": baseline, "accuracy": accuracy(sums(trainer.model), before)}
+    return trainer, {"seconds": finished - started, "train_seconds": finished - train_started,
+                     "cpu_seconds": time.process_time() - cpu_started, "peak_mb": peak_memory_mb(device),
+                     "baseline_mb": baseline}
 
 
 def peak_now() -> float:

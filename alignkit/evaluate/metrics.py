@@ -595,7 +595,7 @@ def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_s
     from alignkit.data import load_examples
     from alignkit.evaluate.stats import wilson_interval
     from alignkit.heads import ScalarHeadModel, is_scalar_model
-    from alignkit.methods.preference import preference_accuracy
+    from alignkit.methods.preference import preference_accuracy, tied_pairs
     from alignkit.methods.reward import as_reward_model, score_examples
 
     examples, report = load_examples(data, kind="preference", limit=limit, on_error="skip")
@@ -613,14 +613,13 @@ def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_s
     margins = (chosen - rejected).tolist()
     n = len(margins)
     rewards = torch.cat([chosen, rejected])
-    tie = 1e-6 * max(1.0, float(rewards.abs().max())) if n else 0.0
-    wins = preference_accuracy(chosen, rejected) * n if n else 0.0
-    return {"accuracy": wins / max(1, n),
-            "accuracy_interval": list(wilson_interval(wins, n, confidence)) if n else None,
+    accuracy = preference_accuracy(chosen, rejected) if n else 0.0
+    return {"accuracy": accuracy,
+            "accuracy_interval": list(wilson_interval(accuracy * n, n, confidence)) if n else None,
             "mean_margin": sum(margins) / max(1, n), "mean_margin_interval": _mean_interval(margins, confidence, seed),
             "reward_mean": float(rewards.mean()) if n else math.nan,
             "reward_std": float(rewards.std()) if n > 1 else math.nan,
-            "ties": sum(1 for m in margins if abs(m) <= tie), **extra,
+            "ties": int(tied_pairs(chosen, rejected).sum()), **extra,
             "n": n, "data": report.summary(), "tokenize": pair_report.summary()}
 
 

@@ -333,18 +333,25 @@ def collate_pairs(pairs: Sequence[TokenizedPair], pad_token_id: int, device=None
     return batch
 
 
-def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, relative_tie: float = 1e-6) -> float:
-    """Share of pairs whose reward favours the chosen response, a tie counting one half.
+def tied_pairs(chosen: torch.Tensor, rejected: torch.Tensor, relative_tie: float = 1e-6) -> torch.Tensor:
+    """Pairs whose rewards are equal up to rounding: ``|r_c - r_r| <= relative_tie * max(1, max |r|)``."""
+    if chosen.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    scale = max(1.0, float(torch.cat([chosen, rejected]).detach().abs().max()))
+    return (chosen - rejected).detach().float().abs() <= relative_tie * scale
 
-    A tie is ``|r_c - r_r| <= relative_tie * max(1, max |r|)``: at the start of DPO every implicit
-    reward is 0 up to float rounding, and this reads 50% (chance) instead of whatever the rounding gives.
+
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Share of pairs whose reward favours the chosen response, a tie (`tied_pairs`) counting one half.
+
+    At the start of DPO every implicit reward is 0 up to float rounding: this reads 50% (chance)
+    instead of whatever the rounding gives.
     """
     if chosen.numel() == 0:
         return float("nan")
-    margin = (chosen - rejected).detach().float()
-    scale = max(1.0, float(torch.cat([chosen, rejected]).detach().abs().max()))
-    tied = margin.abs() <= relative_tie * scale
-    return float(((margin > 0) & ~tied).float().mean() + 0.5 * tied.float().mean())
+    tied = tied_pairs(chosen, rejected)
+    wins = (chosen - rejected).detach() > 0
+    return float((wins & ~tied).float().mean() + 0.5 * tied.float().mean())
 
 
 def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
