@@ -16,12 +16,12 @@ _EXPORTS = {
     "Engine": "alignkit.engine",
     "TrainingDiverged": "alignkit.engine",
     "run_job": "alignkit.methods.base",
-    "load_model_and_tokenizer": "alignkit.models",
-    "add_lora": "alignkit.models",
-    "save_model": "alignkit.models",
-    "merge_adapter": "alignkit.models",
-    "ensure_embedded_model": "alignkit.models",
-    "EMBEDDED_MODEL": "alignkit.models",
+    "load_model_and_tokenizer": "alignkit.model",
+    "add_lora": "alignkit.model",
+    "save_model": "alignkit.model",
+    "merge_adapter": "alignkit.model",
+    "ensure_embedded_model": "alignkit.model",
+    "EMBEDDED_MODEL": "alignkit.model",
     "load_examples": "alignkit.data",
     "DataError": "alignkit.data",
     "chat_generate": "alignkit.generation",
@@ -31,7 +31,7 @@ _EXPORTS = {
     "RewardRecipe": "alignkit.methods.reward",
     "DPOJob": "alignkit.methods.dpo",
     "DPORecipe": "alignkit.methods.dpo",
-    "load_scalar_model": "alignkit.heads",
+    "load_scalar_model": "alignkit.model.heads",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             pass
         try:
-            from alignkit.models import ModelLoadError
+            from alignkit.model import ModelLoadError
 
             known = known + (ModelLoadError,)
         except ImportError:
@@ -134,7 +134,7 @@ def _dispatch(args) -> int:
     if args.command == "eval":
         return _evaluate(args)
     if args.command == "prepare-model":
-        from alignkit.models import ensure_embedded_model
+        from alignkit.model import ensure_embedded_model
 
         path = ensure_embedded_model()
         if not args.quiet:
@@ -168,7 +168,7 @@ def _train(args) -> int:
 
 
 def _load(args):
-    from alignkit.models import load_model_and_tokenizer
+    from alignkit.model import load_model_and_tokenizer
 
     return load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                                     is_trainable=False)

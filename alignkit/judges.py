@@ -287,7 +287,7 @@ def make_backend(model: str | None = None, base_url: str | None = None, api_key_
                                        max_retries=max_retries)
     if loaded is not None:
         return LocalChatBackend(*loaded, name=model)
-    from alignkit.models import load_model_and_tokenizer
+    from alignkit.model import load_model_and_tokenizer
 
     loaded_model, tokenizer = load_model_and_tokenizer(model or "smollm2-135m-instruct", device=device, dtype=dtype,
                                                        adapter=adapter)

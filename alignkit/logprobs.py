@@ -22,30 +22,15 @@ so at any moment at most a few `[chunk_size, V]` float32 buffers exist. The pric
 autocast disabled) whatever the dtype of `hidden` / `weight`; gradients are returned in the
 inputs' dtypes, and the weight gradient is accumulated in float32 across chunks.
 
-Model glue (`decoder_hidden_states`, `output_weight`, `model_token_logprobs`) runs only the
-decoder stack of a Hugging Face causal LM (optionally wrapped in a `peft.PeftModel`) and applies
-the chunked head itself. Output-logit transforms that some architectures apply after the lm_head
-are reproduced: Gemma-2/3 `final_logit_softcapping` (`z = c * tanh(z / c)`, applied before the
-temperature), Granite `logits_scaling` (divide) and Cohere `logit_scale` (multiply). When a config
-has no such attribute (or it is `None`), nothing is applied: plain Llama/Qwen/Mistral heads.
+This module is the kernel only: tensors in, tensors out. Which hidden states and which head of
+which model is `alignkit.model.forward`'s business.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "token_logprobs",
-    "token_logprobs_and_entropy",
-    "token_logprobs_and_hits",
-    "hidden_token_logprobs",
-    "decoder_hidden_states",
-    "output_weight",
-    "model_token_logprobs",
-    "sequence_logprob_sums",
-]
+__all__ = ["chunked_token_logprobs", "token_logprobs", "token_logprobs_and_entropy", "token_logprobs_and_hits"]
 
 
 def _chunk_logits(hidden_chunk: Tensor, weight32: Tensor, bias32: Tensor | None,
@@ -138,7 +123,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, with_entropy):
+def chunked_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 1024,
+                           temperature: float = 1.0, bias: Tensor | None = None, softcap: float | None = None,
+                           with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+    """`token_logprobs`, its entropy (when asked, no grad) and whether each target is the arg-max:
+    ``(logps, entropy or None, hits)``, all from one chunked pass."""
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree: "
                          "expected hidden [..., H] and targets [...]")
@@ -181,7 +170,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: 
         `[B, T]` float32 log-probabilities; differentiable w.r.t. `hidden`, `weight` and `bias`
         (gradients computed chunk by chunk in a custom backward that recomputes the logits).
     """
-    return _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, False)[0]
+    return chunked_token_logprobs(hidden, weight, targets, chunk_size, temperature, bias, softcap, False)[0]
 
 
 def token_logprobs_and_hits(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int = 1024,
@@ -189,7 +178,7 @@ def token_logprobs_and_hits(hidden: Tensor, weight: Tensor, targets: Tensor, chu
                             softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """`token_logprobs` plus, without gradient, whether each target is the arg-max token
     (`z_{t,y_t} >= max_v z_{t,v}`): token accuracy for free from the same chunked pass."""
-    logps, _, hits = _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, False)
+    logps, _, hits = chunked_token_logprobs(hidden, weight, targets, chunk_size, temperature, bias, softcap, False)
     return logps, hits
 
 
@@ -205,131 +194,4 @@ def token_logprobs_and_entropy(hidden: Tensor, weight: Tensor, targets: Tensor,
     Returns:
         `(logps [B, T] float32 with grad, entropy [B, T] float32 without grad)`.
     """
-    return _chunked(hidden, weight, targets, chunk_size, temperature, bias, softcap, True)[:2]
-
-
-# --------------------------------------------------------------------------------------------
-# Model glue
-# --------------------------------------------------------------------------------------------
-
-def _unwrap_peft(model):
-    """The transformers model inside a `peft.PeftModel` (LoRA layers are injected in place, so it
-    still applies the adapters, and `PeftModel.disable_adapter()` still switches them off)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    if callable(get_base_model) and hasattr(model, "peft_config"):
-        return get_base_model()
-    return model
-
-
-def _decoder_of(model):
-    base = _unwrap_peft(model)
-    prefix = getattr(base, "base_model_prefix", "")
-    decoder = getattr(base, prefix, None) if prefix else None
-    if decoder is None and hasattr(base, "get_decoder"):
-        decoder = base.get_decoder()
-    # `get_decoder()` falls back to the model itself; calling a *ForCausalLM would return logits.
-    if decoder is None or (decoder is base and hasattr(base, "lm_head")):
-        raise ValueError(f"cannot find the decoder stack of {type(base).__name__}")
-    return decoder
-
-
-def decoder_hidden_states(model, input_ids: Tensor, attention_mask: Tensor | None = None,
-                          position_ids: Tensor | None = None) -> Tensor:
-    """Last hidden state `[B, T, H]` of a causal LM's decoder stack (final norm included, lm_head not).
-
-    Works for a plain Hugging Face causal LM (`getattr(model, model.base_model_prefix)` is the
-    decoder, e.g. `LlamaForCausalLM.model`) and for a `peft.PeftModel` around one. Arguments are
-    passed through unchanged, so results match `model(input_ids, attention_mask, position_ids)`:
-    with left padding and no `position_ids`, positions are `0..T-1` as in that call.
-    """
-    decoder = _decoder_of(model)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                  use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-
-def _output_layer(model):
-    base = _unwrap_peft(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(f"{type(base).__name__} has no output embeddings (lm_head)")
-    # A LoRA layer on the lm_head: its `.weight` is the *base* weight, so the chunked head would
-    # silently drop the adapter. Refuse unless the adapter is merged or disabled.
-    if hasattr(head, "base_layer") and hasattr(head, "merged"):
-        if head.active_adapters and not head.disable_adapters and not head.merged:
-            raise NotImplementedError(
-                "a LoRA adapter on the lm_head is not supported by chunked log-probs; leave the "
-                "output layer out of target_modules (\"all-linear\" already does)")
-    return head
-
-
-def output_weight(model) -> Tensor:
-    """The lm_head (output embedding) weight `[V, H]` of a causal LM or a `peft.PeftModel` around one.
-
-    A `modules_to_save` copy of the lm_head resolves to the active adapter's copy (or the original
-    under `disable_adapter()`), as in the model's own forward.
-    """
-    return _output_layer(model).weight
-
-
-def _logit_transform(model) -> tuple[float, float | None]:
-    """(multiplier on raw logits, softcap) reproducing architecture-specific lm_head post-processing.
-
-    Missing or `None` config attributes mean no transform (ignored, not an error).
-    """
-    config = getattr(_unwrap_peft(model), "config", None)
-    scale = 1.0
-    logits_scaling = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
-    if logits_scaling is not None:
-        scale /= float(logits_scaling)
-    logit_scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
-    if isinstance(logit_scale, (int, float)):
-        scale *= float(logit_scale)
-    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    if softcap is not None and scale != 1.0:
-        raise NotImplementedError("logit scaling combined with final_logit_softcapping")
-    return scale, (None if softcap is None else float(softcap))
-
-
-def model_token_logprobs(model, input_ids: Tensor, attention_mask: Tensor | None = None,
-                         position_ids: Tensor | None = None, chunk_size: int = 1024,
-                         temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probability of each next token under `model`, shape `[B, T-1]`.
-
-    Entry `[b, t]` is `log p(input_ids[b, t+1] | input_ids[b, :t+1])`, i.e. aligned with
-    `input_ids[:, 1:]` (hidden state `t` predicts token `t+1`); mask it with
-    `attention_mask[:, 1:]` (or a loss mask shifted the same way). With `with_entropy=True`
-    returns `(logps, entropy)`, entropy `[B, T-1]` without grad.
-    """
-    hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids)[:, :-1]
-    targets = input_ids[:, 1:]
-    result = hidden_token_logprobs(model, hidden, targets, chunk_size, temperature, with_entropy=with_entropy)
-    return (result[0], result[1]) if with_entropy else result[0]
-
-
-def hidden_token_logprobs(model, hidden: Tensor, targets: Tensor, chunk_size: int = 1024,
-                          temperature: float = 1.0, with_entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
-    """Log-probs of `targets` from already computed decoder `hidden` states through `model`'s output
-    layer (its bias, logit scale and softcapping included). Callers that select a subset of positions
-    first (e.g. only loss tokens) pay the vocabulary matmul only for those.
-
-    Returns `(logps, entropy or None, hits)`; `hits` says whether each target is the arg-max token.
-    """
-    head = _output_layer(model)
-    scale, softcap = _logit_transform(model)
-    effective_temperature = temperature / scale
-    if not math.isfinite(effective_temperature):
-        raise ValueError(f"invalid logit scale {scale} for temperature {temperature}")
-    bias = getattr(head, "bias", None)
-    return _chunked(hidden, head.weight, targets, chunk_size, effective_temperature, bias, softcap, with_entropy)
-
-
-def sequence_logprob_sums(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row `(sum_t mask_t * logp_t, sum_t mask_t)`, both `[B]` float32.
-
-    Masked positions contribute exactly zero even if their log-prob is `-inf`/NaN garbage.
-    Divide the first by the second (clamped to >= 1) for average log-probs (IPO, SimPO, ORPO).
-    """
-    mask = mask.to(token_logps.device).bool()
-    sums = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(-1).float()
-    return sums, mask.sum(-1).float()
+    return chunked_token_logprobs(hidden, weight, targets, chunk_size, temperature, bias, softcap, True)[:2]

@@ -7,7 +7,7 @@
 
 What is compared, and how it is kept fair:
 
-* Model: the embedded SmolLM2-135M-Instruct, loaded by ``alignkit.models.load_model_and_tokenizer()``
+* Model: the embedded SmolLM2-135M-Instruct, loaded by ``alignkit.model.load_model_and_tokenizer()``
   in each worker (the same safetensors weights); full fine-tuning or LoRA, identically for both.
 * Data: the first ``--pairs`` HH-harmless pairs from ``../shared/data/hh-harmless/train.jsonl`` whose
   longest row fits ``--max-length`` (so neither trainer truncates), else generated pairs. Both get
@@ -70,7 +70,7 @@ def generated_pairs(count: int, seed: int = 0) -> list[dict]:
 def bench_rows(count: int, max_length: int) -> tuple[list[dict], str]:
     """Conversational rows (prompt messages, chosen text, rejected text) that fit max_length untruncated."""
     from alignkit.methods.preference import tokenize_pairs
-    from alignkit.models import load_model_and_tokenizer
+    from alignkit.model import load_model_and_tokenizer
 
     _, tokenizer = load_model_and_tokenizer()
     if HH.exists():
@@ -107,7 +107,7 @@ def peak_memory_mb(device) -> float:
 def load_model(args):
     import torch
 
-    from alignkit.models import add_lora, load_model_and_tokenizer
+    from alignkit.model import add_lora, load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(device=args.device, dtype="float32")

@@ -6,7 +6,7 @@
 
 What is compared, and how it is kept fair:
 
-* Model: the embedded SmolLM2-135M-Instruct loaded by ``alignkit.models.load_model_and_tokenizer()``
+* Model: the embedded SmolLM2-135M-Instruct loaded by ``alignkit.model.load_model_and_tokenizer()``
   in each worker; LoRA (rank 16, alpha 32, dropout 0, all linear layers) or full weights, the same
   for both.
 * Prompts: single-digit additions (as in ``examples/make_arithmetic_prompts.py``) as chat messages;
@@ -111,7 +111,7 @@ def peak_memory_mb(device: str) -> float:
 def load(args):
     import torch
 
-    from alignkit.models import load_model_and_tokenizer
+    from alignkit.model import load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct", device=args.device, dtype="float32")
@@ -123,7 +123,7 @@ def run_alignkit(args, rows, out: dict) -> None:
     from alignkit.data import PromptExample
     from alignkit.engine import Engine
     from alignkit.methods.grpo import GRPORecipe
-    from alignkit.models import add_lora
+    from alignkit.model import add_lora
     from alignkit.rewards import CombinedReward
 
     model, tokenizer = load(args)

@@ -52,7 +52,7 @@ QUESTIONS = [
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="anything alignkit.models.load_model_and_tokenizer accepts (default: the embedded model)")
+                        help="anything alignkit.model.load_model_and_tokenizer accepts (default: the embedded model)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of --model")
     parser.add_argument("--batch-sizes", default=None, help="comma separated (default: 64,256,1024 on GPU, 4,16 on CPU)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 128 on GPU, 32 on CPU")
@@ -68,7 +68,7 @@ def parse_args(argv=None):
 
 
 def load(args, device):
-    from alignkit.models import load_model_and_tokenizer, resolve_dtype
+    from alignkit.model import load_model_and_tokenizer, resolve_dtype
 
     dtype = resolve_dtype(args.dtype, device)
     if args.tiny:

@@ -65,7 +65,7 @@ def peak_rss_mb() -> float:
 def load_model(mode: str):
     import torch
 
-    from alignkit.models import add_lora, load_model_and_tokenizer
+    from alignkit.model import add_lora, load_model_and_tokenizer
 
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer()

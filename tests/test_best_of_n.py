@@ -75,7 +75,7 @@ def test_reward_model_scorer_matches_the_head(tiny_model, tiny_tokenizer):
     import torch
 
     from alignkit.data import tokenize_prompt_response
-    from alignkit.heads import ScalarHeadModel
+    from alignkit.model.heads import ScalarHeadModel
 
     torch.manual_seed(0)
     rm = ScalarHeadModel(tiny_model)
@@ -124,7 +124,7 @@ def test_sampling_is_seeded(tiny_model, tiny_tokenizer):
 
 def test_cli_best_of_n_end_to_end(tiny_model, tiny_tokenizer, tmp_path):
     from alignkit.cli import main
-    from alignkit.models import save_model
+    from alignkit.model import save_model
 
     model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
     data = tmp_path / "prompts.jsonl"

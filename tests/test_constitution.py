@@ -268,7 +268,7 @@ def test_written_files_load_and_train(tmp_path):
 
 def test_cli_constitution_revise_and_pairs(tiny_model, tiny_tokenizer, tmp_path):
     from alignkit.cli import main
-    from alignkit.models import save_model
+    from alignkit.model import save_model
 
     model_dir = save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
     common = ["--constitution", str(EXAMPLES / "constitution.yaml"), "--data", str(EXAMPLES / "constitution_prompts.jsonl"),

@@ -9,7 +9,7 @@ from alignkit.config import ConfigError, build_job, load_job
 from alignkit.engine import Engine
 from alignkit.methods.dpo import DPORecipe
 from alignkit.methods.preference import collate_pairs, response_logprob_sums
-from alignkit.models import add_lora
+from alignkit.model import add_lora
 from tests.test_reward_model import synthetic_pairs, write_jsonl
 
 

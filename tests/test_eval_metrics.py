@@ -145,7 +145,7 @@ def test_drift_needs_a_reference(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_drift_with_lora_uses_the_base_model(tiny_model, tiny_tokenizer, tmp_path):
-    from alignkit.models import add_lora
+    from alignkit.model import add_lora
 
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "hello"}, {"prompt": "hi"}])
     policy = add_lora(tiny_model, rank=2, alpha=4, dropout=0.0)   # B = 0 at init: identical to the base
@@ -227,8 +227,8 @@ def test_eval_command_end_to_end(tiny_tokenizer, tmp_path, capsys):
     for package in ("matplotlib", "sacrebleu", "rouge_score"):   # the `eval` extra
         pytest.importorskip(package)
     from alignkit.cli import main
-    from alignkit.heads import ScalarHeadModel
-    from alignkit.models import save_model
+    from alignkit.model.heads import ScalarHeadModel
+    from alignkit.model import save_model
     from tests.helpers import make_tiny_model
 
     save_model(make_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, tmp_path / "a")

@@ -55,7 +55,7 @@ def test_grpo_raises_the_reward_of_a_favoured_token(tmp_path, tiny_model, tiny_t
 
 def test_beta_zero_never_runs_a_reference_and_lora_reference_disables_adapters(tmp_path, tiny_model, tiny_tokenizer,
                                                                              monkeypatch):
-    from alignkit.models import add_lora
+    from alignkit.model import add_lora
 
     job = make_job(tmp_path, training={"max_steps": 2})
     recipe = make_recipe(job, tiny_model, tiny_tokenizer)

@@ -1,7 +1,7 @@
 """Scalar head: the score is read at the last real token whatever the padding side; save/load."""
 import torch
 
-from alignkit.heads import ScalarHeadModel, last_token_index, load_scalar_model
+from alignkit.model.heads import ScalarHeadModel, last_token_index, load_scalar_model
 
 
 def test_last_token_index_right_and_left_padding():

@@ -1,4 +1,4 @@
-"""alignkit.models: loading from folders / hub ids / the embedded GGUF, LoRA, saving and merging."""
+"""alignkit.model (load, peft, forward): loading from folders / hub ids / the embedded GGUF, LoRA, saving and merging."""
 from __future__ import annotations
 
 import json
@@ -7,21 +7,21 @@ import time
 import pytest
 import torch
 
-from alignkit import models
-from alignkit.models import (
-    EMBEDDED_INSTALL,
+from alignkit.model import load as models
+from alignkit.model.forward import decoder_of, output_layer
+from alignkit.model.load import EMBEDDED_INSTALL
+from alignkit.model import (
     EMBEDDED_MODEL,
     ModelLoadError,
     add_lora,
     count_parameters,
-    decoder_of,
+    is_peft_model,
     default_device,
     default_dtype,
     ensure_embedded_model,
     load_adapter,
     load_model_and_tokenizer,
     merge_adapter,
-    output_embedding_of,
     resolve_dtype,
     resolve_model,
     save_model,
@@ -117,7 +117,7 @@ def test_lora_save_reload_merge(saved_tiny, tmp_path):
     assert "model.safetensors" not in names and "config.json" not in names
 
     reloaded, _ = load_model_and_tokenizer(path, device="cpu", adapter=adapter_dir)
-    assert models.is_peft_model(reloaded)
+    assert is_peft_model(reloaded)
     assert torch.equal(logits_of(reloaded), adapter_logits)
     assert count_parameters(reloaded)[0] == 0  # is_trainable defaults to False
 
@@ -130,15 +130,15 @@ def test_lora_save_reload_merge(saved_tiny, tmp_path):
 
     # Saving merged leaves the PEFT model as it was and writes a full model.
     merged_dir = save_model(peft_model, tokenizer, tmp_path / "merged", merge=True)
-    assert models.is_peft_model(peft_model)
+    assert is_peft_model(peft_model)
     assert torch.equal(logits_of(peft_model), adapter_logits)
     assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
     merged_loaded, _ = load_model_and_tokenizer(merged_dir, device="cpu")
-    assert not models.is_peft_model(merged_loaded)
+    assert not is_peft_model(merged_loaded)
     torch.testing.assert_close(logits_of(merged_loaded), adapter_logits, atol=1e-5, rtol=0)
 
     merged = merge_adapter(reloaded)
-    assert not models.is_peft_model(merged)
+    assert not is_peft_model(merged)
     torch.testing.assert_close(logits_of(merged), adapter_logits, atol=1e-5, rtol=0)
     assert (logits_of(merged) - base_logits).abs().max() > 1e-2
 
@@ -158,7 +158,7 @@ def test_load_adapter_without_config_is_a_clear_error(tiny_model, tmp_path):
 def test_decoder_and_output_embedding_reproduce_logits(tiny_model):
     for model in (tiny_model, perturbed_lora(tiny_model)):
         hidden = decoder_of(model)(input_ids=INPUT_IDS).last_hidden_state
-        logits = hidden @ output_embedding_of(model).weight.T
+        logits = hidden @ output_layer(model).weight.T
         torch.testing.assert_close(logits.detach(), logits_of(model), atol=1e-5, rtol=1e-5)
 
 
@@ -386,7 +386,7 @@ def test_embedded_model_answers_and_cache_matches_gguf():
 
 
 def test_lora_on_the_last_layers_only(tiny_model):
-    from alignkit.models import add_lora
+    from alignkit.model import add_lora
 
     model = add_lora(tiny_model, rank=2, alpha=4, layers=1)
     adapted = {name.split(".layers.")[1].split(".")[0] for name, p in model.named_parameters()

@@ -150,7 +150,7 @@ def test_reward_model_judge_scores_and_ties(tiny_tokenizer):
 
 
 def test_reward_model_judge_with_a_real_head_is_position_free(tiny_tokenizer, tmp_path):
-    from alignkit.heads import ScalarHeadModel
+    from alignkit.model.heads import ScalarHeadModel
     from tests.helpers import make_tiny_model
 
     head = ScalarHeadModel(make_tiny_model(tiny_tokenizer, seed=3))

@@ -49,7 +49,7 @@ def test_separate_critic_kl_penalty_and_saving(tmp_path, tiny_model, tiny_tokeni
     assert history[4]["time/generation"] > 0
     assert history[4]["rollout/kl"] != 0.0 and history[4]["rollout/non_score_reward"] != 0.0
     recipe.save_final(tmp_path / "final")
-    from alignkit.heads import load_scalar_model
+    from alignkit.model.heads import load_scalar_model
 
     critic, _ = load_scalar_model(tmp_path / "final" / "critic")
     ids = torch.tensor([[1, 5, 7]])
@@ -57,7 +57,7 @@ def test_separate_critic_kl_penalty_and_saving(tmp_path, tiny_model, tiny_tokeni
 
 
 def test_reward_model_as_reward_function(tmp_path, tiny_model, tiny_tokenizer):
-    from alignkit.heads import ScalarHeadModel
+    from alignkit.model.heads import ScalarHeadModel
     from alignkit.methods.online import load_reward_plugins
     from alignkit.rewards import get_reward_function
 
@@ -82,7 +82,7 @@ def test_shared_critic_runs_one_forward_and_saves_its_head(tmp_path, tiny_model,
     job = make_job(tmp_path, critic="shared", training={"max_steps": 2})
     recipe = make_recipe(job, tiny_model, tiny_tokenizer)
     assert recipe.model.critic is None and recipe.model.value_head is not None
-    import alignkit.logprobs as logprobs
+    import alignkit.model.forward as logprobs
 
     calls = []
     original = logprobs.decoder_hidden_states

@@ -7,7 +7,7 @@ import torch
 from alignkit.config import build_job
 from alignkit.data import DataError
 from alignkit.engine import Engine
-from alignkit.heads import load_scalar_model
+from alignkit.model.heads import load_scalar_model
 from alignkit.methods.preference import collate_pairs, load_preference_data, tokenize_pairs, truncate_pair
 from alignkit.methods.reward import RewardRecipe, pair_scores
 

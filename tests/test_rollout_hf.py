@@ -4,7 +4,8 @@ import torch
 
 from alignkit.data import tokenize_prompt
 from alignkit.rollout import SamplingParams, get_backend
-from alignkit.rollout.hf import HFGenerateBackend, build_rollout_batch, left_pad
+from alignkit.model.forward import left_pad
+from alignkit.rollout.hf import HFGenerateBackend, build_rollout_batch
 
 
 def prompts_for(tokenizer, texts):
@@ -97,7 +98,7 @@ def test_get_backend():
 
 
 def test_shared_prompt_prefill_and_grouped_forward_match_per_row(tiny_model, tiny_tokenizer):
-    from alignkit.rollout.hf import completion_logprobs, grouped_completion_logprobs, rollout_tensors
+    from alignkit.model.forward import completion_layout, completion_logprobs, grouped_completion_logprobs
 
     prompts = prompts_for(tiny_tokenizer, ["hello the cat", "what is one plus two please answer"])
     params = SamplingParams(max_new_tokens=7, seed=2, stop_strings=["e"])
@@ -108,7 +109,7 @@ def test_shared_prompt_prefill_and_grouped_forward_match_per_row(tiny_model, tin
     assert len(set(shared.completion_mask.sum(-1).tolist())) > 1  # ragged lengths are covered
 
     pad = tiny_tokenizer.pad_token_id
-    layout = rollout_tensors(shared.prompt_ids, shared.completion_ids, shared.completion_mask, pad)
+    layout = completion_layout(shared.prompt_ids, shared.completion_ids, shared.completion_mask, pad)
     length = shared.completion_ids.shape[1]
     weights = torch.randn(shared.completion_ids.shape) * shared.completion_mask
 

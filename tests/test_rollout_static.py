@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from alignkit.logprobs import model_token_logprobs
+from alignkit.model.forward import model_token_logprobs
 from alignkit.rollout.base import SamplingParams
 from alignkit.rollout.static import StaticCacheBackend, _Sampler, supports, unsupported_reason
 from tests.helpers import make_tiny_model, make_tiny_tokenizer
@@ -315,7 +315,7 @@ def test_padding_never_leaks(tokenizer, llama, prompts):
 
 
 def test_lora_samples_from_the_adapted_policy_without_touching_weights(tokenizer, prompts):
-    from alignkit.models import add_lora
+    from alignkit.model import add_lora
 
     base = make_llama_variant(tokenizer)
     before = {name: tensor.clone() for name, tensor in base.state_dict().items()}

@@ -91,7 +91,7 @@ def test_packing_gives_the_same_loss_as_padding(tmp_path):
 def test_resume_with_lora_matches_uninterrupted_run(tmp_path):
     def run(folder, *extra):
         tokenizer = make_tiny_tokenizer()
-        from alignkit.models import add_lora
+        from alignkit.model import add_lora
 
         model = add_lora(make_tiny_model(tokenizer), rank=4, alpha=8, dropout=0.1)
         r = recipe(folder, "training.max_steps=6", "training.save_steps=3", "training.save_total_limit=5",

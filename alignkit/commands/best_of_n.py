@@ -81,7 +81,7 @@ def make_scorer(args, loaded):
 def run(args) -> int:
     from alignkit.best_of_n import best_of_n, write_result
     from alignkit.data import load_examples
-    from alignkit.models import load_model_and_tokenizer
+    from alignkit.model import load_model_and_tokenizer
 
     if args.scorer_arg and not args.scorer.startswith("reward:"):
         raise ValueError("--scorer-arg is for reward:SPEC scorers")

@@ -85,7 +85,7 @@ def _setup(args):
         backend = make_backend(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env)
     else:
         from alignkit.judges import LocalChatBackend
-        from alignkit.models import load_model_and_tokenizer
+        from alignkit.model import load_model_and_tokenizer
 
         loaded = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
         backend = LocalChatBackend(*loaded, name=f"{args.model}+{args.adapter}" if args.adapter else args.model,

@@ -62,7 +62,7 @@ def judge_backend(args, loaded=None, loaded_name: str | None = None):
 
 
 def judge_options(args) -> dict:
-    from alignkit.models import alignkit_home
+    from alignkit.model import alignkit_home
 
     cache = None if args.no_cache else (args.cache_dir or alignkit_home() / "judge_cache")
     return dict(template=args.judge_template, method=args.judge_method, max_retries=args.judge_max_retries,

@@ -87,7 +87,7 @@ def score_rows(model, tokenizer, items, batch_size: int, max_length: int, max_pr
 
 def run(args) -> int:
     from alignkit.data import DataError, iter_records
-    from alignkit.heads import load_scalar_model
+    from alignkit.model.heads import load_scalar_model
 
     columns = dict(item.split("=", 1) for item in args.columns)
     model, tokenizer = load_scalar_model(args.model, device=args.device, dtype=args.dtype)

@@ -21,7 +21,7 @@ def metric(name: str):
 def token_nll(model, tokenizer, rows, batch_size: int = 8) -> tuple[float, int, list[float]]:
     """Summed NLL over loss-masked tokens, their count, and the mean NLL of each row."""
     from alignkit.data import pad_batch
-    from alignkit.logprobs import model_token_logprobs
+    from alignkit.model.forward import model_token_logprobs
 
     device = next(model.parameters()).device
     total, count, per_row = 0.0, 0, []
@@ -140,7 +140,7 @@ def _load_other_model(spec, device=None, dtype=None):
     """(model, tokenizer, name) from a spec string, or from a ready ``(model, tokenizer)`` pair."""
     if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
         return spec[0], spec[1], (spec[2] if len(spec) == 3 else type(spec[0]).__name__)
-    from alignkit.models import load_model_and_tokenizer
+    from alignkit.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(spec), device=device, dtype=dtype, is_trainable=False)
     return model, tokenizer, str(spec)
@@ -435,7 +435,7 @@ def completion_logprobs(model, tokenizer, prompt_ids: list[list[int]], completio
     import numpy as np
 
     from alignkit.data import pad_batch
-    from alignkit.logprobs import model_token_logprobs
+    from alignkit.model.forward import model_token_logprobs
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -594,7 +594,7 @@ def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_s
     """
     from alignkit.data import load_examples
     from alignkit.evaluate.stats import wilson_interval
-    from alignkit.heads import ScalarHeadModel, is_scalar_model
+    from alignkit.model.heads import ScalarHeadModel, is_scalar_model
     from alignkit.methods.preference import preference_accuracy, tied_pairs
     from alignkit.methods.reward import as_reward_model, score_examples
 

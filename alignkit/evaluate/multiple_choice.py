@@ -187,7 +187,7 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[list[int], lis
                           batch_size: int = 8) -> list[float]:
     """Summed log-prob of each continuation given its context (batched, longest first)."""
     from alignkit.data import pad_batch
-    from alignkit.logprobs import model_token_logprobs
+    from alignkit.model.forward import model_token_logprobs
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -168,7 +168,7 @@ def summarize(result: PairwiseResult, confidence: float = 0.95) -> dict[str, Any
 class RewardModelJudge:
     """A pairwise judge from a reward model: the higher score wins; |difference| < tie_margin is a tie.
 
-    ``model`` is a ``ScalarHeadModel`` (``alignkit.heads.load_scalar_model``) or anything with
+    ``model`` is a ``ScalarHeadModel`` (``alignkit.model.heads.load_scalar_model``) or anything with
     ``sequence_scores(input_ids, attention_mask) -> [B]``. Prompts are user messages; each text is
     ``chat_template(user prompt, assistant response)`` tokenized like preference training data.
     """
@@ -183,7 +183,7 @@ class RewardModelJudge:
 
     @classmethod
     def from_path(cls, path: str, device=None, dtype=None, **options) -> "RewardModelJudge":
-        from alignkit.heads import load_scalar_model
+        from alignkit.model.heads import load_scalar_model
 
         model, tokenizer = load_scalar_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, name=f"reward-model:{path}", **options)
@@ -231,7 +231,7 @@ def load_judge(spec: Any, device=None, dtype=None, tie_margin: float = 0.0):
         return RewardModelJudge.from_path(rest, device=device, dtype=dtype, tie_margin=tie_margin)
     if kind == "llm":
         return llm_judge(rest, device=device, dtype=dtype)
-    from alignkit.heads import is_scalar_model
+    from alignkit.model.heads import is_scalar_model
 
     if is_scalar_model(spec):
         return RewardModelJudge.from_path(spec, device=device, dtype=dtype, tie_margin=tie_margin)

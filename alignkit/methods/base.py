@@ -30,7 +30,7 @@ def register_recipe(method: str):
 
 def build_policy(job: Job, trainable: bool = True):
     """Load the job's model and tokenizer; add LoRA when configured; set gradient checkpointing."""
-    from alignkit.models import add_lora, load_model_and_tokenizer
+    from alignkit.model import add_lora, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
         job.model.name_or_path,

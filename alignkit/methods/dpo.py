@@ -286,7 +286,7 @@ class DPORecipe:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
     def cache_path(self) -> Path:
-        from alignkit.models import alignkit_home
+        from alignkit.model import alignkit_home
 
         folder = Path(self.job.reference_cache_dir) if self.job.reference_cache_dir else \
             alignkit_home() / "cache" / "reference"
@@ -415,7 +415,7 @@ class DPORecipe:
         return counts
 
     def save_final(self, directory) -> None:
-        from alignkit.models import save_model
+        from alignkit.model import save_model
 
         if self._reference_mode == "reference_adapter" and "reference" in self.model.peft_config:
             self.model.delete_adapter("reference")
@@ -476,7 +476,7 @@ def _eval_mode(model):
 
 
 def _load_reference(job: DPOJob, tokenizer, device):
-    from alignkit.models import load_model_and_tokenizer
+    from alignkit.model import load_model_and_tokenizer
 
     reference, reference_tokenizer = load_model_and_tokenizer(
         job.reference_model, device=device, dtype=None if job.model.dtype == "auto" else job.model.dtype,

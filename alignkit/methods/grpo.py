@@ -118,7 +118,7 @@ class GRPORecipe(OnlineRecipe):
 
     def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         from alignkit.losses import kl_k3, masked_mean, ppo_clip_loss
-        from alignkit.rollout.hf import completion_logprobs, grouped_completion_logprobs
+        from alignkit.model.forward import completion_logprobs, grouped_completion_logprobs
 
         job = self.job
         mask = batch["completion_mask"]

@@ -175,7 +175,7 @@ def build_online_policy(job: Job):
     its base first, so that "adapters disabled" means the starting model; then fresh LoRA is added
     when configured."""
     from alignkit.methods.base import is_peft_model
-    from alignkit.models import add_lora, load_model_and_tokenizer, merge_adapter
+    from alignkit.model import add_lora, load_model_and_tokenizer, merge_adapter
 
     model, tokenizer = load_model_and_tokenizer(
         job.model.name_or_path,
@@ -330,7 +330,7 @@ class OnlineRecipe:
 
     def sample_and_score(self, index: int, num_generations: int, with_logprobs: bool) -> dict:
         """Generate the rollout for ``index``, score it, and lay it out for training (CPU tensors)."""
-        from alignkit.rollout.hf import rollout_tensors
+        from alignkit.model.forward import completion_layout
 
         indices = self.prompt_indices(index)
         examples = [self.train_examples[i] for i in indices]
@@ -342,7 +342,7 @@ class OnlineRecipe:
         rewards, result = self.score(examples, batch.texts, num_generations)
         scored = time.perf_counter()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        layout = rollout_tensors(batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad)
+        layout = completion_layout(batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad)
         lengths = batch.completion_mask.sum(-1)
         metrics = {f"rollout/{k}": v for k, v in result.summary().items()}
         metrics.update({
@@ -368,7 +368,7 @@ class OnlineRecipe:
 
     @torch.no_grad()
     def reference_logprobs(self, layout: dict, completion_length: int, batch_size: int) -> torch.Tensor:
-        from alignkit.rollout.hf import completion_logprobs
+        from alignkit.model.forward import completion_logprobs
 
         if uses_adapters(self.policy):
             model, context = self.policy, self.policy.disable_adapter()
@@ -520,7 +520,7 @@ class OnlineRecipe:
         return metrics
 
     def save_final(self, directory) -> None:
-        from alignkit.models import save_model
+        from alignkit.model import save_model
 
         save_model(self.policy, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:

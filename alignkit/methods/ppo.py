@@ -36,6 +36,7 @@ import torch
 from pydantic import Field
 
 from alignkit.config import register_job
+from alignkit.model import forward
 from alignkit.methods.base import register_recipe
 from alignkit.methods.online import OnlineJob, OnlineRecipe
 
@@ -70,7 +71,7 @@ class ActorCritic(torch.nn.Module):
 
 class PPORecipe(OnlineRecipe):
     def __init__(self, job: PPOJob, critic=None, **parts):
-        from alignkit.heads import ScalarHeadModel, load_scalar_model
+        from alignkit.model.heads import ScalarHeadModel, load_scalar_model
 
         super().__init__(job, **parts)
         if len(self.train_examples) < job.prompts_per_step:
@@ -110,15 +111,12 @@ class PPORecipe(OnlineRecipe):
             values = self.model.critic.values(input_ids, attention_mask, position_ids)
             return values[:, start:start + length]
         if hidden is None:
-            from alignkit.logprobs import decoder_hidden_states
-
-            hidden = decoder_hidden_states(self.policy, input_ids, attention_mask, position_ids)
+            hidden = forward.decoder_hidden_states(self.policy, input_ids, attention_mask, position_ids)
         return self.model.value_head(hidden[:, start:start + length].float()).squeeze(-1)
 
     def _forward(self, batch: dict, length: int):
         """(logps, entropy, values) of a micro-batch; one decoder pass when the critic is shared."""
-        from alignkit.logprobs import decoder_hidden_states
-        from alignkit.rollout.hf import completion_logprobs, head_logprobs
+        from alignkit.model.forward import completion_hidden_states, completion_logprobs, head_logprobs
 
         args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
         width = batch["prompt_width"]
@@ -126,10 +124,9 @@ class PPORecipe(OnlineRecipe):
             logps, entropy = completion_logprobs(self.policy, *args, width, length, temperature=self.logprob_temperature(),
                                                  chunk_size=self.job.logprob_chunk_size, with_entropy=True)
             return logps, entropy, self._values(*args, width, length)
-        hidden = decoder_hidden_states(self.policy, *args)
-        piece = hidden[:, width - 1:width - 1 + length]
-        logps, entropy = head_logprobs(self.policy, piece, batch["input_ids"][:, width:width + length],
-                                       self.logprob_temperature(), self.job.logprob_chunk_size, with_entropy=True)
+        piece = completion_hidden_states(self.policy, *args, width, length)
+        logps, entropy, _ = head_logprobs(self.policy, piece, batch["input_ids"][:, width:width + length],
+                                          self.logprob_temperature(), self.job.logprob_chunk_size, with_entropy=True)
         return logps, entropy, self.model.value_head(piece.float()).squeeze(-1)
 
     # -- the rollout

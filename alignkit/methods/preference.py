@@ -50,7 +50,7 @@ def build_preference_policy(job: Job):
     run's ``final``) has *that* adapter trained further instead of a second adapter stacked on top,
     the same as ``model.adapter: FOLDER``."""
     from alignkit.methods.base import build_policy
-    from alignkit.models import resolve_model
+    from alignkit.model import resolve_model
 
     if (job.lora is not None and job.lora.enabled and job.model.adapter is None
             and resolve_model(job.model.name_or_path).kind == "adapter"):
@@ -370,20 +370,14 @@ def response_logprob_sums(model, batch: dict[str, torch.Tensor], chunk_size: int
     padding positions cost no vocabulary projection at all. With ``per_token=True`` also returns the
     flat ``[N]`` log-probs, sequence by sequence (for drift metrics).
     """
-    from alignkit.logprobs import _logit_transform, _output_layer, decoder_hidden_states, token_logprobs
+    from alignkit.model.forward import decoder_hidden_states, head_logprobs
 
     input_ids = batch["input_ids"]
-    attention = batch["attention_mask"]
-    if attention.dim() == 4:  # additive float mask: in the model's dtype, as attention expects
-        attention = attention.to(next(model.parameters()).dtype)
-    hidden = decoder_hidden_states(model, input_ids, attention, batch.get("position_ids"))
+    hidden = decoder_hidden_states(model, input_ids, batch["attention_mask"], batch.get("position_ids"))
     selected = hidden.reshape(-1, hidden.shape[-1])[batch["source_index"]]   # [N, H]
     targets = input_ids.reshape(-1)[batch["target_index"]]                   # [N]
     owner = batch["target_sequence"]
-    head = _output_layer(model)
-    scale, softcap = _logit_transform(model)
-    logps = token_logprobs(selected, head.weight, targets, chunk_size=chunk_size, temperature=1.0 / scale,
-                           bias=getattr(head, "bias", None), softcap=softcap)
+    logps, _, _ = head_logprobs(model, selected, targets, chunk_size=chunk_size)
     sequences = 2 * batch["margin"].shape[0]
     sums = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
     counts = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(

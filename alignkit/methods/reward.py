@@ -13,7 +13,7 @@ term keeps them near zero, which makes rewards of different runs comparable and 
 
 The backbone is full-weight or LoRA (``lora:``); the head is always trained. The final model is
 saved with ``ScalarHeadModel.save`` (backbone or adapter + ``head.safetensors``), so
-``alignkit score``, best-of-N and PPO load it with ``alignkit.heads.load_scalar_model(path)``.
+``alignkit score``, best-of-N and PPO load it with ``alignkit.model.heads.load_scalar_model(path)``.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class RewardRecipe:
     """Engine recipe for ``alignkit rm``; ``model`` is a `ScalarHeadModel`."""
 
     def __init__(self, job: RewardJob, model=None, tokenizer=None, train=None, validation=None):
-        from alignkit.heads import ScalarHeadModel
+        from alignkit.model.heads import ScalarHeadModel
 
         self.job = job
         if model is None:
@@ -116,7 +116,7 @@ class RewardRecipe:
     def save_final(self, directory) -> None:
         self.model.save(directory, self.tokenizer)
         if self.job.lora is not None and self.job.lora.merge_on_save:
-            from alignkit.models import is_peft_model
+            from alignkit.model import is_peft_model
 
             if is_peft_model(self.model.backbone):
                 _save_merged(self.model, self.tokenizer, f"{directory}-merged")
@@ -152,7 +152,7 @@ def as_reward_model(model, candidates=()):
     `alignkit eval` loads ``--model`` as a causal LM; a reward model's folder also holds
     ``head.json`` + ``head.safetensors``, so the head is found through the model's path.
     """
-    from alignkit.heads import ScalarHeadModel, is_scalar_model, load_scalar_model
+    from alignkit.model.heads import ScalarHeadModel, is_scalar_model, load_scalar_model
 
     if isinstance(model, ScalarHeadModel):
         return model
@@ -194,8 +194,8 @@ def _save_merged(model, tokenizer, directory) -> None:
     """Write the reward model with its LoRA adapter merged into a full backbone."""
     import copy
 
-    from alignkit.heads import ScalarHeadModel
-    from alignkit.models import merge_adapter
+    from alignkit.model.heads import ScalarHeadModel
+    from alignkit.model import merge_adapter
 
     merged = copy.deepcopy(model)
     plain = ScalarHeadModel.__new__(ScalarHeadModel)

@@ -99,7 +99,7 @@ class SFTRecipe:
                 "token_accuracy": total_correct / max(1, total_tokens)}
 
     def save_final(self, directory) -> None:
-        from alignkit.models import save_model
+        from alignkit.model import save_model
 
         save_model(self.model, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:
@@ -112,7 +112,7 @@ class SFTRecipe:
         Only the hidden states of loss tokens go through the output layer: prompt and padding
         positions never cost a vocabulary-sized matmul (on chat data that is often half the rows).
         """
-        from alignkit.logprobs import decoder_hidden_states, hidden_token_logprobs
+        from alignkit.model.forward import decoder_hidden_states, head_logprobs
 
         hidden = decoder_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"),
                                        batch.get("position_ids"))[:, :-1]
@@ -121,7 +121,7 @@ class SFTRecipe:
             mask = mask & batch["attention_mask"][:, 1:].bool()
         picked = hidden[mask]                                  # [M, H]
         targets = batch["input_ids"][:, 1:][mask]              # [M]
-        logps, _, hits = hidden_token_logprobs(self.model, picked[None], targets[None],
+        logps, _, hits = head_logprobs(self.model, picked[None], targets[None],
                                                chunk_size=self.job.logprob_chunk_size)
         nll_sum = -logps.sum()
         correct = int(hits.sum())

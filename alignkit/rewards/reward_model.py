@@ -2,7 +2,7 @@
 
 Each (prompt, completion) is rendered with the reward model's own chat template as the
 conversation ``prompt messages + [assistant: completion]`` and scored by the scalar head at its
-last token (`alignkit.heads.ScalarHeadModel.sequence_scores`). The prompt messages are the
+last token (`alignkit.model.heads.ScalarHeadModel.sequence_scores`). The prompt messages are the
 ``prompt_messages`` field when the caller passes it (GRPO and PPO do: system prompt included),
 else a single user turn holding ``prompts[i]``. Too-long conversations lose prompt tokens from
 the left first (``max_length``), so the completion is always scored.
@@ -28,7 +28,7 @@ def reward_model(path: str, batch_size: int = 16, max_length: int = 1024, device
     import torch
 
     from alignkit.data import tokenize_prompt_response
-    from alignkit.heads import load_scalar_model
+    from alignkit.model.heads import load_scalar_model
 
     model, tokenizer = load_scalar_model(path, device=device, dtype=dtype)
     model.eval()

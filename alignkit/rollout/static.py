@@ -683,7 +683,7 @@ class _TransformersGenerate:
 
     @torch.no_grad()
     def generate(self, model, tokenizer, prompt_ids, num_generations, params) -> RolloutBatch:
-        from alignkit.logprobs import model_token_logprobs
+        from alignkit.model.forward import model_token_logprobs
 
         started = time.perf_counter()
         device = next(model.parameters()).device

@@ -16,6 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.model.forward import decoder_hidden_states
+from alignkit.model.load import load_model_and_tokenizer
+from alignkit.model.peft import save_model
+
 HEAD_FILE = "head.safetensors"
 HEAD_CONFIG = "head.json"
 
@@ -41,8 +45,6 @@ class ScalarHeadModel(torch.nn.Module):
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One scalar per position, ``[B, T]`` float32."""
-        from alignkit.logprobs import decoder_hidden_states
-
         hidden = decoder_hidden_states(self.backbone, input_ids, attention_mask, position_ids)
         return self.head(hidden.float()).squeeze(-1)
 
@@ -55,8 +57,6 @@ class ScalarHeadModel(torch.nn.Module):
         return values.gather(1, last_token_index(attention_mask, input_ids.shape[1], values.device)[:, None]).squeeze(1)
 
     def save(self, directory: str | Path, tokenizer=None) -> Path:
-        from alignkit.models import save_model
-
         directory = Path(directory)
         save_model(self.backbone, tokenizer, directory)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
@@ -79,8 +79,6 @@ def is_scalar_model(path: str | Path) -> bool:
 
 def load_scalar_model(path: str | Path, device=None, dtype=None, is_trainable: bool = False):
     """Load a saved reward model or critic: returns (ScalarHeadModel, tokenizer)."""
-    from alignkit.models import load_model_and_tokenizer
-
     path = Path(path)
     if not is_scalar_model(path):
         raise FileNotFoundError(f"{path} is not a reward model folder (no {HEAD_CONFIG}); train one with `alignkit rm`")
