@@ -4,15 +4,21 @@ The public API is importable from here; names load lazily so `alignkit --help` s
 
     from alignkit import load_job, run_job, load_model_and_tokenizer
     summary = run_job(load_job("sft", "examples/sft_support.yaml", ["training.max_steps=10"]))
+
+Every registered method's job and recipe classes are here too, by their class names
+(``SFTJob``, ``DPORecipe``, ``GRPOJob``...), without a list to keep up to date.
 """
+import importlib
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_job": "alignkit.config",
-    "build_job": "alignkit.config",
+    "load_job": "alignkit.methods",
+    "build_job": "alignkit.methods",
+    "register_method": "alignkit.methods",
     "ConfigError": "alignkit.config",
     "TrainingConfig": "alignkit.config",
+    "UserError": "alignkit.errors",
     "Engine": "alignkit.engine",
     "TrainingDiverged": "alignkit.engine",
     "run_job": "alignkit.methods.base",
@@ -22,16 +28,11 @@ _EXPORTS = {
     "merge_adapter": "alignkit.model",
     "ensure_embedded_model": "alignkit.model",
     "EMBEDDED_MODEL": "alignkit.model",
+    "load_scalar_model": "alignkit.model.heads",
+    "ReferencePolicy": "alignkit.reference",
     "load_examples": "alignkit.data",
     "DataError": "alignkit.data",
     "chat_generate": "alignkit.generation",
-    "SFTJob": "alignkit.methods.sft",
-    "SFTRecipe": "alignkit.methods.sft",
-    "RewardJob": "alignkit.methods.reward",
-    "RewardRecipe": "alignkit.methods.reward",
-    "DPOJob": "alignkit.methods.dpo",
-    "DPORecipe": "alignkit.methods.dpo",
-    "load_scalar_model": "alignkit.model.heads",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -39,7 +40,11 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name):
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name.endswith(("Job", "Recipe")):
+        registry = importlib.import_module("alignkit.methods.registry")
+        for method in registry.methods().values():
+            for cls in (method.job, method.recipe):
+                if cls.__name__ == name:
+                    return cls
     raise AttributeError(f"module 'alignkit' has no attribute '{name}'")

@@ -27,6 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
+from alignkit.data import PromptExample, normalize_text, tokenize_prompt_response
+from alignkit.generation import chat_generate
+from alignkit.model.heads import load_scalar_model
+from alignkit.rewards import get_reward_function, reward_inputs
+
 Scores = list["float | None"]
 
 
@@ -40,18 +47,12 @@ class RewardModelScorer:
     def __init__(self, path_or_model, tokenizer=None, batch_size: int = 8, max_length: int = 1024,
                  device=None, dtype=None):
         if tokenizer is None:
-            from alignkit.model.heads import load_scalar_model
-
             path_or_model, tokenizer = load_scalar_model(path_or_model, device=device, dtype=dtype)
         self.model, self.tokenizer = path_or_model, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
         self.name = "reward-model"
 
     def __call__(self, prompts: Sequence[list[dict]], completions: Sequence[str], fields: Sequence[dict]) -> Scores:
-        import torch
-
-        from alignkit.data import tokenize_prompt_response
-
         rows = []
         for prompt, completion in zip(prompts, completions):
             prompt_ids, response_ids, _ = tokenize_prompt_response(self.tokenizer, prompt, completion, self.max_length)
@@ -78,17 +79,13 @@ class RewardFunctionScorer:
     prompt row's other columns are passed as fields (``answer``, ``answer_value``...)."""
 
     def __init__(self, spec, **options):
-        from alignkit.rewards import get_reward_function
-
         self.fn = get_reward_function(spec, **options)
         self.name = f"reward:{spec}" if isinstance(spec, str) else "reward"
 
     def __call__(self, prompts, completions, fields) -> Scores:
-        from alignkit.judges import prompt_text
-
-        names = sorted({key for row in fields for key in row})
-        columns = {name: [row.get(name) for row in fields] for name in names}
-        values = self.fn([prompt_text(p) for p in prompts], list(completions), **columns)
+        rows = [PromptExample(prompt=list(prompt), fields=dict(row), source="") for prompt, row in zip(prompts, fields)]
+        texts, completions, columns = reward_inputs(rows, list(completions))
+        values = self.fn(texts, completions, **columns)
         if len(values) != len(completions):
             raise ValueError(f"{self.name} returned {len(values)} values for {len(completions)} completions")
         return [_finite_or_none(v) for v in values]
@@ -130,10 +127,6 @@ def sample_completions(model, tokenizer, prompts: Sequence[list[dict]], n: int, 
                        top_p: float = 0.95, max_new_tokens: int = 256, batch_size: int = 8,
                        seed: int = 0) -> list[list[str]]:
     """``n`` sampled completions per prompt (all samples of a prompt in one batched call)."""
-    import torch
-
-    from alignkit.generation import chat_generate
-
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     torch.manual_seed(seed)
@@ -147,8 +140,6 @@ def select_best_of_n(prompts: Sequence[list[dict]], candidates: Sequence[Sequenc
                      scorer: Callable[[list, list, list], Scores], fields: Sequence[dict] | None = None,
                      min_score: float | None = None, sources: Sequence[str] | None = None) -> BestOfNResult:
     """Score every candidate and build the SFT rows, pairs and summary (no sampling here)."""
-    from alignkit.data import normalize_text
-
     fields = list(fields) if fields is not None else [{} for _ in prompts]
     flat_prompts, flat_texts, flat_fields, owner = [], [], [], []
     empty = 0

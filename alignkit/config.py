@@ -10,8 +10,9 @@ A job file looks like::
 
 Unknown keys fail with the key's dotted path and the closest valid key; ``--set a.b=value``
 overrides any key (the value is parsed as YAML, so ``--set training.max_steps=10`` is an int).
-Method modules add their own job classes with :func:`register_job`; managed fine-tuning names
-(``samplesPerPrompt`` ...) are mapped to ours through each job's ``ALIASES`` before validation.
+Each method's job class (registered with `alignkit.methods.register_method`) adds its own keys;
+managed fine-tuning names (``samplesPerPrompt`` ...) are mapped to ours through each job's ``ALIASES``
+before validation. Loading a job by method name is `alignkit.methods.load_job`.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alignkit.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A job configuration that cannot be used; the message names the key and the file."""
 
 
@@ -122,14 +125,6 @@ class Job(Section):
         return Path(self.training.output_dir.format(method=self.method, time=time.strftime("%Y%m%d-%H%M%S")))
 
 
-JOBS: dict[str, type[Job]] = {}
-
-
-def register_job(cls: type[Job]) -> type[Job]:
-    JOBS[cls.METHOD] = cls
-    return cls
-
-
 # ----------------------------------------------------------------------------- parsing helpers
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -215,56 +210,21 @@ def format_validation_error(error: ValidationError, model_cls: type[BaseModel], 
     return "\n".join(lines)
 
 
-def build_job(method: str | None, raw: dict, source: str = "<config>") -> Job:
-    method = method or raw.get("method")
-    if not method:
-        raise ConfigError(f"{source}: no method given (add 'method: sft' or use 'alignkit sft')")
-    _load_method_modules()
-    if method not in JOBS:
-        close = difflib.get_close_matches(method, list(JOBS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{source}: unknown method '{method}'{hint} (known: {', '.join(sorted(JOBS))})")
-    cls = JOBS[method]
-    raw = apply_aliases(dict(raw), cls.ALIASES)
-    raw.setdefault("method", method)
+def read_job_file(path: str | Path | None) -> tuple[dict, str]:
+    """``(raw mapping, source name)`` of a YAML job file; no file: an empty mapping."""
+    if path is None:
+        return {}, "<command line>"
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
     try:
-        return cls.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(error, cls, source)) from None
-
-
-def load_job(method: str | None, path: str | Path | None, overrides: list[str] | None = None) -> Job:
-    """Read a YAML job file (or none), apply ``key=value`` overrides, validate."""
-    raw: dict = {}
-    source = "<command line>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    if method and raw.get("method") and raw["method"] != method:
-        raise ConfigError(f"{source}: file says method '{raw['method']}' but the command is '{method}'")
-    apply_overrides(raw, overrides or [])
-    return build_job(method, raw, source)
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw, str(path)
 
 
 def job_to_yaml(job: Job) -> str:
     return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
-
-
-def _load_method_modules() -> None:
-    """Import the method modules so their jobs register themselves."""
-    import importlib
-
-    for name in ("sft", "reward", "dpo", "grpo", "ppo"):
-        try:
-            importlib.import_module(f"alignkit.methods.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"alignkit.methods.{name}":
-                raise

@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.errors import UserError
 from alignkit.config import TrainingConfig
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
 
 

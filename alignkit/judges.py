@@ -50,6 +50,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from alignkit.errors import UserError
+
 Conversation = list[dict]
 Prompt = str | list[dict]
 
@@ -65,7 +67,7 @@ VERDICTS = ("A", "B", "tie")
 PARSER_VERSION = 1  # part of every cache key: bump when parsing rules change
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """A backend failed in a way retries cannot fix (bad URL, refused key, server error after retries)."""
 
 
@@ -429,7 +431,7 @@ def _check_placeholders(template: Template, required: set[str], allowed: set[str
                          f"{', '.join('{' + a + '}' for a in sorted(allowed))} (write other braces as they are)")
 
 
-def prompt_text(prompt: Prompt) -> str:
+def conversation_text(prompt: Prompt) -> str:
     """A prompt as the judge reads it: a string as is; a conversation as ``Role: text`` blocks."""
     if isinstance(prompt, str):
         return prompt
@@ -691,7 +693,7 @@ class PointwiseJudge(_Judge):
                        rubrics: Sequence[str] | None = None) -> list[JudgeResult]:
         _same_length(prompts=prompts, responses=responses, **({"rubrics": rubrics} if rubrics is not None else {}))
         low, high = self.scale
-        values = [{"prompt": prompt_text(p), "response": r, "rubric": rubrics[i] if rubrics else self.rubric,
+        values = [{"prompt": conversation_text(p), "response": r, "rubric": rubrics[i] if rubrics else self.rubric,
                    "low": f"{low:g}", "high": f"{high:g}"} for i, (p, r) in enumerate(zip(prompts, responses))]
         return self._run(values)
 
@@ -741,7 +743,7 @@ class PairwiseJudge(_Judge):
                          criteria: Sequence[str] | None = None) -> list[JudgeResult]:
         _same_length(prompts=prompts, responses_a=responses_a, responses_b=responses_b,
                      **({"criteria": criteria} if criteria is not None else {}))
-        values = [{"prompt": prompt_text(p), "response_a": a, "response_b": b,
+        values = [{"prompt": conversation_text(p), "response_a": a, "response_b": b,
                    "criteria": criteria[i] if criteria else self.criteria}
                   for i, (p, a, b) in enumerate(zip(prompts, responses_a, responses_b))]
         return self._run(values)

@@ -397,3 +397,26 @@ def kl_k3(logps: Tensor, reference_logps: Tensor) -> Tensor:
     """
     d = reference_logps - logps
     return torch.expm1(d) - d
+
+
+# ----------------------------------------------------------------------------- preference metrics
+
+def tied_pairs(chosen: torch.Tensor, rejected: torch.Tensor, relative_tie: float = 1e-6) -> torch.Tensor:
+    """Pairs whose rewards are equal up to rounding: ``|r_c - r_r| <= relative_tie * max(1, max |r|)``."""
+    if chosen.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    scale = max(1.0, float(torch.cat([chosen, rejected]).detach().abs().max()))
+    return (chosen - rejected).detach().float().abs() <= relative_tie * scale
+
+
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Share of pairs whose reward favours the chosen response, a tie (`tied_pairs`) counting one half.
+
+    At the start of DPO every implicit reward is 0 up to float rounding: this reads 50% (chance)
+    instead of whatever the rounding gives.
+    """
+    if chosen.numel() == 0:
+        return float("nan")
+    tied = tied_pairs(chosen, rejected)
+    wins = (chosen - rejected).detach() > 0
+    return float((wins & ~tied).float().mean() + 0.5 * tied.float().mean())

@@ -69,7 +69,7 @@ def generated_pairs(count: int, seed: int = 0) -> list[dict]:
 
 def bench_rows(count: int, max_length: int) -> tuple[list[dict], str]:
     """Conversational rows (prompt messages, chosen text, rejected text) that fit max_length untruncated."""
-    from alignkit.methods.preference import tokenize_pairs
+    from alignkit.data.pairs import tokenize_pairs
     from alignkit.model import load_model_and_tokenizer
 
     _, tokenizer = load_model_and_tokenizer()
@@ -126,7 +126,8 @@ def reference_and_accuracy_tools(model, tokenizer, rows, args):
     import torch
 
     from alignkit.data.types import PreferenceExample
-    from alignkit.methods.preference import collate_pairs, response_logprob_sums, split_pairs, tokenize_pairs
+    from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
+    from alignkit.model.forward import response_logprob_sums
 
     examples = [PreferenceExample(prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"]) for r in rows]
     pairs, _ = tokenize_pairs(tokenizer, examples, args.max_length)
@@ -177,7 +178,7 @@ def worker_alignkit(args, rows, naive_logprobs: bool = False) -> dict:
 
         dpo.response_logprob_sums = naive_response_logprob_sums
 
-    from alignkit.config import build_job
+    from alignkit.methods import build_job
     from alignkit.engine import Engine
     from alignkit.methods.dpo import DPORecipe
 

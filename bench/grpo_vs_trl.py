@@ -119,7 +119,7 @@ def load(args):
 
 
 def run_alignkit(args, rows, out: dict) -> None:
-    from alignkit.config import build_job
+    from alignkit.methods import build_job
     from alignkit.data import PromptExample
     from alignkit.engine import Engine
     from alignkit.methods.grpo import GRPORecipe

@@ -83,7 +83,7 @@ def trl_dpo(loss_type: str, beta: float, label_smoothing: float, policy, referen
 
 
 def alignkit_objective(job_keys: dict, policy, reference, mask):
-    from alignkit.config import build_job
+    from alignkit.methods import build_job
     from alignkit.losses import masked_sum
     from alignkit.methods.dpo import preference_objective
 

@@ -76,7 +76,7 @@ def load_model(mode: str):
 
 
 def worker_alignkit(args, rows) -> dict:
-    from alignkit.config import load_job
+    from alignkit.methods import load_job
     from alignkit.data import ChatExample
     from alignkit.engine import Engine
     from alignkit.methods.sft import SFTRecipe

@@ -1,7 +1,8 @@
 """Job configs: YAML in, validated model out; clear errors for unknown or mistyped keys."""
 import pytest
 
-from alignkit.config import ConfigError, load_job
+from alignkit.config import ConfigError
+from alignkit.methods import load_job
 
 
 def write(tmp_path, text):

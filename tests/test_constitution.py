@@ -227,7 +227,7 @@ def _write(path, rows):
 
 
 def _train_one_step(method, data_path, tmp_path):
-    from alignkit.config import load_job
+    from alignkit.methods import load_job
     from alignkit.engine import Engine
     from tests.helpers import make_tiny_model, make_tiny_tokenizer
 

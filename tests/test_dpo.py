@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from alignkit.config import ConfigError, build_job, load_job
+from alignkit.config import ConfigError
+from alignkit.methods import build_job, load_job
 from alignkit.engine import Engine
 from alignkit.methods.dpo import DPORecipe
-from alignkit.methods.preference import collate_pairs, response_logprob_sums
+from alignkit.data.pairs import collate_pairs
+from alignkit.model.forward import response_logprob_sums
 from alignkit.model import add_lora
 from tests.test_reward_model import synthetic_pairs, write_jsonl
 
@@ -48,7 +50,7 @@ def log_sigmoid(x):
 
 def test_one_forward_response_logprobs_equal_naive_full_logits(tiny_model, tiny_tokenizer):
     from alignkit.data.types import PreferenceExample
-    from alignkit.methods.preference import tokenize_pairs
+    from alignkit.data.pairs import tokenize_pairs
 
     words = "cat dog bird fish red green blue one two three".split()
     examples = [PreferenceExample(prompt=[{"role": "user", "content": " ".join(words[:2 + 3 * i])}],

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from alignkit.config import ConfigError, build_job, load_job
+from alignkit.config import ConfigError
+from alignkit.methods import build_job, load_job
 from alignkit.data import PromptExample
 from alignkit.engine import Engine
 from alignkit.methods.grpo import GRPORecipe
@@ -61,7 +62,7 @@ def test_beta_zero_never_runs_a_reference_and_lora_reference_disables_adapters(t
     recipe = make_recipe(job, tiny_model, tiny_tokenizer)
     monkeypatch.setattr(recipe, "reference_logprobs", lambda *a, **k: pytest.fail("reference forward with beta 0"))
     Engine(job.training, recipe, tmp_path / "run").train()
-    assert recipe.reference_copy is None
+    assert recipe.reference is None
 
     lora_job = make_job(tmp_path, beta=0.1, lora={"rank": 4, "dropout": 0.0}, training={"max_steps": 2})
     policy = add_lora(tiny_model, rank=4, dropout=0.0)
@@ -75,7 +76,7 @@ def test_beta_zero_never_runs_a_reference_and_lora_reference_disables_adapters(t
 
     monkeypatch.setattr(type(policy), "disable_adapter", counting)
     result = Engine(lora_job.training, recipe, tmp_path / "run2").train()
-    assert recipe.reference_copy is None and len(calls) == 2  # once per rollout, no model copy
+    assert recipe.reference.mode == "adapters_off" and len(calls) == 2  # once per rollout, no model copy
     assert result["history"][0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA B = 0: policy == reference
     assert result["history"][1]["kl"] > 0
 
@@ -95,14 +96,14 @@ def test_micro_batch_split_and_shared_prompt_forward_do_not_change_the_gradient(
             model.load_state_dict(tiny_model.state_dict())
             recipe = make_recipe(job, model, tiny_tokenizer, reward=by_length)
             micro_batches = next(recipe.updates(0))
-            assert ("prompt_ids" in micro_batches[0]) == shared
+            assert hasattr(micro_batches[0], "prompt_ids") == shared
             model.zero_grad()
             for mb in micro_batches:
                 loss, _ = recipe.loss(mb)
                 (loss / len(micro_batches)).backward()
             grads[size, shared, aggregation] = torch.cat([p.grad.flatten() for p in model.parameters()
                                                           if p.grad is not None])
-    assert len(set(recipe.current["completion_mask"].sum(-1).tolist())) > 1  # lengths differ
+    assert len(set(recipe.current.completion_mask.sum(-1).tolist())) > 1  # lengths differ
     for aggregation in ("token", "sequence"):
         reference = grads[32, True, aggregation]
         for key in ((5, True, aggregation), (5, False, aggregation)):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from alignkit.config import build_job
+from alignkit.methods import build_job
 from alignkit.engine import Engine
 from alignkit.methods.ppo import PPORecipe
 from alignkit.rewards import CombinedReward
@@ -39,7 +39,7 @@ def test_ppo_raises_the_reward_of_a_favoured_token(tmp_path, tiny_model, tiny_to
 def test_separate_critic_kl_penalty_and_saving(tmp_path, tiny_model, tiny_tokenizer):
     job = make_job(tmp_path, critic="separate", kl_coef=0.1, num_mini_batches=2, training={"max_steps": 5})
     recipe = make_recipe(job, tiny_model, tiny_tokenizer)
-    assert recipe.reference_copy is not None  # full weights: a frozen copy of the start
+    assert recipe.reference.mode == "frozen_copy"  # full weights: a frozen copy of the start
     assert recipe.model.critic is not None and recipe.model.critic.backbone is not tiny_model
     result = Engine(job.training, recipe, tmp_path / "run").train()
     history = result["history"]
@@ -58,7 +58,7 @@ def test_separate_critic_kl_penalty_and_saving(tmp_path, tiny_model, tiny_tokeni
 
 def test_reward_model_as_reward_function(tmp_path, tiny_model, tiny_tokenizer):
     from alignkit.model.heads import ScalarHeadModel
-    from alignkit.methods.online import load_reward_plugins
+    from alignkit.rewards import load_reward_plugins
     from alignkit.rewards import get_reward_function
 
     reward_model = ScalarHeadModel(tiny_model)

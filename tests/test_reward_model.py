@@ -4,12 +4,14 @@ import json
 import pytest
 import torch
 
-from alignkit.config import build_job
+from alignkit.methods import build_job
 from alignkit.data import DataError
 from alignkit.engine import Engine
 from alignkit.model.heads import load_scalar_model
-from alignkit.methods.preference import collate_pairs, load_preference_data, tokenize_pairs, truncate_pair
-from alignkit.methods.reward import RewardRecipe, pair_scores
+from alignkit.data.pairs import collate_pairs, tokenize_pairs, truncate_pair
+from alignkit.methods.preference import load_preference_data
+from alignkit.methods.reward import RewardRecipe
+from alignkit.model.heads import pair_scores
 
 WORDS = "cat dog bird fish red green blue one two three apple banana cherry grape lemon".split()
 

@@ -92,7 +92,7 @@ def test_stop_strings_end_generation(tiny_model, tiny_tokenizer):
 def test_get_backend():
     assert get_backend("hf").name == "hf"
     assert get_backend("auto", model=None).name == "hf"  # no CUDA here: auto is the transformers backend
-    assert get_backend("hf", max_batch_size=4, unknown_option=1).max_batch_size == 4
+    assert get_backend("hf", max_batch_size=4).max_batch_size == 4
     with pytest.raises(ValueError, match="unknown rollout backend"):
         get_backend("nope")
 

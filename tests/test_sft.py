@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignkit.config import load_job
+from alignkit.methods import load_job
 from alignkit.data import ChatExample
 from alignkit.methods.sft import SFTRecipe
 from tests.helpers import make_tiny_model, make_tiny_tokenizer

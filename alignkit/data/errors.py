@@ -7,8 +7,10 @@ messages instead of raising, so nothing is dropped silently.
 """
 from __future__ import annotations
 
+from alignkit.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A bad file or row. ``str(error)`` reads ``"{file}:{line}: field '{field}': {message}"``.
 
     The ``source`` and ``field`` parts are left out when unknown. ``source`` is what the readers yield:

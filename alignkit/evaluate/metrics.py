@@ -80,15 +80,6 @@ def _perplexity_interval(rows, per_row_mean_nll: list[float], confidence: float,
 # ``x`` comes with ``x_interval = [low, high]`` (95% unless ``confidence`` says otherwise) and ``n``.
 # ------------------------------------------------------------------------------------------------
 
-def prompt_text(messages: list[dict]) -> str:
-    """A prompt as one string for judges and reward functions: the user message alone when the
-    prompt is one user turn (after an optional system message), else ``role: content`` lines."""
-    turns = [m for m in messages if m["role"] != "system"]
-    if len(turns) == 1 and turns[0]["role"] == "user":
-        return turns[0]["content"]
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
 def _load_prompts(data: str, limit: int | None):
     from alignkit.data import load_examples
 
@@ -169,11 +160,6 @@ def _rate_interval(values, confidence: float, seed: int) -> list[float]:
     return _mean_interval(values, confidence, seed)
 
 
-def _row_fields(examples, samples: int) -> dict[str, list]:
-    names = list(dict.fromkeys(name for e in examples for name in e.fields))
-    return {name: [e.fields.get(name) for e in examples for _ in range(samples)] for name in names}
-
-
 # ------------------------------------------------------------------------------------------------ accuracy
 
 @metric("accuracy")
@@ -201,9 +187,9 @@ def accuracy(model, tokenizer, data: str, reward: str = "numeric_match", reward_
         model, tokenizer, examples, samples=samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache=_cache)
     completions = _decode(tokenizer, completion_ids)
-    prompts = [prompt_text(e.prompt) for e in examples for _ in range(samples)]
+    prompts, completions, fields = reward_inputs(examples, completions, samples)
     try:
-        rewards = [float(r) for r in score(prompts, completions, **_row_fields(examples, samples))]
+        rewards = [float(r) for r in score(prompts, completions, **fields)]
     except KeyError as error:
         raise ValueError(f"accuracy: reward function {reward!r} cannot score {data}: {error.args[0]}") from None
     correct = np.array([r >= threshold for r in rewards], dtype=float).reshape(len(examples), samples)
@@ -273,7 +259,7 @@ def win_rate(model, tokenizer, data: str, model_b=None, judge=None, tie_margin: 
     responses_b = _responses(other, other_tokenizer, examples, settings, None)
     del other
     judge = load_judge(judge, device=device, dtype=dtype, tie_margin=tie_margin)
-    prompts = [prompt_text(e.prompt) for e in examples]
+    prompts = [conversation_text(e.prompt) for e in examples]
     result = judge_both_orders(judge, prompts, responses_a, responses_b)
     summary = summarize(result, confidence)
     summary.update({
@@ -319,7 +305,7 @@ def elo(model, tokenizer, data: str, models=None, judge=None, tie_margin: float 
             name += "'"
         names.append(name)
     judge = load_judge(judge, device=device, dtype=dtype, tie_margin=tie_margin)
-    prompts = [prompt_text(e.prompt) for e in examples]
+    prompts = [conversation_text(e.prompt) for e in examples]
     comparisons, pairs = [], []
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
@@ -421,7 +407,7 @@ def text_overlap(model, tokenizer, data: str, temperature: float | None = None, 
     result.update({"n": n, "bleu_signature": str(bleu.format(signature=True)).split(" = ")[0],
                    "temperature": settings["temperature"], "max_new_tokens": max_new_tokens, "seed": seed,
                    "confidence": confidence, "data": report.summary(),
-                   "examples": [{"prompt": prompt_text(e.prompt)[:300], "reference": r[:300], "generated": h[:300]}
+                   "examples": [{"prompt": conversation_text(e.prompt)[:300], "reference": r[:300], "generated": h[:300]}
                                 for e, r, h in list(zip(examples, references, hypotheses))[:5]]})
     return result
 
@@ -539,7 +525,7 @@ def drift(model, tokenizer, data: str, reference_model=None, drift_temperature: 
             "thresholds": drift_thresholds or {}, "seed": seed, "confidence": confidence,
             "mean_completion_tokens": float(np.mean([len(ids) for ids in policy_ids])) if policy_ids else math.nan,
             "data": report.summary(),
-            "examples": [{"prompt": prompt_text(e.prompt)[:300], "policy": p[:300], "reference": r[:300]}
+            "examples": [{"prompt": conversation_text(e.prompt)[:300], "policy": p[:300], "reference": r[:300]}
                          for e, p, r in list(zip(examples, policy_texts, reference_texts))[:3]]}
 
 
@@ -595,8 +581,8 @@ def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_s
     from alignkit.data import load_examples
     from alignkit.evaluate.stats import wilson_interval
     from alignkit.model.heads import ScalarHeadModel, is_scalar_model
-    from alignkit.methods.preference import preference_accuracy, tied_pairs
-    from alignkit.methods.reward import as_reward_model, score_examples
+    from alignkit.losses import preference_accuracy, tied_pairs
+    from alignkit.model.heads import as_reward_model, score_examples
 
     examples, report = load_examples(data, kind="preference", limit=limit, on_error="skip")
     candidates = [model_name.split("+", 1)[0]] if model_name else []
@@ -643,17 +629,13 @@ def _run_beta(model_name: str | None) -> float:
 def _implicit_rewards(model, tokenizer, examples, reference_model, beta: float, max_length, batch_size,
                       device=None, dtype=None):
     """``(chosen [P], rejected [P], PairReport, reference name)``: ``beta * (log pi - log pi_ref)`` sums."""
-    import contextlib
-
-    from alignkit.methods.preference import collate_pairs, response_logprob_sums, split_pairs, tokenize_pairs
-
     if reference_model is not None:
-        reference, reference_tokenizer, reference_name = _load_other_model(reference_model, device, dtype)
+        other, reference_tokenizer, reference_name = _load_other_model(reference_model, device, dtype)
         if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"reward_accuracy: the reference model {reference_name} has a different tokenizer")
-        reference_context = contextlib.nullcontext
-    elif hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
-        reference, reference_name, reference_context = model, "base model (adapter disabled)", model.disable_adapter
+        reference = ReferencePolicy(model, "separate_model", other)
+    elif is_peft_model(model):
+        reference, reference_name = ReferencePolicy(model, "adapters_off"), "base model (adapter disabled)"
     else:
         raise ValueError("reward_accuracy on a policy (no reward-model head found) scores the implicit DPO "
                          "reward and needs a reference: --reference-model NAME_OR_PATH (or a LoRA policy, "
@@ -668,8 +650,8 @@ def _implicit_rewards(model, tokenizer, examples, reference_model, beta: float, 
         for start in range(0, len(pairs), batch_size):
             batch = collate_pairs(pairs[start:start + batch_size], pad, target, padding_free=True, share_prompt=True)
             policy = response_logprob_sums(model, batch)[0].float().cpu()
-            with reference_context():
-                base = response_logprob_sums(reference, batch)[0].float().cpu()
+            with reference.model() as reference_module:
+                base = response_logprob_sums(reference_module, batch)[0].float().cpu()
             chosen, rejected = split_pairs(beta * (policy - base))
             chosen_all.append(chosen)
             rejected_all.append(rejected)

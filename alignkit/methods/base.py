@@ -9,38 +9,39 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from alignkit.config import Job, job_to_yaml
-
-RECIPES: dict[str, Callable[[Job], Any]] = {}
-
-
-def register_recipe(method: str):
-    def wrap(factory):
-        RECIPES[method] = factory
-        return factory
-
-    return wrap
-
+from alignkit.config import ConfigError, Job, job_to_yaml
+from alignkit.data import deduplicate, length_bucketed_batches, load_examples, train_validation_split
+from alignkit.engine import Engine
+from alignkit.methods.registry import get_method
+from alignkit.model import add_lora, is_peft_model, load_model_and_tokenizer, merge_adapter
 
 # ----------------------------------------------------------------------------- model
 
-def build_policy(job: Job, trainable: bool = True):
-    """Load the job's model and tokenizer; add LoRA when configured; set gradient checkpointing."""
-    from alignkit.model import add_lora, load_model_and_tokenizer
+def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "continue"):
+    """The policy a job trains, and its tokenizer: the one place a recipe's model is made.
 
+    Loads ``model.name_or_path`` (with ``model.adapter`` on top, if set). A saved adapter (that one, or a
+    ``name_or_path`` that is itself an adapter folder such as an SFT run's ``final``) is either trained
+    further (``saved_adapter="continue"``: offline methods) or merged into its base first
+    (``"merge"``: online methods, so that "adapters off" is the starting policy); then, when the job
+    has ``lora:`` and no adapter is being continued, a fresh LoRA adapter (on ``lora.layers`` only, if
+    set). Gradient checkpointing is switched on when asked, and the KV cache off for training.
+    """
     model, tokenizer = load_model_and_tokenizer(
         job.model.name_or_path,
         device=None if job.model.device == "auto" else job.model.device,
         dtype=None if job.model.dtype == "auto" else job.model.dtype,
         trust_remote_code=job.model.trust_remote_code,
         adapter=job.model.adapter,
-        is_trainable=trainable,
+        is_trainable=saved_adapter == "continue",
     )
-    if job.lora is not None and job.lora.enabled and job.model.adapter is None:
+    if is_peft_model(model) and saved_adapter == "merge":
+        model = merge_adapter(model)
+    if job.lora is not None and job.lora.enabled and not is_peft_model(model):
         model = add_lora(model, rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
                          target_modules=job.lora.target_modules, layers=job.lora.layers)
     if job.training.gradient_checkpointing:
@@ -51,10 +52,6 @@ def build_policy(job: Job, trainable: bool = True):
     return model, tokenizer
 
 
-def is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
 # ----------------------------------------------------------------------------- data
 
 def load_train_validation(job: Job, kind: str):
@@ -63,8 +60,6 @@ def load_train_validation(job: Job, kind: str):
     Returns (train, validation, notes): notes are human-readable lines about what was read,
     skipped, de-duplicated, so the run report says where every row went.
     """
-    from alignkit.data import deduplicate, load_examples, train_validation_split
-
     data = job.data
     if not data.train:
         raise ValueError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
@@ -91,8 +86,6 @@ def load_train_validation(job: Job, kind: str):
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):
     """Index lists for one epoch, a pure function of (seed, epoch): what makes resume exact."""
-    from alignkit.data import length_bucketed_batches
-
     generator = torch.Generator().manual_seed(seed * 1000003 + epoch)
     if group_by_length:
         return length_bucketed_batches(lengths, batch_size, generator=generator, shuffle=True)
@@ -149,18 +142,12 @@ class BatchSchedule:
 
 def run_job(job: Job) -> dict[str, Any]:
     """Train `job` end to end; returns a summary with the run folder and the metric history."""
-    from alignkit.engine import Engine
-
-    from alignkit.config import _load_method_modules
-
-    _load_method_modules()
-    if job.method not in RECIPES:
-        raise ValueError(f"method '{job.method}' has no recipe (known: {', '.join(sorted(RECIPES))})")
+    method = get_method(job.method)
     run_dir = job.output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(job_to_yaml(job))
     started = time.time()
-    recipe = RECIPES[job.method](job)
+    recipe = method.recipe(job)
     for line in getattr(recipe, "notes", []):
         print(f"[alignkit] {line}")
     engine = Engine(job.training, recipe, run_dir)

@@ -22,7 +22,7 @@ What the recipe does, and why:
   are packed into as few rows as possible, so no compute goes to padding; batches are also grouped
   by length (``group_by_length``).
 * **No full-vocabulary logits.** The decoder gives hidden states; the output layer is applied only
-  at response positions, a chunk of tokens at a time (`preference.response_logprob_sums`).
+  at response positions, a chunk of tokens at a time (`alignkit.model.forward.response_logprob_sums`).
 * **The reference is the starting policy, computed once.** With ``precompute_reference_logprobs``
   (default) the reference log-prob sums of every training and validation pair are computed before
   the first step (no grad, eval mode) and cached on disk under
@@ -55,12 +55,13 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignkit.config import register_job
-from alignkit.methods.base import BatchSchedule, is_peft_model, register_recipe
-from alignkit.methods.preference import (PreferenceJob, build_preference_policy, collate_pairs,
-                                         load_preference_data, pairs_digest, preference_accuracy,
-                                         response_logprob_sums,
-                                         split_pairs, tokenize_pairs)
+from alignkit.methods.registry import register_method
+from alignkit.methods.base import BatchSchedule
+from alignkit.data.pairs import collate_pairs, pairs_digest, split_pairs, tokenize_pairs
+from alignkit.losses import preference_accuracy
+from alignkit.methods.base import build_policy
+from alignkit.methods.preference import PreferenceJob, load_preference_data
+from alignkit.model.forward import response_logprob_sums
 
 REFERENCE_FREE = ("simpo", "orpo")
 AVERAGED = ("ipo", "simpo", "orpo")
@@ -68,7 +69,6 @@ DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "hinge": 0.1, "ipo": 0.1, "simpo"
 CACHE_FORMAT = 1
 
 
-@register_job
 class DPOJob(PreferenceJob):
     METHOD = "dpo"
     ALIASES = {**PreferenceJob.ALIASES, "precompute_ref_log_probs": "precompute_reference_logprobs",
@@ -161,6 +161,7 @@ def preference_objective(job: DPOJob, sums: torch.Tensor, counts: torch.Tensor,
 
 # ----------------------------------------------------------------------------- the recipe
 
+@register_method("dpo", job=DPOJob, help="direct preference optimisation and its variants")
 class DPORecipe:
     """Engine recipe for ``alignkit dpo``. ``reference_model`` (a module) overrides ``job.reference_model``."""
 
@@ -168,7 +169,7 @@ class DPORecipe:
                  reference_model=None):
         self.job = job
         if model is None:
-            model, tokenizer = build_preference_policy(job)
+            model, tokenizer = build_policy(job)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self.notes: list[str] = []
@@ -189,70 +190,19 @@ class DPORecipe:
                                       job.training.seed, job.group_by_length)
         self.needs_reference = job.loss_type not in REFERENCE_FREE
 
-        # The reference. `_reference_module` + `_reference_mode` say how to run it on the fly.
-        self.fresh_adapter = is_peft_model(model) and _adapter_is_identity(model)
-        self._external_reference = reference_model
-        if self._external_reference is None and job.reference_model:
-            self._external_reference = _load_reference(job, tokenizer, self.device)
+        # The reference: live (computed every step) or, by default, computed once before training.
+        external = reference_model
+        if external is None and job.reference_model:
+            external = _load_reference(job, tokenizer, self.device)
+        self.reference: ReferencePolicy | None = None
         self.precomputed: dict[str, torch.Tensor] | None = None
-        self._reference_mode = "none"
         if self.needs_reference and not job.precompute_reference_logprobs:
-            self._setup_live_reference()
+            self.reference = ReferencePolicy.for_training(model, external, live=True)
+            self.notes.append(f"reference: {self.reference.description}")
         if (self.needs_reference and job.precompute_reference_logprobs) or (
-                self.validation_pairs and self._reference_mode == "none"):
-            self.precomputed = self._precompute()
-            if job.precompute_reference_logprobs:
-                self._external_reference = None  # computed: the reference weights are not needed any more
-
-    # -- reference
-    def _setup_live_reference(self) -> None:
-        if self._external_reference is not None:
-            self._reference_mode = "module"
-            _freeze(self._external_reference)
-        elif is_peft_model(self.model) and self.fresh_adapter:
-            self._reference_mode = "adapters_disabled"
-        elif is_peft_model(self.model):
-            self._reference_mode = "reference_adapter"
-            _add_reference_adapter(self.model)
-            self.notes.append("reference: a frozen copy of the starting adapter ('reference'), same base weights")
-        else:
-            self._reference_mode = "module"
-            self._external_reference = _freeze(copy.deepcopy(self.model))
-            self.notes.append("reference: a frozen copy of the starting weights (full fine-tuning without "
-                              "precompute_reference_logprobs keeps two copies in memory)")
-
-    @contextlib.contextmanager
-    def _reference_runner(self, starting_policy: bool = False):
-        """Yields a model computing reference log-probs: the live reference, or (``starting_policy``)
-        the policy as it is now, with a no-op fresh adapter switched off (same values, less work)."""
-        if starting_policy:
-            if self._external_reference is not None:
-                yield self._external_reference
-                return
-            with _eval_mode(self.model):
-                if is_peft_model(self.model) and self.fresh_adapter:
-                    with self.model.disable_adapter():
-                        yield self.model
-                else:
-                    yield self.model
-            return
-        mode = self._reference_mode
-        if mode == "module":
-            yield self._external_reference
-        elif mode == "adapters_disabled":
-            with _eval_mode(self.model), self.model.disable_adapter():
-                yield self.model
-        elif mode == "reference_adapter":
-            active = self.model.active_adapter
-            with _eval_mode(self.model):
-                self.model.set_adapter("reference", inference_mode=True)
-                try:
-                    yield self.model
-                finally:
-                    self.model.set_adapter(active)
-                    self.model.set_requires_grad("reference", False)
-        else:
-            raise RuntimeError("no live reference model is set up")
+                self.validation_pairs and self.reference is None):
+            # computed once from the starting weights; no copy of them is kept afterwards
+            self.precomputed = self._precompute(ReferencePolicy.for_training(model, external, live=False))
 
     def _autocast(self):
         """The engine's autocast (bf16 on a GPU that has it, or when asked), for passes run outside it."""
@@ -262,21 +212,15 @@ class DPORecipe:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def _reference_logps(self, batch, per_token: bool = False, starting_policy: bool = False):
-        with self._reference_runner(starting_policy) as reference, self._autocast():
-            return response_logprob_sums(reference, batch, self.job.logprob_chunk_size, per_token=per_token)
+    def _reference_logps(self, batch, reference: ReferencePolicy, per_token: bool = False):
+        with reference.model() as model, self._autocast():
+            return response_logprob_sums(model, batch, self.job.logprob_chunk_size, per_token=per_token)
 
-    def cache_key(self) -> str:
-        import hashlib
-
-        reference = self._external_reference
-        fingerprint = _weights_fingerprint(reference if reference is not None else self.model,
-                                           skip_lora=reference is None and self.fresh_adapter)
+    def cache_key(self, reference: ReferencePolicy) -> str:
         key = {
             "format": CACHE_FORMAT,
             "model": self.job.model.name_or_path, "adapter": self.job.model.adapter,
-            "reference_model": self.job.reference_model, "weights": fingerprint,
+            "reference_model": self.job.reference_model, "weights": reference.fingerprint(),
             "dtype": str(next(self.model.parameters()).dtype), "device": self.device.type,
             "precision": self.job.training.precision,
             "vocabulary": len(self.tokenizer), "chat_template": str(getattr(self.tokenizer, "chat_template", "")),
@@ -285,18 +229,16 @@ class DPORecipe:
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
-    def cache_path(self) -> Path:
+    def cache_path(self, reference: ReferencePolicy) -> Path:
         from alignkit.model import alignkit_home
 
         folder = Path(self.job.reference_cache_dir) if self.job.reference_cache_dir else \
             alignkit_home() / "cache" / "reference"
-        return folder / f"{self.cache_key()}.safetensors"
+        return folder / f"{self.cache_key(reference)}.safetensors"
 
-    def _precompute(self) -> dict[str, torch.Tensor]:
+    def _precompute(self, reference: ReferencePolicy) -> dict[str, torch.Tensor]:
         """Reference sums for every train pair (when needed) and per-token log-probs for validation."""
-        from safetensors.torch import load_file, save_file
-
-        path = self.cache_path()
+        path = self.cache_path(reference)
         if path.exists():
             try:
                 cached = load_file(str(path))
@@ -306,9 +248,10 @@ class DPORecipe:
                 self.notes.append(f"reference log-probs: cache {path} unreadable ({error}); recomputing")
         out: dict[str, torch.Tensor] = {}
         if self.needs_reference:
-            out["train"] = self._reference_pass(self.train_pairs, per_token=False)[0]
+            out["train"] = self._reference_pass(self.train_pairs, reference, per_token=False)[0]
         if self.validation_pairs:
-            out["validation"], out["validation_tokens"] = self._reference_pass(self.validation_pairs, per_token=True)
+            out["validation"], out["validation_tokens"] = self._reference_pass(self.validation_pairs, reference,
+                                                                               per_token=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{id(self)}")
         save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
@@ -317,11 +260,9 @@ class DPORecipe:
                           f"{len(self.validation_pairs)} validation pairs, cached at {path}")
         return out
 
-    def _reference_pass(self, pairs, per_token: bool):
+    def _reference_pass(self, pairs, reference: ReferencePolicy, per_token: bool):
         """``[P, 2]`` (chosen, rejected) sums in pair order; with ``per_token`` also the flat per-token
         log-probs, pair by pair (chosen tokens then rejected tokens)."""
-        from tqdm.auto import tqdm
-
         size = self.job.reference_batch_size or self.batch_size
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))  # similar lengths, less padding
         sums = torch.zeros(len(pairs), 2, dtype=torch.float32)
@@ -331,7 +272,7 @@ class DPORecipe:
         for start in range(0, len(order), size):
             indices = order[start:start + size]
             batch = self.collate([pairs[i] for i in indices])
-            result = self._reference_logps(batch, per_token=per_token, starting_policy=True)
+            result = self._reference_logps(batch, reference, per_token=per_token)
             progress.update(len(indices))
             chosen, rejected = split_pairs(result[0].float().cpu())
             sums[indices, 0], sums[indices, 1] = chosen, rejected
@@ -366,7 +307,7 @@ class DPORecipe:
     def loss(self, batch):
         reference = batch.get("reference")
         if reference is None and self.needs_reference:
-            reference = self._reference_logps(batch)[0]
+            reference = self._reference_logps(batch, self.reference)[0]
         sums, counts = response_logprob_sums(self.model, batch, self.job.logprob_chunk_size)
         loss, _, metrics = preference_objective(self.job, sums, counts, reference)
         return loss, metrics
@@ -374,8 +315,6 @@ class DPORecipe:
     def evaluate(self) -> dict[str, float]:
         if not self.validation_pairs:
             return {}
-        from alignkit.losses import kl_k3
-
         size = max(1, self.batch_size)
         totals: dict[str, float] = {}
         kl_sum, kl_tokens, pairs = 0.0, 0, 0
@@ -395,7 +334,7 @@ class DPORecipe:
                 reference = torch.cat([self.precomputed["validation"][start:start + n, 0],
                                        self.precomputed["validation"][start:start + n, 1]]).to(sums.device)
             else:
-                reference, _, reference_tokens = self._reference_logps(batch, per_token=True)
+                reference, _, reference_tokens = self._reference_logps(batch, self.reference, per_token=True)
             loss, _, metrics = preference_objective(self.job, sums, counts,
                                                     reference if self.needs_reference else None)
             for key, value in {"loss": float(loss), **metrics}.items():
@@ -415,11 +354,9 @@ class DPORecipe:
         return counts
 
     def save_final(self, directory) -> None:
-        from alignkit.model import save_model
-
-        if self._reference_mode == "reference_adapter" and "reference" in self.model.peft_config:
-            self.model.delete_adapter("reference")
-            self._reference_mode = "none"
+        if self.reference is not None:
+            self.reference.release()
+            self.reference = None
         save_model(self.model, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:
             save_model(self.model, self.tokenizer, f"{directory}-merged", merge=True)
@@ -432,72 +369,11 @@ def _split_tokens(flat: torch.Tensor, counts) -> list[torch.Tensor]:
     return list(torch.split(flat, [int(c) for c in counts]))
 
 
-def _adapter_is_identity(model) -> bool:
-    """True when every LoRA ``B`` matrix is zero: the adapter adds nothing (a fresh adapter)."""
-    found = False
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            found = True
-            if parameter.detach().abs().max() != 0:
-                return False
-    return found
-
-
-def _weights_fingerprint(model, skip_lora: bool) -> str:
-    """A cheap, exact-enough identity of a model's weights: per tensor its name, shape and sum."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if skip_lora and "lora_" in name:
-                continue
-            head = parameter.detach().flatten()[:4].float().tolist()
-            digest.update(f"{name}:{tuple(parameter.shape)}:{float(parameter.detach().float().sum()):.6e}:"
-                          f"{head}".encode())
-    return digest.hexdigest()
-
-
-def _freeze(model):
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def _load_reference(job: DPOJob, tokenizer, device):
-    from alignkit.model import load_model_and_tokenizer
-
     reference, reference_tokenizer = load_model_and_tokenizer(
         job.reference_model, device=device, dtype=None if job.model.dtype == "auto" else job.model.dtype,
         trust_remote_code=job.model.trust_remote_code)
     if len(reference_tokenizer) != len(tokenizer) or reference_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"reference_model {job.reference_model!r} has a different tokenizer than the policy; "
                          "DPO needs both to read the same token ids")
-    return _freeze(reference)
-
-
-def _add_reference_adapter(model) -> None:
-    """Load a frozen copy of the active adapter under the name 'reference' (same base weights)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    active = model.active_adapter
-    config = copy.deepcopy(model.peft_config[active])
-    config.inference_mode = True
-    model.add_adapter("reference", config)
-    set_peft_model_state_dict(model, get_peft_model_state_dict(model, adapter_name=active), adapter_name="reference")
-    model.set_adapter(active)
-    model.set_requires_grad("reference", False)
-
-
-register_recipe("dpo")(DPORecipe)
+    return freeze(reference)

@@ -42,12 +42,12 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignkit.config import register_job
-from alignkit.methods.base import register_recipe
-from alignkit.methods.online import OnlineJob, OnlineRecipe
+from alignkit.methods.registry import register_method
+from alignkit.losses import group_advantages, kl_k3, masked_mean, ppo_clip_loss
+from alignkit.methods.online import (CompletionBatch, GroupedCompletionBatch, OnlineJob, OnlineRecipe, Rollout,
+                                     aggregate)
 
 
-@register_job
 class GRPOJob(OnlineJob):
     METHOD = "grpo"
     num_generations: int = Field(8, ge=2, description="completions per prompt (the group); at least 2")
@@ -68,6 +68,7 @@ class GRPOJob(OnlineJob):
         return self
 
 
+@register_method("grpo", job=GRPOJob, help="reinforcement fine-tuning with reward functions (GRPO)")
 class GRPORecipe(OnlineRecipe):
     def __init__(self, job: GRPOJob, **parts):
         super().__init__(job, **parts)
@@ -77,72 +78,51 @@ class GRPORecipe(OnlineRecipe):
         return self.job.num_iterations
 
     @torch.no_grad()
-    def make_rollout(self, index: int) -> dict:
-        from alignkit.losses import group_advantages
-
+    def make_rollout(self, index: int) -> Rollout:
         job = self.job
         rollout = self.sample_and_score(index, job.num_generations, with_logprobs=job.num_iterations > 1)
-        advantages, zero_spread = group_advantages(rollout["rewards"], job.num_generations,
+        advantages, zero_spread = group_advantages(rollout.rewards, job.num_generations,
                                                    scale_by_std=job.scale_rewards)
-        rollout["advantages"] = advantages
-        rollout["metrics"]["rollout/zero_spread_share"] = float(zero_spread.float().mean())
-        length = rollout["completion_ids"].shape[1]
+        rollout.per_sample["advantages"] = advantages
+        rollout.metrics["rollout/zero_spread_share"] = float(zero_spread.float().mean())
+        if job.num_iterations > 1:
+            rollout.per_token["old_logps"] = rollout.sampling_logprobs
         if job.beta > 0:
             started = time.perf_counter()
-            rollout["ref_logps"] = self.reference_logprobs(rollout["layout"], length, job.training.batch_size)
+            rollout.per_token["ref_logps"] = self.reference_logprobs(rollout.layout, rollout.completion_ids.shape[1],
+                                                                     job.training.batch_size)
             self.timings["time/reference"] = time.perf_counter() - started
         return rollout
 
     def grouped(self) -> bool:
         return self.job.share_prompt_forward and not self.job.training.gradient_checkpointing
 
-    def micro_batches(self, rollout: dict, position: int) -> list[dict]:
+    def micro_batches(self, rollout: Rollout, position: int) -> list[CompletionBatch | GroupedCompletionBatch]:
         job, group = self.job, self.job.num_generations
-        count = rollout["completion_ids"].shape[0]
-        extra = {"advantages": rollout["advantages"]}
-        if job.num_iterations > 1:
-            extra["old_logps"] = rollout["sampling_logprobs"]
-        if "ref_logps" in rollout:
-            extra["ref_logps"] = rollout["ref_logps"]
+        targets = {**rollout.per_sample, **rollout.per_token}
         if self.grouped():  # micro-batches of whole groups: each prompt runs once
             per = max(1, job.training.batch_size // group)
-            groups = list(range(count // group))
+            groups = list(range(rollout.size // group))
             group_chunks = [groups[i:i + per] for i in range(0, len(groups), per)]
             chunks = [[g * group + i for g in chunk for i in range(group)] for chunk in group_chunks]
-            scales = self.scales(chunks, rollout["completion_mask"], job.loss_aggregation)
-            return [self.grouped_micro_batch(rollout, chunk, group, scale, **extra)
+            scales = self.scales(chunks, rollout.completion_mask, job.loss_aggregation)
+            return [self.grouped_micro_batch(rollout, chunk, group, scale, targets)
                     for chunk, scale in zip(group_chunks, scales)]
-        chunks = self.split_rows(list(range(count)))
-        scales = self.scales(chunks, rollout["completion_mask"], job.loss_aggregation)
-        return [self.micro_batch(rollout, chunk, scale, **extra) for chunk, scale in zip(chunks, scales)]
+        chunks = self.split_rows(list(range(rollout.size)))
+        scales = self.scales(chunks, rollout.completion_mask, job.loss_aggregation)
+        return [self.micro_batch(rollout, chunk, scale, targets) for chunk, scale in zip(chunks, scales)]
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        from alignkit.losses import kl_k3, masked_mean, ppo_clip_loss
-        from alignkit.model.forward import completion_logprobs, grouped_completion_logprobs
-
+    def loss(self, batch: CompletionBatch | GroupedCompletionBatch) -> tuple[torch.Tensor, dict[str, float]]:
         job = self.job
-        mask = batch["completion_mask"]
-        options = dict(temperature=self.logprob_temperature(), chunk_size=job.logprob_chunk_size, with_entropy=True)
-        if "prompt_ids" in batch:
-            logps, entropy = grouped_completion_logprobs(
-                self.model, batch["prompt_ids"], batch["prompt_attention"], batch["completion_ids"], mask,
-                batch["group"], **options)
-        else:
-            logps, entropy = completion_logprobs(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["prompt_width"],
-                mask.shape[1], **options)
-        old_logps = batch["old_logps"] if "old_logps" in batch else logps.detach()
-        loss, clip = ppo_clip_loss(logps, old_logps, batch["advantages"], mask, epsilon_low=job.epsilon,
+        mask = batch.completion_mask
+        logps, entropy = batch.logprobs(self.model, self.logprob_temperature(), job.logprob_chunk_size)
+        old_logps = batch.targets.get("old_logps", logps.detach())
+        loss, clip = ppo_clip_loss(logps, old_logps, batch.targets["advantages"], mask, epsilon_low=job.epsilon,
                                    epsilon_high=job.epsilon_high, aggregation=job.loss_aggregation)
         metrics = {"policy_loss": float(loss.detach()), "clip_fraction": float(clip["clip_fraction"]),
                    "entropy": float(masked_mean(entropy, mask))}
         if job.beta > 0:
-            from alignkit.methods.online import aggregate
-
-            kl = kl_k3(logps, batch["ref_logps"])
+            kl = kl_k3(logps, batch.targets["ref_logps"])
             loss = loss + job.beta * aggregate(kl, mask, job.loss_aggregation)
             metrics["kl"] = float(masked_mean(kl.detach(), mask))
-        return loss * batch["scale"], metrics
-
-
-register_recipe("grpo")(GRPORecipe)
+        return loss * batch.scale, metrics

@@ -30,17 +30,23 @@ the last ``</think>``; no closing tag means no answer). See ``docs/online_rl.md`
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import math
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import ConfigError, Job, Section
+from alignkit.data import tokenize_prompt
+from alignkit.losses import masked_mean
+from alignkit.methods.base import build_policy, load_train_validation
+from alignkit.model import save_model
+from alignkit.model.forward import completion_layout, completion_logprobs, grouped_completion_logprobs
+from alignkit.reference import ReferencePolicy, eval_mode
+from alignkit.rewards import CombinedReward, load_reward_plugins, reward_inputs
+from alignkit.rollout import SamplingParams, get_backend, padding_id
 
 # ----------------------------------------------------------------------------- thinking
 
@@ -147,21 +153,7 @@ class OnlineJob(Job):
 
 # ----------------------------------------------------------------------------- pieces
 
-def load_reward_plugins() -> None:
-    """Import the modules that register constructed rewards (reward model, LLM judge when present)."""
-    import importlib
-
-    for name in ("alignkit.rewards.reward_model", "alignkit.judges"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-
-
-def build_reward(job: OnlineJob, extra_terms: list[dict] | None = None):
-    from alignkit.rewards import CombinedReward
-
+def build_reward(job: OnlineJob, extra_terms: list[dict] | None = None) -> CombinedReward:
     load_reward_plugins()
     terms = [t.model_dump() for t in job.rewards] + list(extra_terms or [])
     if not terms:
@@ -170,40 +162,8 @@ def build_reward(job: OnlineJob, extra_terms: list[dict] | None = None):
     return CombinedReward(terms, on_error=job.reward_on_error)
 
 
-def build_online_policy(job: Job):
-    """The policy to train. A saved adapter (``model.adapter`` or an adapter folder) is merged into
-    its base first, so that "adapters disabled" means the starting model; then fresh LoRA is added
-    when configured."""
-    from alignkit.methods.base import is_peft_model
-    from alignkit.model import add_lora, load_model_and_tokenizer, merge_adapter
-
-    model, tokenizer = load_model_and_tokenizer(
-        job.model.name_or_path,
-        device=None if job.model.device == "auto" else job.model.device,
-        dtype=None if job.model.dtype == "auto" else job.model.dtype,
-        trust_remote_code=job.model.trust_remote_code, adapter=job.model.adapter, is_trainable=False)
-    if is_peft_model(model):
-        model = merge_adapter(model)
-    if job.lora is not None and job.lora.enabled:
-        model = add_lora(model, rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
-                         target_modules=job.lora.target_modules)
-    if job.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    return model, tokenizer
-
-
-def uses_adapters(model) -> bool:
-    from alignkit.methods.base import is_peft_model
-
-    return is_peft_model(model)
-
-
 def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     """Token-level mean over all masked tokens, or mean over sequences of each sequence's token mean."""
-    from alignkit.losses import masked_mean
-
     if how == "token":
         return masked_mean(values, mask)
     return masked_mean(masked_mean(values, mask, dim=-1), mask.bool().any(-1))
@@ -213,16 +173,96 @@ def rollout_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63 - 1)
 
 
+@dataclass
+class Rollout:
+    """One scored rollout batch, laid out for training (CPU tensors, group after group).
+
+    ``layout`` is `alignkit.model.forward.completion_layout` of the samples. ``per_token`` holds what
+    the method adds per completion token (GRPO: ``ref_logps``; PPO: ``old_logps``, ``values``,
+    ``advantages``, ``returns``) and ``per_sample`` per completion (GRPO: ``advantages``).
+    """
+
+    index: int
+    layout: dict
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    sampling_logprobs: torch.Tensor
+    truncated: torch.Tensor
+    rewards: torch.Tensor
+    metrics: dict[str, float]
+    texts: list[str]
+    per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_sample: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def state(self) -> dict[str, Any]:
+        """Plain tensors and numbers (for checkpoints): `Rollout.from_state` restores it."""
+        return {"index": self.index, "layout": dict(self.layout), "completion_ids": self.completion_ids,
+                "completion_mask": self.completion_mask, "sampling_logprobs": self.sampling_logprobs,
+                "truncated": self.truncated, "rewards": self.rewards, "metrics": dict(self.metrics),
+                "texts": list(self.texts), "per_token": dict(self.per_token), "per_sample": dict(self.per_sample)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Rollout":
+        return cls(**state)
+
+
+@dataclass
+class CompletionBatch:
+    """Rows ``[prompt | completion]`` of a rollout, trimmed to their own longest prompt and completion."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    completion_mask: torch.Tensor
+    scale: float
+    targets: dict[str, torch.Tensor]
+
+    def logprobs(self, model, temperature: float, chunk_size: int, with_entropy: bool = True):
+        return completion_logprobs(model, self.input_ids, self.attention_mask, self.position_ids, self.prompt_width,
+                                   self.completion_mask.shape[1], temperature=temperature, chunk_size=chunk_size,
+                                   with_entropy=with_entropy)
+
+
+@dataclass
+class GroupedCompletionBatch:
+    """Whole groups of a rollout: each prompt once (``prompt_ids``, ``prompt_attention``), its ``group``
+    completions after it; computed by `grouped_completion_logprobs` (each prompt runs once)."""
+
+    prompt_ids: torch.Tensor
+    prompt_attention: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    group: int
+    scale: float
+    targets: dict[str, torch.Tensor]
+
+    def logprobs(self, model, temperature: float, chunk_size: int, with_entropy: bool = True):
+        return grouped_completion_logprobs(model, self.prompt_ids, self.prompt_attention, self.completion_ids,
+                                           self.completion_mask, self.group, temperature=temperature,
+                                           chunk_size=chunk_size, with_entropy=with_entropy)
+
+
+def _select(values: dict[str, torch.Tensor], rows: torch.Tensor, length: int, device) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in values.items():
+        value = value[rows]
+        out[key] = (value[:, :length] if value.dim() == 2 else value).to(device)
+    return out
+
+
 class OnlineRecipe:
     """Shared life of GRPO and PPO recipes: prompts, sampling, rewards, reference, evaluation, timing."""
 
     def __init__(self, job: OnlineJob, model=None, tokenizer=None, train=None, validation=None,
                  reward=None, backend=None):
-        from alignkit.methods.base import load_train_validation
-
         self.job = job
         if model is None:
-            model, tokenizer = build_online_policy(job)
+            model, tokenizer = build_policy(job, saved_adapter="merge")
         self.policy, self.tokenizer = model, tokenizer
         self.model = model  # what the engine optimizes; PPO replaces it with actor + critic
         self.device = next(model.parameters()).device
@@ -237,14 +277,12 @@ class OnlineRecipe:
         self.validation_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.validation_examples]
         self.reward = reward if reward is not None else build_reward(job, self.extra_reward_terms())
         if backend is None:
-            from alignkit.rollout import get_backend
-
             backend = get_backend(job.rollout_backend, model=model, max_batch_size=job.generation_batch_size,
                                   chunk_size=job.logprob_chunk_size)
         self.backend = backend
         self.sampling = self.sampling_params(job.temperature)
-        self.reference_copy = None
-        self.current: dict | None = None
+        self.reference: ReferencePolicy | None = None
+        self.current: Rollout | None = None
         self.timings: dict[str, float] = {}
         self._yielded_at: float | None = None
         self.notes.append(f"rollout backend: {getattr(backend, 'name', type(backend).__name__)}; reward: {self.reward!r}")
@@ -259,8 +297,6 @@ class OnlineRecipe:
 
     # -- prompts
     def encode_prompt(self, messages: list[dict]) -> list[int]:
-        from alignkit.data import tokenize_prompt
-
         messages = [dict(m) for m in messages]
         if self.thinking:
             instruction = thinking_instruction(self.thinking)
@@ -272,9 +308,7 @@ class OnlineRecipe:
         limit = self.job.data.max_prompt_length
         return ids[-limit:] if limit and len(ids) > limit else ids
 
-    def sampling_params(self, temperature: float, seed: int | None = None):
-        from alignkit.rollout import SamplingParams
-
+    def sampling_params(self, temperature: float, seed: int | None = None) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.job.max_completion_length + self.thinking,
                               temperature=temperature, top_p=self.job.top_p, top_k=self.job.top_k,
                               stop_strings=list(self.job.stop_strings), seed=seed)
@@ -298,40 +332,20 @@ class OnlineRecipe:
 
     # -- sampling and scoring
     def _generate(self, prompt_ids, num_generations, params, with_logprobs: bool):
-        generate = self.backend.generate
-        try:
-            accepts = "with_logprobs" in inspect.signature(generate).parameters
-        except (TypeError, ValueError):
-            accepts = False
-        if accepts:
-            return generate(self.policy, self.tokenizer, prompt_ids, num_generations, params, with_logprobs=with_logprobs)
-        return generate(self.policy, self.tokenizer, prompt_ids, num_generations, params)
+        return self.backend.generate(self.policy, self.tokenizer, prompt_ids, num_generations, params,
+                                     with_logprobs=with_logprobs)
 
     def score(self, examples: list, texts: list[str], num_generations: int):
         """Rewards ``[N]`` for texts laid out group after group; and the `RewardResult`."""
-        prompts, fields = [], {}
-        names = sorted({key for ex in examples for key in ex.fields})
-        for name in names:
-            fields[name] = []
-        fields["prompt_messages"] = []
-        for ex in examples:
-            user = next((m["content"] for m in reversed(ex.prompt) if m["role"] == "user"), ex.prompt[-1]["content"])
-            for _ in range(num_generations):
-                prompts.append(user)
-                fields["prompt_messages"].append(ex.prompt)
-                for name in names:
-                    fields[name].append(ex.fields.get(name))
-        answers = list(texts)
+        prompts, completions, fields = reward_inputs(examples, texts, num_generations)
         if self.thinking:  # rewards read the final answer; the whole text stays available as a field
-            answers = [final_answer(t) for t in texts]
-            fields["full_completion"] = list(texts)
-        result = self.reward(prompts, answers, **fields)
+            fields["full_completion"] = completions
+            completions = [final_answer(t) for t in completions]
+        result = self.reward(prompts, completions, **fields)
         return torch.tensor(result.total, dtype=torch.float32), result
 
-    def sample_and_score(self, index: int, num_generations: int, with_logprobs: bool) -> dict:
+    def sample_and_score(self, index: int, num_generations: int, with_logprobs: bool) -> Rollout:
         """Generate the rollout for ``index``, score it, and lay it out for training (CPU tensors)."""
-        from alignkit.model.forward import completion_layout
-
         indices = self.prompt_indices(index)
         examples = [self.train_examples[i] for i in indices]
         prompt_ids = [self.train_prompt_ids[i] for i in indices]
@@ -341,7 +355,7 @@ class OnlineRecipe:
         generated = time.perf_counter()
         rewards, result = self.score(examples, batch.texts, num_generations)
         scored = time.perf_counter()
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad = padding_id(self.tokenizer)
         layout = completion_layout(batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad)
         lengths = batch.completion_mask.sum(-1)
         metrics = {f"rollout/{k}": v for k, v in result.summary().items()}
@@ -353,28 +367,18 @@ class OnlineRecipe:
         self.timings = {"time/generation": generated - started, "time/reward": scored - generated}
         if result.error_messages:
             self.notes.append(f"rollout {index}: {result.errors} reward errors scored 0; first: {result.error_messages[0]}")
-        return {"index": index, "layout": layout, "completion_ids": batch.completion_ids,
-                "completion_mask": batch.completion_mask, "sampling_logprobs": batch.sampling_logprobs,
-                "truncated": batch.truncated, "rewards": rewards, "metrics": metrics,
-                "texts": batch.texts[:4]}
+        return Rollout(index=index, layout=layout, completion_ids=batch.completion_ids,
+                       completion_mask=batch.completion_mask, sampling_logprobs=batch.sampling_logprobs,
+                       truncated=batch.truncated, rewards=rewards, metrics=metrics, texts=batch.texts[:4])
 
     # -- the reference model
     def setup_reference(self, needed: bool) -> None:
         """LoRA: the reference is the policy with adapters disabled. Full weights: a frozen copy."""
-        if needed and not uses_adapters(self.policy):
-            self.reference_copy = copy.deepcopy(self.policy).eval()
-            for parameter in self.reference_copy.parameters():
-                parameter.requires_grad_(False)
+        if needed:
+            self.reference = ReferencePolicy.for_training(self.policy)
 
-    @torch.no_grad()
     def reference_logprobs(self, layout: dict, completion_length: int, batch_size: int) -> torch.Tensor:
-        from alignkit.model.forward import completion_logprobs
-
-        if uses_adapters(self.policy):
-            model, context = self.policy, self.policy.disable_adapter()
-        elif self.reference_copy is not None:
-            model, context = self.reference_copy, nullcontext()
-        else:
+        if self.reference is None:
             raise RuntimeError("reference_logprobs called but no reference was set up")
         temperature, chunk = self.logprob_temperature(), self.job.logprob_chunk_size
 
@@ -382,79 +386,60 @@ class OnlineRecipe:
             return completion_logprobs(model, input_ids, attention_mask, position_ids, prompt_width, length,
                                        temperature=temperature, chunk_size=chunk)
 
-        return self.forward_in_batches(model, context, layout, completion_length, batch_size, function)
+        with self.reference.model() as model:
+            return self.forward_in_batches(model, layout, completion_length, batch_size, function)
 
-    def forward_in_batches(self, model, context, layout, completion_length, batch_size, function) -> torch.Tensor:
+    def forward_in_batches(self, model, layout, completion_length, batch_size, function) -> torch.Tensor:
         """``function(model, ids, attention, positions, prompt_width, length) -> [n, length]`` over the
         rollout, ``batch_size`` rows at a time, in eval mode without grad; concatenated on the CPU."""
-        was_training = model.training
-        model.eval()
         outputs = []
-        try:
-            with context, torch.no_grad():
-                for start in range(0, layout["input_ids"].shape[0], batch_size):
-                    rows = slice(start, start + batch_size)
-                    outputs.append(function(
-                        model, layout["input_ids"][rows].to(self.device), layout["attention_mask"][rows].to(self.device),
-                        layout["position_ids"][rows].to(self.device), layout["prompt_width"],
-                        completion_length).float().cpu())
-        finally:
-            if was_training:
-                model.train()
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, layout["input_ids"].shape[0], batch_size):
+                rows = slice(start, start + batch_size)
+                outputs.append(function(
+                    model, layout["input_ids"][rows].to(self.device), layout["attention_mask"][rows].to(self.device),
+                    layout["position_ids"][rows].to(self.device), layout["prompt_width"],
+                    completion_length).float().cpu())
         return torch.cat(outputs) if outputs else torch.zeros(0, completion_length)
 
     def logprob_temperature(self) -> float:
         return self.job.temperature if self.job.temperature > 0 else 1.0
 
     # -- micro-batches
-    def micro_batch(self, rollout: dict, rows: list[int] | torch.Tensor, scale: float, **extra) -> dict:
+    def micro_batch(self, rollout: Rollout, rows: list[int] | torch.Tensor, scale: float,
+                    targets: dict[str, torch.Tensor]) -> CompletionBatch:
         """Rows of the rollout, trimmed to their own longest prompt and completion, on the device."""
-        layout = rollout["layout"]
+        layout = rollout.layout
         rows = torch.as_tensor(rows, dtype=torch.long)
         width = layout["prompt_width"]
-        prompt_attention = layout["attention_mask"][rows, :width]
-        prompt_needed = int(prompt_attention.sum(-1).max())
-        completion_mask = rollout["completion_mask"][rows]
+        prompt_needed = int(layout["attention_mask"][rows, :width].sum(-1).max())
+        completion_mask = rollout.completion_mask[rows]
         length = max(1, int(completion_mask.sum(-1).max()))
         columns = slice(width - prompt_needed, width + length)
-        batch = {
-            "input_ids": layout["input_ids"][rows, columns],
-            "attention_mask": layout["attention_mask"][rows, columns],
-            "position_ids": layout["position_ids"][rows, columns],
-            "completion_mask": completion_mask[:, :length],
-            "scale": torch.tensor(scale),
-        }
-        for key, value in extra.items():
-            value = value[rows]
-            batch[key] = value[:, :length] if value.dim() == 2 else value
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["prompt_width"] = prompt_needed
-        return batch
+        return CompletionBatch(
+            input_ids=layout["input_ids"][rows, columns].to(self.device),
+            attention_mask=layout["attention_mask"][rows, columns].to(self.device),
+            position_ids=layout["position_ids"][rows, columns].to(self.device),
+            prompt_width=prompt_needed, completion_mask=completion_mask[:, :length].to(self.device),
+            scale=scale, targets=_select(targets, rows, length, self.device))
 
-    def grouped_micro_batch(self, rollout: dict, groups: list[int], group: int, scale: float, **extra) -> dict:
-        """Whole groups of the rollout for `grouped_completion_logprobs`: each prompt once
-        (``prompt_ids``, ``prompt_attention``), its ``group`` completions after it."""
-        layout = rollout["layout"]
+    def grouped_micro_batch(self, rollout: Rollout, groups: list[int], group: int, scale: float,
+                            targets: dict[str, torch.Tensor]) -> GroupedCompletionBatch:
+        """Whole groups of the rollout, each prompt once, its ``group`` completions after it."""
+        layout = rollout.layout
         rows = torch.tensor([g * group + i for g in groups for i in range(group)], dtype=torch.long)
         width = layout["prompt_width"]
         firsts = torch.tensor([g * group for g in groups], dtype=torch.long)
         prompt_attention = layout["attention_mask"][firsts, :width]
         needed = int(prompt_attention.sum(-1).max())
-        completion_mask = rollout["completion_mask"][rows]
+        completion_mask = rollout.completion_mask[rows]
         length = max(1, int(completion_mask.sum(-1).max()))
-        batch = {
-            "prompt_ids": layout["input_ids"][firsts, width - needed:width],
-            "prompt_attention": prompt_attention[:, width - needed:],
-            "completion_ids": rollout["completion_ids"][rows, :length],
-            "completion_mask": completion_mask[:, :length],
-            "scale": torch.tensor(scale),
-        }
-        for key, value in extra.items():
-            value = value[rows]
-            batch[key] = value[:, :length] if value.dim() == 2 else value
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        batch["group"] = group
-        return batch
+        return GroupedCompletionBatch(
+            prompt_ids=layout["input_ids"][firsts, width - needed:width].to(self.device),
+            prompt_attention=prompt_attention[:, width - needed:].to(self.device),
+            completion_ids=rollout.completion_ids[rows, :length].to(self.device),
+            completion_mask=completion_mask[:, :length].to(self.device),
+            group=group, scale=scale, targets=_select(targets, rows, length, self.device))
 
     def split_rows(self, rows: list[int]) -> list[list[int]]:
         size = self.job.training.batch_size
@@ -478,7 +463,7 @@ class OnlineRecipe:
         step = start_step
         while True:
             index, position = divmod(step, per_rollout)
-            fresh = self.current is None or self.current["index"] != index
+            fresh = self.current is None or self.current.index != index
             if fresh:
                 self.current = self.make_rollout(index)
             else:
@@ -489,7 +474,7 @@ class OnlineRecipe:
             step += 1
 
     def on_step_end(self, step: int) -> dict[str, float]:
-        metrics = dict(self.current["metrics"]) if self.current else {}
+        metrics = dict(self.current.metrics) if self.current else {}
         metrics["time/generation"] = self.timings.get("time/generation", 0.0)
         metrics["time/reward"] = self.timings.get("time/reward", 0.0)
         metrics["time/reference"] = self.timings.get("time/reference", 0.0)
@@ -499,10 +484,11 @@ class OnlineRecipe:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"current": self.current}
+        return {"current": self.current.state() if self.current is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.current = state.get("current")
+        current = state.get("current")
+        self.current = Rollout.from_state(current) if current is not None else None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -520,15 +506,13 @@ class OnlineRecipe:
         return metrics
 
     def save_final(self, directory) -> None:
-        from alignkit.model import save_model
-
         save_model(self.policy, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:
             save_model(self.policy, self.tokenizer, f"{directory}-merged", merge=True)
 
     # -- to be written by the method
-    def make_rollout(self, index: int) -> dict:
+    def make_rollout(self, index: int) -> Rollout:
         raise NotImplementedError
 
-    def micro_batches(self, rollout: dict, position: int) -> list[dict]:
+    def micro_batches(self, rollout: Rollout, position: int) -> list[CompletionBatch | GroupedCompletionBatch]:
         raise NotImplementedError

@@ -29,19 +29,20 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import nullcontext
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
+from safetensors.torch import save_file
 
-from alignkit.config import register_job
-from alignkit.model import forward
-from alignkit.methods.base import register_recipe
-from alignkit.methods.online import OnlineJob, OnlineRecipe
+from alignkit.losses import gae, masked_mean, masked_var, ppo_clip_loss, value_loss, whiten
+from alignkit.methods.online import CompletionBatch, OnlineJob, OnlineRecipe, Rollout
+from alignkit.methods.registry import register_method
+from alignkit.model.forward import completion_hidden_states, head_logprobs
+from alignkit.model.heads import ScalarHeadModel, load_scalar_model
 
 
-@register_job
 class PPOJob(OnlineJob):
     METHOD = "ppo"
     num_generations: int = Field(1, gt=0, description="completions per prompt")
@@ -69,10 +70,9 @@ class ActorCritic(torch.nn.Module):
         self.value_head = value_head    # a Linear on the actor's hidden states, or None
 
 
+@register_method("ppo", job=PPOJob, help="RLHF with PPO: actor, critic, reward model, reference")
 class PPORecipe(OnlineRecipe):
     def __init__(self, job: PPOJob, critic=None, **parts):
-        from alignkit.model.heads import ScalarHeadModel, load_scalar_model
-
         super().__init__(job, **parts)
         if len(self.train_examples) < job.prompts_per_step:
             self.notes.append(f"only {len(self.train_examples)} prompts for prompts_per_step={job.prompts_per_step}: "
@@ -106,55 +106,49 @@ class PPORecipe(OnlineRecipe):
     # -- values
     def _values(self, input_ids, attention_mask, position_ids, prompt_width, length, hidden=None):
         """Critic value of the state before each completion token, ``[N, length]`` float32."""
-        start = prompt_width - 1
         if self.model.critic is not None:
             values = self.model.critic.values(input_ids, attention_mask, position_ids)
-            return values[:, start:start + length]
+            return values[:, prompt_width - 1:prompt_width - 1 + length]
         if hidden is None:
-            hidden = forward.decoder_hidden_states(self.policy, input_ids, attention_mask, position_ids)
-        return self.model.value_head(hidden[:, start:start + length].float()).squeeze(-1)
+            hidden = completion_hidden_states(self.policy, input_ids, attention_mask, position_ids, prompt_width, length)
+        return self.model.value_head(hidden.float()).squeeze(-1)
 
-    def _forward(self, batch: dict, length: int):
+    def _forward(self, batch: CompletionBatch):
         """(logps, entropy, values) of a micro-batch; one decoder pass when the critic is shared."""
-        from alignkit.model.forward import completion_hidden_states, completion_logprobs, head_logprobs
-
-        args = (batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-        width = batch["prompt_width"]
+        length = batch.completion_mask.shape[1]
+        args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width, length)
         if self.model.critic is not None:
-            logps, entropy = completion_logprobs(self.policy, *args, width, length, temperature=self.logprob_temperature(),
-                                                 chunk_size=self.job.logprob_chunk_size, with_entropy=True)
-            return logps, entropy, self._values(*args, width, length)
-        piece = completion_hidden_states(self.policy, *args, width, length)
-        logps, entropy, _ = head_logprobs(self.policy, piece, batch["input_ids"][:, width:width + length],
-                                          self.logprob_temperature(), self.job.logprob_chunk_size, with_entropy=True)
-        return logps, entropy, self.model.value_head(piece.float()).squeeze(-1)
+            logps, entropy = batch.logprobs(self.policy, self.logprob_temperature(), self.job.logprob_chunk_size)
+            return logps, entropy, self._values(*args)
+        hidden = completion_hidden_states(self.policy, *args)
+        targets = batch.input_ids[:, batch.prompt_width:batch.prompt_width + length]
+        logps, entropy, _ = head_logprobs(self.policy, hidden, targets, self.logprob_temperature(),
+                                          self.job.logprob_chunk_size, with_entropy=True)
+        return logps, entropy, self._values(*args, hidden=hidden)
 
     # -- the rollout
     @torch.no_grad()
-    def make_rollout(self, index: int) -> dict:
-        from alignkit.losses import gae, masked_mean, masked_var, whiten
-
+    def make_rollout(self, index: int) -> Rollout:
         job = self.job
         rollout = self.sample_and_score(index, job.num_generations, with_logprobs=True)
-        mask = rollout["completion_mask"]
+        mask = rollout.completion_mask
         length = mask.shape[1]
-        layout = rollout["layout"]
         started = time.perf_counter()
-        old_logps = rollout["sampling_logprobs"] * mask
+        old_logps = rollout.sampling_logprobs * mask
         critic_model = self.model.critic if self.model.critic is not None else self.policy
 
         def values_of(model, *args):
             return self._values(*args)
 
-        values = self.forward_in_batches(critic_model, nullcontext(), layout, length,
-                                         job.training.batch_size, values_of) * mask
+        values = self.forward_in_batches(critic_model, rollout.layout, length, job.training.batch_size,
+                                         values_of) * mask
         if job.kl_coef > 0:
-            ref_logps = self.reference_logprobs(layout, length, job.training.batch_size) * mask
+            ref_logps = self.reference_logprobs(rollout.layout, length, job.training.batch_size) * mask
             kl = (old_logps - ref_logps) * mask
         else:
             kl = torch.zeros_like(old_logps)
         self.timings["time/reference"] = time.perf_counter() - started
-        scores = rollout["rewards"]
+        scores = rollout.rewards
         rewards = -job.kl_coef * kl
         last = (mask.sum(-1).long() - 1).clamp(min=0)
         rewards[torch.arange(len(last)), last] += scores
@@ -163,8 +157,8 @@ class PPORecipe(OnlineRecipe):
             advantages = whiten(advantages, mask)
         residual_var = masked_var(returns - values, mask)
         returns_var = masked_var(returns, mask)
-        rollout.update(old_logps=old_logps, values=values, advantages=advantages, returns=returns)
-        rollout["metrics"].update({
+        rollout.per_token.update(old_logps=old_logps, values=values, advantages=advantages, returns=returns)
+        rollout.metrics.update({
             "rollout/score": float(scores.mean()),
             "rollout/kl": float(kl.sum(-1).mean()),
             "rollout/non_score_reward": float((-job.kl_coef * kl).sum(-1).mean()),
@@ -173,27 +167,24 @@ class PPORecipe(OnlineRecipe):
         })
         return rollout
 
-    def micro_batches(self, rollout: dict, position: int) -> list[dict]:
+    def micro_batches(self, rollout: Rollout, position: int) -> list[CompletionBatch]:
         job = self.job
         epoch, part = divmod(position, job.num_mini_batches)
-        count = rollout["completion_ids"].shape[0]
-        generator = torch.Generator().manual_seed(job.training.seed * 1_000_003 + rollout["index"] * 101 + epoch)
-        order = torch.randperm(count, generator=generator)
+        generator = torch.Generator().manual_seed(job.training.seed * 1_000_003 + rollout.index * 101 + epoch)
+        order = torch.randperm(rollout.size, generator=generator)
         rows = torch.tensor_split(order, job.num_mini_batches)[part].tolist()
         chunks = self.split_rows(rows)
-        scales = self.scales(chunks, rollout["completion_mask"], job.loss_aggregation)
-        extra = {key: rollout[key] for key in ("old_logps", "values", "advantages", "returns")}
-        return [self.micro_batch(rollout, chunk, scale, **extra) for chunk, scale in zip(chunks, scales)]
+        scales = self.scales(chunks, rollout.completion_mask, job.loss_aggregation)
+        return [self.micro_batch(rollout, chunk, scale, rollout.per_token) for chunk, scale in zip(chunks, scales)]
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        from alignkit.losses import masked_mean, ppo_clip_loss, value_loss
-
+    def loss(self, batch: CompletionBatch) -> tuple[torch.Tensor, dict[str, float]]:
         job = self.job
-        mask = batch["completion_mask"]
-        logps, entropy, values = self._forward(batch, mask.shape[1])
-        policy_loss, clip = ppo_clip_loss(logps, batch["old_logps"], batch["advantages"], mask,
+        mask = batch.completion_mask
+        targets = batch.targets
+        logps, entropy, values = self._forward(batch)
+        policy_loss, clip = ppo_clip_loss(logps, targets["old_logps"], targets["advantages"], mask,
                                           epsilon_low=job.cliprange, aggregation=job.loss_aggregation)
-        critic_loss, value_clip = value_loss(values, batch["values"], batch["returns"], mask,
+        critic_loss, value_clip = value_loss(values, targets["values"], targets["returns"], mask,
                                              clip_range=job.cliprange_value)
         loss = policy_loss + job.vf_coef * critic_loss
         metrics = {
@@ -201,19 +192,12 @@ class PPORecipe(OnlineRecipe):
             "clip_fraction": float(clip["clip_fraction"]), "value_clip_fraction": float(value_clip["clip_fraction"]),
             "approx_kl": float(clip["approx_kl"]), "entropy": float(masked_mean(entropy, mask)),
         }
-        return loss * batch["scale"], metrics
+        return loss * batch.scale, metrics
 
     def save_final(self, directory) -> None:
-        from pathlib import Path
-
-        from safetensors.torch import save_file
-
         super().save_final(directory)
         if self.model.critic is not None:
             self.model.critic.save(Path(directory) / "critic", self.tokenizer)
         else:
             state = {k: v.detach().cpu().contiguous() for k, v in self.model.value_head.state_dict().items()}
             save_file(state, str(Path(directory) / "value_head.safetensors"))
-
-
-register_recipe("ppo")(PPORecipe)

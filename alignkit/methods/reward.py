@@ -21,13 +21,14 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from alignkit.config import register_job
-from alignkit.methods.base import BatchSchedule, register_recipe
-from alignkit.methods.preference import (PreferenceJob, build_preference_policy, collate_pairs,
-                                         load_preference_data, split_pairs, tokenize_pairs)
+from alignkit.methods.registry import register_method
+from alignkit.methods.base import BatchSchedule
+from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
+from alignkit.methods.base import build_policy
+from alignkit.methods.preference import PreferenceJob, load_preference_data
+from alignkit.model.heads import pair_scores
 
 
-@register_job
 class RewardJob(PreferenceJob):
     METHOD = "rm"
     center_rewards_coefficient: float | None = Field(
@@ -37,6 +38,7 @@ class RewardJob(PreferenceJob):
     padding_free: bool = Field(True, description="pack the pairs of a batch into rows without padding")
 
 
+@register_method("rm", job=RewardJob, help="train a reward model on ranked pairs (Bradley-Terry)")
 class RewardRecipe:
     """Engine recipe for ``alignkit rm``; ``model`` is a `ScalarHeadModel`."""
 
@@ -45,7 +47,7 @@ class RewardRecipe:
 
         self.job = job
         if model is None:
-            model, tokenizer = build_preference_policy(job)
+            model, tokenizer = build_policy(job)
         if not isinstance(model, ScalarHeadModel):
             model = ScalarHeadModel(model, kind="reward")
         self.model, self.tokenizer = model, tokenizer
@@ -134,62 +136,6 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.T
             "pairs": float(chosen.numel())}
 
 
-def pair_scores(model, batch) -> torch.Tensor:
-    """The reward of each of the 2B sequences of a `collate_pairs` batch, read at its last token."""
-    attention = batch["attention_mask"]
-    if attention.dim() == 2:
-        return model.sequence_scores(batch["input_ids"], attention)
-    values = model.values(batch["input_ids"], attention.to(next(model.parameters()).dtype), batch["position_ids"])
-    return values.reshape(-1)[batch["last_index"]]
-
-
-# ----------------------------------------------------------------------------- using a trained reward model
-
-def as_reward_model(model, candidates=()):
-    """A `ScalarHeadModel` from ``model`` itself, or loaded from the first of ``candidates`` (paths or
-    names, e.g. the folder the CLI loaded ``model`` from) that is a reward-model folder.
-
-    `alignkit eval` loads ``--model`` as a causal LM; a reward model's folder also holds
-    ``head.json`` + ``head.safetensors``, so the head is found through the model's path.
-    """
-    from alignkit.model.heads import ScalarHeadModel, is_scalar_model, load_scalar_model
-
-    if isinstance(model, ScalarHeadModel):
-        return model
-    seen = []
-    for candidate in [*candidates, getattr(model, "name_or_path", None),
-                      getattr(getattr(model, "config", None), "_name_or_path", None)]:
-        if not candidate or not isinstance(candidate, str):
-            continue
-        path = candidate.split("+", 1)[0]
-        seen.append(path)
-        if is_scalar_model(path):
-            device = next(model.parameters()).device
-            dtype = next(model.parameters()).dtype
-            return load_scalar_model(path, device=device, dtype=dtype)[0]
-    raise ValueError(f"this metric needs a reward model (a folder written by `alignkit rm`, with head.json); "
-                     f"none found at {', '.join(dict.fromkeys(seen)) or 'the given model'}")
-
-
-@torch.no_grad()
-def score_examples(model, tokenizer, examples, max_length: int | None = 1024, batch_size: int = 8,
-                   max_prompt_length: int | None = None):
-    """Rewards of preference examples: ``(chosen [P], rejected [P], pairs kept, PairReport)``."""
-    pairs, report = tokenize_pairs(tokenizer, examples, max_length, max_prompt_length)
-    device = next(model.parameters()).device
-    chosen_all, rejected_all = [], []
-    model.eval()
-    for start in range(0, len(pairs), max(1, batch_size)):
-        batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id, device,
-                              padding_free=True, share_prompt=True)
-        chosen, rejected = split_pairs(pair_scores(model, batch))
-        chosen_all.append(chosen.float().cpu())
-        rejected_all.append(rejected.float().cpu())
-    if not pairs:
-        return torch.zeros(0), torch.zeros(0), pairs, report
-    return torch.cat(chosen_all), torch.cat(rejected_all), pairs, report
-
-
 def _save_merged(model, tokenizer, directory) -> None:
     """Write the reward model with its LoRA adapter merged into a full backbone."""
     import copy
@@ -204,6 +150,3 @@ def _save_merged(model, tokenizer, directory) -> None:
     plain.head = merged.head
     plain.kind = merged.kind
     plain.save(directory, tokenizer)
-
-
-register_recipe("rm")(RewardRecipe)

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from alignkit.config import Job, register_job
-from alignkit.methods.base import BatchSchedule, build_policy, load_train_validation, register_recipe
+from alignkit.methods.registry import register_method
+from alignkit.config import Job
+from alignkit.methods.base import BatchSchedule, build_policy, load_train_validation
 
 
-@register_job
 class SFTJob(Job):
     METHOD = "sft"
     completion_only_loss: bool = Field(True, description="loss on assistant tokens only; false: all tokens")
@@ -29,6 +29,7 @@ class SFTJob(Job):
     logprob_chunk_size: int = Field(1024, gt=0)
 
 
+@register_method("sft", job=SFTJob, help="supervised fine-tuning on prompt/response or chat data")
 class SFTRecipe:
     def __init__(self, job: SFTJob, model=None, tokenizer=None, train=None, validation=None):
         from alignkit.data import tokenize_dataset
@@ -129,6 +130,3 @@ class SFTRecipe:
         if not with_grad:
             nll_sum = nll_sum.detach()
         return nll_sum, correct, count
-
-
-register_recipe("sft")(SFTRecipe)

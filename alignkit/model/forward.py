@@ -152,6 +152,31 @@ def sequence_logprob_sums(token_logps: Tensor, mask: Tensor) -> tuple[Tensor, Te
     return sums, mask.sum(-1).float()
 
 
+def response_logprob_sums(model, batch: dict[str, torch.Tensor], chunk_size: int = 1024,
+                          per_token: bool = False):
+    """Sum of the response tokens' log-probabilities per sequence, and their count: ``([2B], [2B])``
+    for an `alignkit.data.pairs.collate_pairs` batch (any layout).
+
+    The decoder runs once over all rows; the output layer is applied only at the hidden states that
+    predict a response token (``source_index``), chunk by chunk (``token_logprobs``), so prompt and
+    padding positions cost no vocabulary projection at all. With ``per_token=True`` also returns the
+    flat ``[N]`` log-probs, sequence by sequence (for drift metrics).
+    """
+    input_ids = batch["input_ids"]
+    hidden = decoder_hidden_states(model, input_ids, batch["attention_mask"], batch.get("position_ids"))
+    selected = hidden.reshape(-1, hidden.shape[-1])[batch["source_index"]]   # [N, H]
+    targets = input_ids.reshape(-1)[batch["target_index"]]                   # [N]
+    owner = batch["target_sequence"]
+    logps, _, _ = head_logprobs(model, selected, targets, chunk_size=chunk_size)
+    sequences = 2 * batch["margin"].shape[0]
+    sums = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(0, owner, logps)
+    counts = torch.zeros(sequences, dtype=torch.float32, device=logps.device).index_add(
+        0, owner, torch.ones_like(logps))
+    if per_token:
+        return sums, counts, logps
+    return sums, counts
+
+
 # ----------------------------------------------------------------------------- prompt + completion
 
 def left_pad(rows: list[list[int]], pad_id: int, width: int | None = None) -> tuple[Tensor, Tensor]:

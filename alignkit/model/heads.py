@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
 from alignkit.model.forward import decoder_hidden_states
 from alignkit.model.load import load_model_and_tokenizer
 from alignkit.model.peft import save_model
@@ -92,3 +93,57 @@ def load_scalar_model(path: str | Path, device=None, dtype=None, is_trainable: b
         for parameter in model.parameters():
             parameter.requires_grad_(False)
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- scoring pairs
+
+def pair_scores(model, batch) -> torch.Tensor:
+    """The reward of each of the 2B sequences of a `collate_pairs` batch, read at its last token."""
+    attention = batch["attention_mask"]
+    if attention.dim() == 2:
+        return model.sequence_scores(batch["input_ids"], attention)
+    values = model.values(batch["input_ids"], attention.to(next(model.parameters()).dtype), batch["position_ids"])
+    return values.reshape(-1)[batch["last_index"]]
+
+
+def as_reward_model(model, candidates=()):
+    """A `ScalarHeadModel` from ``model`` itself, or loaded from the first of ``candidates`` (paths or
+    names, e.g. the folder the CLI loaded ``model`` from) that is a reward-model folder.
+
+    `alignkit eval` loads ``--model`` as a causal LM; a reward model's folder also holds
+    ``head.json`` + ``head.safetensors``, so the head is found through the model's path.
+    """
+    if isinstance(model, ScalarHeadModel):
+        return model
+    seen = []
+    for candidate in [*candidates, getattr(model, "name_or_path", None),
+                      getattr(getattr(model, "config", None), "_name_or_path", None)]:
+        if not candidate or not isinstance(candidate, str):
+            continue
+        path = candidate.split("+", 1)[0]
+        seen.append(path)
+        if is_scalar_model(path):
+            device = next(model.parameters()).device
+            dtype = next(model.parameters()).dtype
+            return load_scalar_model(path, device=device, dtype=dtype)[0]
+    raise ValueError(f"this metric needs a reward model (a folder written by `alignkit rm`, with head.json); "
+                     f"none found at {', '.join(dict.fromkeys(seen)) or 'the given model'}")
+
+
+@torch.no_grad()
+def score_examples(model, tokenizer, examples, max_length: int | None = 1024, batch_size: int = 8,
+                   max_prompt_length: int | None = None):
+    """Rewards of preference examples: ``(chosen [P], rejected [P], pairs kept, PairReport)``."""
+    pairs, report = tokenize_pairs(tokenizer, examples, max_length, max_prompt_length)
+    device = next(model.parameters()).device
+    chosen_all, rejected_all = [], []
+    model.eval()
+    for start in range(0, len(pairs), max(1, batch_size)):
+        batch = collate_pairs(pairs[start:start + batch_size], tokenizer.pad_token_id, device,
+                              padding_free=True, share_prompt=True)
+        chosen, rejected = split_pairs(pair_scores(model, batch))
+        chosen_all.append(chosen.float().cpu())
+        rejected_all.append(rejected.float().cpu())
+    if not pairs:
+        return torch.zeros(0), torch.zeros(0), pairs, report
+    return torch.cat(chosen_all), torch.cat(rejected_all), pairs, report

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from alignkit.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -58,7 +60,7 @@ _DTYPES = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(UserError):
     """A model, tokenizer or adapter could not be loaded; the message says which and what to do."""
 
 

@@ -1,4 +1,5 @@
-"""Reward functions for online methods (GRPO, PPO, best-of-n): verifiable checks and a registry.
+"""Reward functions for online methods (GRPO, PPO, best-of-n, eval): verifiable checks, a registry, and
+the one builder of their inputs (`inputs.reward_inputs`).
 
 Every reward function: ``fn(prompts: list[str], completions: list[str], **fields) -> list[float]``,
 each ``fields[name]`` a list aligned with ``completions``. See ``docs/rewards.md``.
@@ -16,12 +17,14 @@ from alignkit.rewards.builtin import (
     think_format,
     valid_json,
 )
+from alignkit.rewards.inputs import prompt_text, reward_inputs
 from alignkit.rewards.combine import CombinedReward, RewardFunctionError, RewardResult, RewardSpec
 from alignkit.rewards.registry import (
     RewardFunction,
     RewardSpecError,
     available_reward_functions,
     get_reward_function,
+    load_reward_plugins,
     register,
     register_factory,
     unregister,
@@ -41,6 +44,9 @@ __all__ = [
     "exact_match",
     "extract_final_number",
     "get_reward_function",
+    "load_reward_plugins",
+    "prompt_text",
+    "reward_inputs",
     "length_penalty",
     "numeric_match",
     "parse_number",

@@ -21,12 +21,13 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from alignkit.errors import UserError
 from alignkit.rewards.registry import get_reward_function
 
 _MAX_SHOWN = 200
 
 
-class RewardFunctionError(RuntimeError):
+class RewardFunctionError(UserError, RuntimeError):
     """A reward function failed; ``function``, ``index`` (None for a whole batch), ``prompt``,
     ``completion`` and ``cause`` say where and why."""
 

@@ -38,12 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from alignkit.errors import UserError
+
 
 class RewardFunction(Protocol):
     def __call__(self, prompts: list[str], completions: list[str], **fields: Any) -> list[float]: ...
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(UserError, ValueError):
     """A reward spec that cannot be resolved: unknown name, missing module/file/attribute, bad options."""
 
 
@@ -299,3 +301,12 @@ def _bind(fn: Callable, options: dict[str, Any], spec: str) -> Callable:
                 f"{_option_hint(fn, options)}; its named parameters: {listed}"
             )
     return BoundReward(fn, options, spec)
+
+
+PLUGIN_MODULES = ("alignkit.rewards.reward_model", "alignkit.judges")
+
+
+def load_reward_plugins() -> None:
+    """Import the modules that register constructed rewards (``reward_model``, ``llm_judge``)."""
+    for name in PLUGIN_MODULES:
+        importlib.import_module(name)

@@ -45,7 +45,18 @@ class RolloutBatch:
 
 
 class RolloutBackend(Protocol):
+    """What every sampler offers. ``with_logprobs=False`` lets a backend skip the sampling log-prob
+    pass (``sampling_logprobs`` is then NaN, so any use is loud)."""
+
     name: str
 
     def generate(self, model, tokenizer, prompt_ids: list[list[int]], num_generations: int,
-                 params: SamplingParams) -> RolloutBatch: ...
+                 params: SamplingParams, with_logprobs: bool = True) -> RolloutBatch: ...
+
+
+def padding_id(tokenizer, eos_ids: list[int] | tuple[int, ...] = ()) -> int:
+    """The id completions are padded with: the tokenizer's pad token, else its (or the first) EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, *eos_ids, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -28,16 +28,8 @@ import torch
 from transformers import DynamicCache
 
 from alignkit.model.forward import batched_completion_logprobs, left_pad
-from alignkit.rollout.base import RolloutBatch, SamplingParams
+from alignkit.rollout.base import RolloutBatch, SamplingParams, padding_id
 from alignkit.rollout.stops import cut_at_stop, stop_token_ids
-
-
-def _pad_id(tokenizer, eos_ids: list[int]) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if eos_ids:
-        return eos_ids[0]
-    raise ValueError("the tokenizer has no pad token and no EOS token to pad with")
 
 
 def build_rollout_batch(model, tokenizer, prompt_ids: list[list[int]], sampled: list[list[int]],
@@ -111,7 +103,7 @@ class HFGenerateBackend:
         started = time.perf_counter()
         device = next(model.parameters()).device
         eos_ids = list(params.eos_token_ids) or stop_token_ids(tokenizer, model)
-        pad_id = _pad_id(tokenizer, eos_ids)
+        pad_id = padding_id(tokenizer, eos_ids)
         expanded = [list(p) for p in prompt_ids for _ in range(num_generations)]
         was_training = model.training
         model.eval()

@@ -76,7 +76,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.rollout.base import RolloutBatch, SamplingParams
+from alignkit.model.peft import unwrap
+from alignkit.rollout.base import RolloutBatch, SamplingParams, padding_id
+from alignkit.rollout.hf import HFGenerateBackend
 from alignkit.rollout.stops import cut_at_stop, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -95,12 +97,6 @@ class _Unsupported(Exception):
 
 # --------------------------------------------------------------------------------------------------
 # What the engine supports
-
-
-def _unwrap_peft(model):
-    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
-        return model.get_base_model()
-    return model
 
 
 def _rope_settings(config) -> dict:
@@ -135,7 +131,7 @@ def supports(model) -> bool:
 
 
 def _check_structure(model) -> None:
-    base = _unwrap_peft(model)
+    base = unwrap(model)
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -269,7 +265,7 @@ def _norm_weight(module) -> Tensor:
 @torch.no_grad()
 def _extract_weights(model) -> _Weights:
     _check_structure(model)
-    base = _unwrap_peft(model)
+    base = unwrap(model)
     config = base.config
     decoder = getattr(base, base.base_model_prefix)
     embed_module = decoder.embed_tokens
@@ -633,13 +629,6 @@ class _Rollout:
 # Host-side finishing: EOS, stop strings, masks, texts
 
 
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def finish_batch(tokenizer, tokens: Tensor, logps: Tensor, prompt_ids: list[list[int]], group: int,
                  params: SamplingParams, eos_ids: list[int], pad_id: int, started: float) -> RolloutBatch:
     """Turn raw sampled tokens ``[N, steps]`` (pad after EOS) into a `RolloutBatch`.
@@ -670,64 +659,6 @@ def finish_batch(tokenizer, tokens: Tensor, logps: Tensor, prompt_ids: list[list
 
 
 # --------------------------------------------------------------------------------------------------
-# Fallback: transformers.generate
-
-
-class _TransformersGenerate:
-    """Minimal ``transformers.generate`` backend, used only when `alignkit.rollout.hf` cannot be imported.
-
-    Log-probs are recomputed with one forward pass (temperature-scaled, unfiltered, as above).
-    """
-
-    name = "hf-fallback"
-
-    @torch.no_grad()
-    def generate(self, model, tokenizer, prompt_ids, num_generations, params) -> RolloutBatch:
-        from alignkit.model.forward import model_token_logprobs
-
-        started = time.perf_counter()
-        device = next(model.parameters()).device
-        pad_id = _pad_id(tokenizer)
-        eos_ids = list(params.eos_token_ids) or stop_token_ids(tokenizer, _unwrap_peft(model))
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for row, ids in enumerate(prompt_ids):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
-        sampling = (dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-                    if params.temperature == 0 else
-                    dict(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                         top_k=params.top_k or None))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                max_new_tokens=params.max_new_tokens, num_return_sequences=num_generations,
-                eos_token_id=eos_ids, pad_token_id=pad_id, **sampling)
-        sequences = output.cpu()
-        generated = sequences[:, width:]
-        full_mask = torch.cat([attention.repeat_interleave(num_generations, 0),
-                               torch.ones_like(generated)], dim=1)
-        positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
-        logps = model_token_logprobs(model, sequences.to(device), full_mask.to(device), positions.to(device),
-                                     temperature=params.temperature or 1.0)[:, width - 1:]
-        # after EOS transformers pads; make sure nothing past the first EOS survives
-        return finish_batch(tokenizer, generated, logps, prompt_ids, num_generations, params, eos_ids,
-                            pad_id, started)
-
-
-def _transformers_backend():
-    """The project's ``"hf"`` backend (`alignkit.rollout.hf.HFGenerateBackend`), else the built-in one."""
-    try:
-        from alignkit.rollout.hf import HFGenerateBackend
-    except ImportError:
-        return _TransformersGenerate()
-    return HFGenerateBackend()
-
-
-# --------------------------------------------------------------------------------------------------
 # The backend
 
 
@@ -752,20 +683,22 @@ class StaticCacheBackend:
         self.last_stats: dict = {}
         self._emulate_graph = False   # tests: run the capture/reset sequence on CPU without CUDA
 
-    def _fall_back(self, reason: str, model, tokenizer, prompt_ids, num_generations, params):
+    def _fall_back(self, reason: str, model, tokenizer, prompt_ids, num_generations, params, with_logprobs):
         if reason not in self._noticed:
             self._noticed.add(reason)
             logger.warning("static rollout engine: %s; falling back to transformers.generate", reason)
-        backend = self.fallback if self.fallback is not None else _transformers_backend()
-        return backend.generate(model, tokenizer, prompt_ids, num_generations, params)
+        backend = self.fallback if self.fallback is not None else HFGenerateBackend()
+        return backend.generate(model, tokenizer, prompt_ids, num_generations, params, with_logprobs=with_logprobs)
 
     def generate(self, model, tokenizer, prompt_ids: list[list[int]], num_generations: int,
-                 params: SamplingParams) -> RolloutBatch:
+                 params: SamplingParams, with_logprobs: bool = True) -> RolloutBatch:
+        """Sample; the log-probs come from the decode loop itself, so ``with_logprobs`` costs nothing
+        here (it is passed on to the fallback backend)."""
         _validate(prompt_ids, num_generations, params)
         try:
             weights = _extract_weights(model)
         except _Unsupported as error:
-            return self._fall_back(str(error), model, tokenizer, prompt_ids, num_generations, params)
+            return self._fall_back(str(error), model, tokenizer, prompt_ids, num_generations, params, with_logprobs)
         try:
             return self._generate(weights, model, tokenizer, prompt_ids, num_generations, params)
         finally:
@@ -779,8 +712,8 @@ class StaticCacheBackend:
         started = time.perf_counter()
         device = weights.device
         on_cuda = device.type == "cuda"
-        pad_id = _pad_id(tokenizer)
-        eos_ids = [int(token) for token in params.eos_token_ids] or stop_token_ids(tokenizer, _unwrap_peft(model))
+        pad_id = padding_id(tokenizer)
+        eos_ids = [int(token) for token in params.eos_token_ids] or stop_token_ids(tokenizer, unwrap(model))
         vocab = weights.vocab
         top_k = params.top_k if 0 < params.top_k < vocab else 0
         sampler = _Sampler(float(params.temperature), int(top_k), float(params.top_p))

@@ -16,14 +16,14 @@ import time
 import torch
 
 from alignkit.rollout.base import RolloutBatch, SamplingParams
-from alignkit.rollout.hf import _pad_id, build_rollout_batch
+from alignkit.model.peft import is_peft_model, unwrap
+from alignkit.rollout.base import padding_id
+from alignkit.rollout.hf import build_rollout_batch
 from alignkit.rollout.stops import stop_token_ids
 
 
 def policy_weights(model):
     """(name, tensor) pairs of the plain model's weights, LoRA merged, PEFT prefixes removed."""
-    from alignkit.methods.base import is_peft_model
-
     if not is_peft_model(model):
         for name, tensor in model.state_dict().items():
             yield name, tensor
@@ -66,9 +66,7 @@ class VLLMBackend:
         if self.llm is None:
             from vllm import LLM
 
-            from alignkit.methods.base import is_peft_model
-
-            base = model.get_base_model() if is_peft_model(model) else model
+                    base = unwrap(model)
             source = getattr(base.config, "_name_or_path", None) or base.name_or_path
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             options = {k: v for k, v in self.options.items() if v is not None}
@@ -93,7 +91,7 @@ class VLLMBackend:
         started = time.perf_counter()
         self._sync(model)
         eos_ids = list(params.eos_token_ids) or stop_token_ids(tokenizer, model)
-        pad_id = _pad_id(tokenizer, eos_ids)
+        pad_id = padding_id(tokenizer, eos_ids)
         sampling = VLLMSamplingParams(
             n=num_generations, temperature=params.temperature, top_p=params.top_p,
             top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,

@@ -1,4 +1,4 @@
-"""`alignkit eval`: the options and the run (called from `alignkit.cli`).
+"""`alignkit eval`: score a model with named metrics; writes a JSON/Markdown/PNG report.
 
     alignkit eval --model runs/dpo/final --data prompts.jsonl \
         --metrics perplexity,accuracy,win_rate,drift --data perplexity=valid.jsonl \
@@ -17,9 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignkit.commands.common import add_model_arguments, load_model_from_args
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("eval", help="score a model with named metrics; writes a JSON/Markdown/PNG report")
+    add_model_arguments(parser)
+    add_arguments(parser)
+    parser.set_defaults(handler=lambda args: run(args, load_model_from_args))
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `alignkit eval` (the model options are added by the CLI)."""
+    """The options of `alignkit eval` besides the model options."""
     parser.add_argument("--data", "-d", action="append", default=[], metavar="[METRIC=]PATH",
                         help="data file (jsonl/json/csv/parquet) for every metric, or METRIC=PATH for one "
                              "(repeatable)")
