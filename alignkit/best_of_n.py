@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from alignkit.data import PromptExample, normalize_text, tokenize_prompt_response
+from alignkit.errors import UsageError
 from alignkit.generation import chat_generate
 from alignkit.model.heads import load_scalar_model
 from alignkit.rewards import get_reward_function, reward_inputs
@@ -128,7 +129,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[list[dict]], n: int, 
                        seed: int = 0) -> list[list[str]]:
     """``n`` sampled completions per prompt (all samples of a prompt in one batched call)."""
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise UsageError(f"n must be at least 1, got {n}")
     torch.manual_seed(seed)
     repeated = [list(p) for p in prompts for _ in range(n)]
     texts = chat_generate(model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -42,8 +42,11 @@ from typing import Any, Sequence
 
 import yaml
 
+from alignkit.data import normalize_text
+from alignkit.errors import UsageError, UserError
 
-class ConstitutionError(ValueError):
+
+class ConstitutionError(UserError, ValueError):
     """A constitution file that cannot be used; the message names the file, the principle and the key."""
 
 
@@ -200,10 +203,9 @@ def critique_and_revise(backend, constitution: Constitution, prompts: Sequence[l
     Every step of all prompts runs as one batched ``backend.complete`` call. Rows are
     ``{"messages": prompt + [assistant: final revision], "constitution": {"initial", "steps": [...]}, "source"}``.
     """
-    from alignkit.data import normalize_text
 
     if rounds < 1:
-        raise ValueError(f"rounds must be at least 1, got {rounds}")
+        raise UsageError(f"rounds must be at least 1, got {rounds}")
     _seed_torch(seed)
     started = time.time()
     rng = random.Random(seed)
@@ -257,7 +259,6 @@ def critique_and_revise(backend, constitution: Constitution, prompts: Sequence[l
 
 def word_overlap(a: str, b: str) -> float:
     """Jaccard overlap of the two texts' normalised word sets (1.0 = same words)."""
-    from alignkit.data import normalize_text
 
     words_a, words_b = set(normalize_text(a).split()), set(normalize_text(b).split())
     if not words_a and not words_b:
@@ -266,7 +267,6 @@ def word_overlap(a: str, b: str) -> float:
 
 
 def near_duplicates(a: str, b: str, max_overlap: float) -> bool:
-    from alignkit.data import normalize_text
 
     return normalize_text(a) == normalize_text(b) or word_overlap(a, b) >= max_overlap
 
@@ -284,7 +284,7 @@ def generate_candidates(backend, prompts: Sequence[list[dict]], styles: Sequence
     """``num_candidates`` replies per prompt; candidate k uses ``styles[k % len(styles)]`` (one batched
     call per style)."""
     if num_candidates < 2:
-        raise ValueError(f"pairs need at least 2 candidates per prompt, got {num_candidates}")
+        raise UsageError(f"pairs need at least 2 candidates per prompt, got {num_candidates}")
     out: list[list[tuple[CandidateStyle, str]]] = [[] for _ in prompts]
     for k in range(num_candidates):
         style = styles[k % len(styles)]

@@ -35,9 +35,10 @@ from typing import Any, Iterable, Iterator, Protocol
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from alignkit.errors import UserError
 from alignkit.config import TrainingConfig
+from alignkit.errors import UserError
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -424,7 +425,6 @@ class Engine:
     def _progress_bar(self):
         if not self.config.progress:
             return None
-        from tqdm.auto import tqdm
 
         return tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
 

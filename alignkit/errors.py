@@ -5,3 +5,8 @@ is a bug in alignkit and shows its traceback."""
 
 class UserError(Exception):
     """An error whose message tells the user what to change; printed without a traceback."""
+
+
+class UsageError(UserError, ValueError):
+    """A command-line option, job setting or input that cannot be used as given (also a ValueError,
+    so pydantic validators report it as a validation error)."""

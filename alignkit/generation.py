@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import torch
 
+from alignkit.data import tokenize_prompt
 from alignkit.rollout.stops import stop_token_ids
 
 
 def render_prompts(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """Token ids of each conversation followed by the assistant generation prompt."""
-    from alignkit.data import tokenize_prompt
 
     return [tokenize_prompt(tokenizer, messages) for messages in conversations]
 

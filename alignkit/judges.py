@@ -50,7 +50,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+import torch
+
+from alignkit.data import tokenize_prompt
 from alignkit.errors import UserError
+from alignkit.evaluate.stats import cohen_kappa, percent_agreement
+from alignkit.generation import chat_generate
+from alignkit.model import load_model_and_tokenizer
+from alignkit.rewards.registry import register_factory
 
 Conversation = list[dict]
 Prompt = str | list[dict]
@@ -101,7 +108,6 @@ class LocalChatBackend:
 
     def complete(self, conversations: list[Conversation], temperature: float = 0.0,
                  max_tokens: int = 512) -> list[str]:
-        from alignkit.generation import chat_generate
 
         if not conversations:
             return []
@@ -118,9 +124,7 @@ class LocalChatBackend:
         label`` gives the next-token distribution after every proper prefix of that label, so a few
         rows cover all labels: one forward pass per conversation for ``A/B/tie`` and for ``1..10``.
         """
-        import torch
 
-        from alignkit.data import tokenize_prompt
 
         if not conversations:
             return []
@@ -179,7 +183,6 @@ class LocalChatBackend:
 
 def weights_fingerprint(model) -> str:
     """A short hash of every parameter's name, shape and sum: cheap, and changes when training does."""
-    import torch
 
     digest = hashlib.sha256()
     with torch.no_grad():
@@ -289,7 +292,6 @@ def make_backend(model: str | None = None, base_url: str | None = None, api_key_
                                        max_retries=max_retries)
     if loaded is not None:
         return LocalChatBackend(*loaded, name=model)
-    from alignkit.model import load_model_and_tokenizer
 
     loaded_model, tokenizer = load_model_and_tokenizer(model or "smollm2-135m-instruct", device=device, dtype=dtype,
                                                        adapter=adapter)
@@ -816,7 +818,6 @@ def agreement(labels_a: Sequence[Any], labels_b: Sequence[Any]) -> dict:
     out and counted in ``missing``. Returns ``{"items", "compared", "missing", "percent_agreement",
     "cohen_kappa"}`` (the statistics are None when nothing is left to compare).
     """
-    from alignkit.evaluate.stats import cohen_kappa, percent_agreement
 
     if len(labels_a) != len(labels_b):
         raise ValueError(f"the two raters labelled different numbers of items: {len(labels_a)} vs {len(labels_b)}")
@@ -860,7 +861,6 @@ def llm_judge_reward(model: str | None = None, base_url: str | None = None, api_
 
 
 def _register() -> None:
-    from alignkit.rewards.registry import register_factory
 
     register_factory("llm_judge", llm_judge_reward)
 

@@ -200,7 +200,7 @@ def test_lora_reference_is_the_base_model_and_the_policy_moves(tmp_path, pairs_f
     def reference_now():
         if precompute:
             return batch["reference"]
-        return recipe._reference_logps(recipe.collate([recipe.train_pairs[i] for i in indices]))[0]
+        return recipe._reference_logps(recipe.collate([recipe.train_pairs[i] for i in indices]), recipe.reference)[0]
 
     torch.testing.assert_close(reference_now(), base_sums, atol=1e-4, rtol=1e-5)
     engine = Engine(job.training.model_copy(update={"max_steps": 1, "eval_steps": None}), recipe, tmp_path / "run")
@@ -219,9 +219,9 @@ def test_full_finetuning_live_reference_is_a_frozen_copy(tmp_path, pairs_file, t
     batch = recipe.training_batch([0, 1, 2])
     assert "reference" not in batch
     Engine(job.training.model_copy(update={"max_steps": 2, "eval_steps": None}), recipe, tmp_path / "run").train()
-    torch.testing.assert_close(recipe._reference_logps(batch)[0], naive_sums(start, recipe.train_pairs[:3])[0],
+    torch.testing.assert_close(recipe._reference_logps(batch, recipe.reference)[0], naive_sums(start, recipe.train_pairs[:3])[0],
                                atol=1e-4, rtol=1e-5)
-    assert not any(p.requires_grad for p in recipe._external_reference.parameters())
+    assert not any(p.requires_grad for p in recipe.reference.module.parameters())
 
 
 def test_continuing_an_adapter_keeps_that_adapter_as_the_reference(tmp_path, pairs_file, tiny_model, tiny_tokenizer):
@@ -233,10 +233,10 @@ def test_continuing_an_adapter_keeps_that_adapter_as_the_reference(tmp_path, pai
     start = copy.deepcopy(policy)
     job = dpo_job(tmp_path, pairs_file, precompute_reference_logprobs=False)
     recipe = DPORecipe(job, model=policy, tokenizer=tiny_tokenizer)
-    assert recipe._reference_mode == "reference_adapter"
+    assert recipe.reference.mode == "reference_adapter"
     batch = recipe.training_batch([0, 1, 2])
     Engine(job.training.model_copy(update={"max_steps": 2, "eval_steps": None}), recipe, tmp_path / "run").train()
-    torch.testing.assert_close(recipe._reference_logps(batch)[0], naive_sums(start, recipe.train_pairs[:3])[0],
+    torch.testing.assert_close(recipe._reference_logps(batch, recipe.reference)[0], naive_sums(start, recipe.train_pairs[:3])[0],
                                atol=1e-4, rtol=1e-5)
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and all(".default." in n for n in trainable)

@@ -21,7 +21,17 @@ import json
 
 import yaml
 
+from alignkit.best_of_n import (
+    JudgeScorer,
+    RewardFunctionScorer,
+    RewardModelScorer,
+    best_of_n,
+    write_result,
+)
 from alignkit.commands.judge import add_judge_arguments, judge_backend, pointwise_judge
+from alignkit.data import load_examples
+from alignkit.errors import UsageError
+from alignkit.model import load_model_and_tokenizer
 
 
 def register(subparsers) -> None:
@@ -54,37 +64,33 @@ def _scorer_options(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--scorer-arg must be KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--scorer-arg must be KEY=VALUE, got {pair!r}")
         options[key.strip()] = yaml.safe_load(value) if value else ""
     return options
 
 
 def make_scorer(args, loaded):
-    from alignkit.best_of_n import JudgeScorer, RewardFunctionScorer, RewardModelScorer
 
     kind, _, target = args.scorer.partition(":")
     if kind == "reward-model":
         if not target:
-            raise ValueError("--scorer reward-model:PATH needs the reward model's folder")
+            raise UsageError("--scorer reward-model:PATH needs the reward model's folder")
         return RewardModelScorer(target, device=args.device, dtype=args.dtype)
     if kind == "reward":
         if not target:
-            raise ValueError("--scorer reward:SPEC needs a reward function name, module:function or file.py:function")
+            raise UsageError("--scorer reward:SPEC needs a reward function name, module:function or file.py:function")
         return RewardFunctionScorer(target, **_scorer_options(args.scorer_arg))
     if kind == "judge":
         if target:
-            raise ValueError("--scorer judge takes its model from --judge-model / --judge-base-url, not judge:X")
+            raise UsageError("--scorer judge takes its model from --judge-model / --judge-base-url, not judge:X")
         return JudgeScorer(pointwise_judge(args, judge_backend(args, loaded=loaded, loaded_name=args.model)))
-    raise ValueError(f"--scorer must be reward-model:PATH, reward:SPEC or judge; got {args.scorer!r}")
+    raise UsageError(f"--scorer must be reward-model:PATH, reward:SPEC or judge; got {args.scorer!r}")
 
 
 def run(args) -> int:
-    from alignkit.best_of_n import best_of_n, write_result
-    from alignkit.data import load_examples
-    from alignkit.model import load_model_and_tokenizer
 
     if args.scorer_arg and not args.scorer.startswith("reward:"):
-        raise ValueError("--scorer-arg is for reward:SPEC scorers")
+        raise UsageError("--scorer-arg is for reward:SPEC scorers")
     examples, report = load_examples(args.data, kind="prompt", limit=args.limit)
     print(f"[alignkit] {report.summary()}")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)

@@ -15,6 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from alignkit.best_of_n import write_jsonl
+from alignkit.commands.judge import add_judge_arguments, judge_backend, pairwise_judge
+from alignkit.constitution import (
+    critique_and_revise,
+    load_constitution,
+    preference_pairs,
+)
+from alignkit.data import load_examples
+from alignkit.judges import LocalChatBackend, make_backend
+from alignkit.model import load_model_and_tokenizer
 
 
 def _common(parser) -> None:
@@ -35,7 +47,6 @@ def _common(parser) -> None:
 
 
 def register(subparsers) -> None:
-    from alignkit.commands.judge import add_judge_arguments
 
     parser = subparsers.add_parser("constitution", help="critique-and-revise SFT data and AI-feedback pairs",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +73,6 @@ def register(subparsers) -> None:
 
 
 def run_check(args) -> int:
-    from alignkit.constitution import load_constitution
 
     constitution = load_constitution(args.constitution)
     print(f"{args.constitution}: {len(constitution.principles)} principles, "
@@ -73,9 +83,6 @@ def run_check(args) -> int:
 
 
 def _setup(args):
-    from alignkit.constitution import load_constitution
-    from alignkit.data import load_examples
-    from alignkit.judges import make_backend
 
     constitution = load_constitution(args.constitution)
     examples, report = load_examples(args.data, kind="prompt", limit=args.limit)
@@ -84,8 +91,6 @@ def _setup(args):
     if args.base_url:
         backend = make_backend(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env)
     else:
-        from alignkit.judges import LocalChatBackend
-        from alignkit.model import load_model_and_tokenizer
 
         loaded = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
         backend = LocalChatBackend(*loaded, name=f"{args.model}+{args.adapter}" if args.adapter else args.model,
@@ -94,9 +99,7 @@ def _setup(args):
 
 
 def _write(out, name, rows, summary) -> None:
-    from pathlib import Path
 
-    from alignkit.best_of_n import write_jsonl
 
     path = write_jsonl(Path(out) / name, rows)
     (Path(out) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -105,7 +108,6 @@ def _write(out, name, rows, summary) -> None:
 
 
 def run_revise(args) -> int:
-    from alignkit.constitution import critique_and_revise
 
     constitution, examples, backend, _ = _setup(args)
     rows, summary = critique_and_revise(backend, constitution, [e.prompt for e in examples], rounds=args.rounds,
@@ -116,8 +118,6 @@ def run_revise(args) -> int:
 
 
 def run_pairs(args) -> int:
-    from alignkit.commands.judge import judge_backend, pairwise_judge
-    from alignkit.constitution import preference_pairs
 
     constitution, examples, backend, loaded = _setup(args)
     if loaded is None and not args.judge_base_url and not args.judge_model:

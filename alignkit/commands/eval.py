@@ -13,11 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+
+import alignkit
 from alignkit.commands.common import add_model_arguments, load_model_from_args
+from alignkit.errors import UsageError
+from alignkit.evaluate.metrics import METRICS, run_metrics
+from alignkit.evaluate.report import _fmt, _fmt_interval, write_report
 
 
 def register(commands) -> None:
@@ -87,7 +95,7 @@ def _key_values(items: list[str], option: str) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{option} expects KEY=VALUE, got {item!r}")
+            raise UsageError(f"{option} expects KEY=VALUE, got {item!r}")
         values[key.strip()] = _option_value(value)
     return values
 
@@ -95,7 +103,6 @@ def _key_values(items: list[str], option: str) -> dict[str, Any]:
 def _option_value(text: str) -> Any:
     """A YAML scalar (numbers, booleans, quoted strings, [lists], {maps}); ``none`` is None; text that
     YAML would read as something else by accident (a regex like ``^Summary: .+``) stays text."""
-    import yaml
 
     if text.strip().lower() == "none":
         return None
@@ -109,7 +116,6 @@ def _option_value(text: str) -> Any:
 
 
 def _data_argument(items: list[str]) -> dict[str, str]:
-    from alignkit.evaluate.metrics import METRICS
 
     data: dict[str, str] = {}
     for item in items:
@@ -118,7 +124,7 @@ def _data_argument(items: list[str]) -> dict[str, str]:
             data[name] = path
         else:
             if "*" in data:
-                raise ValueError(f"two default data files ({data['*']!r} and {item!r}); name the metric of one: "
+                raise UsageError(f"two default data files ({data['*']!r} and {item!r}); name the metric of one: "
                                  "--data METRIC=PATH")
             data["*"] = item
     return data
@@ -147,7 +153,6 @@ def metric_options(args) -> dict[str, Any]:
 
 
 def headline_text(report: dict[str, Any]) -> str:
-    from alignkit.evaluate.report import _fmt, _fmt_interval
 
     lines = []
     for row in report["headline"]:
@@ -160,18 +165,13 @@ def headline_text(report: dict[str, Any]) -> str:
 
 def run(args, load) -> int:
     """Load the model (``load(args)`` from the CLI), run the metrics, write the report folder."""
-    import sys
 
-    import alignkit
-    from alignkit.evaluate.metrics import METRICS, run_metrics
-    from alignkit.evaluate.report import write_report
 
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     unknown = [name for name in names if name not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRICS))}")
+        raise UsageError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRICS))}")
     options = metric_options(args)
-    import torch
 
     torch.manual_seed(args.seed)
     started = time.time()

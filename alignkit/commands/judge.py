@@ -14,6 +14,12 @@ import random
 import sys
 from pathlib import Path
 
+from alignkit.best_of_n import write_jsonl
+from alignkit.data import load_examples, read_rows, to_preference_examples
+from alignkit.errors import UsageError
+from alignkit.judges import PairwiseJudge, PointwiseJudge, agreement, make_backend
+from alignkit.model import alignkit_home
+
 
 def add_judge_arguments(parser, default_method: str = "generate") -> None:
     group = parser.add_argument_group("judge")
@@ -50,7 +56,6 @@ def _text_option(value: str | None) -> str | None:
 def judge_backend(args, loaded=None, loaded_name: str | None = None):
     """The judge's backend: HTTP when --judge-base-url is given; else a local model, reusing ``loaded``
     (model, tokenizer) when --judge-model is unset or names the same model."""
-    from alignkit.judges import make_backend
 
     if args.judge_base_url:
         return make_backend(model=args.judge_model, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env)
@@ -62,7 +67,6 @@ def judge_backend(args, loaded=None, loaded_name: str | None = None):
 
 
 def judge_options(args) -> dict:
-    from alignkit.model import alignkit_home
 
     cache = None if args.no_cache else (args.cache_dir or alignkit_home() / "judge_cache")
     return dict(template=args.judge_template, method=args.judge_method, max_retries=args.judge_max_retries,
@@ -74,12 +78,11 @@ def parse_scale(text: str) -> tuple[float, float]:
     try:
         low, high = (float(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"--judge-scale must be LOW,HIGH (e.g. 1,10), got {text!r}") from None
+        raise UsageError(f"--judge-scale must be LOW,HIGH (e.g. 1,10), got {text!r}") from None
     return low, high
 
 
 def pointwise_judge(args, backend):
-    from alignkit.judges import PointwiseJudge
 
     options = judge_options(args)
     return PointwiseJudge(backend, options.pop("template"), parse_scale(args.judge_scale),
@@ -87,7 +90,6 @@ def pointwise_judge(args, backend):
 
 
 def pairwise_judge(args, backend):
-    from alignkit.judges import PairwiseJudge
 
     options = judge_options(args)
     return PairwiseJudge(backend, options.pop("template"), criteria=_text_option(args.judge_criteria), **options)
@@ -114,7 +116,6 @@ def register(subparsers) -> None:
 
 
 def _rows(args):
-    from alignkit.data import read_rows
 
     rows = []
     for source, row in read_rows(args.data):
@@ -122,13 +123,11 @@ def _rows(args):
         if args.limit and len(rows) >= args.limit:
             break
     if not rows:
-        raise ValueError(f"{args.data}: no rows")
+        raise UsageError(f"{args.data}: no rows")
     return rows
 
 
 def run(args) -> int:
-    from alignkit.data import load_examples
-    from alignkit.judges import agreement
 
     backend = judge_backend(args)
     results = []
@@ -138,7 +137,7 @@ def run(args) -> int:
         prompts, replies, labels = [], [], []
         for example in examples:
             if example.messages[-1]["role"] != "assistant":
-                raise ValueError(f"{example.source}: the conversation must end with the reply to grade")
+                raise UsageError(f"{example.source}: the conversation must end with the reply to grade")
             prompts.append(example.messages[:-1])
             replies.append(example.messages[-1]["content"])
             labels.append(raw.get(example.source, {}).get(args.labels_field) if args.labels_field else None)
@@ -166,7 +165,7 @@ def run(args) -> int:
                 if args.labels_field and row.get(args.labels_field) is not None:
                     label = row[args.labels_field]
             if prompt is None:
-                raise ValueError(f"{source}: missing field 'prompt'")
+                raise UsageError(f"{source}: missing field 'prompt'")
             prompts.append(prompt)
             first.append(a)
             second.append(b)
@@ -180,7 +179,6 @@ def run(args) -> int:
                             "cached": result.cached})
         compare_labels, judged = labels, [r["verdict"] for r in results]
     if args.out:
-        from alignkit.best_of_n import write_jsonl
 
         write_jsonl(args.out, results)
     summary = {"mode": args.mode, "items": len(results), "judge": judge.stats.as_dict(),
@@ -192,7 +190,6 @@ def run(args) -> int:
 
 
 def _preference(row, source):
-    from alignkit.data import to_preference_examples
 
     example = to_preference_examples(row, source)[0]
     return (example.prompt, example.chosen, example.rejected), example

@@ -21,6 +21,18 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from alignkit.data import (
+    DataError,
+    detect_format,
+    iter_records,
+    to_chat_example,
+    to_preference_examples,
+    tokenize_prompt_response,
+)
+from alignkit.model.heads import load_scalar_model
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("score", help="write a reward-model score for every (prompt, response) row",
@@ -43,7 +55,6 @@ def register(subparsers) -> None:
 
 def responses_of(row: dict, source: str, columns=None, system_prompt=None):
     """``(kind, prompt messages, [responses])`` of a raw row; kind is single, pair or ranking."""
-    from alignkit.data import detect_format, to_chat_example, to_preference_examples
 
     mapped = {ours: row[theirs] for ours, theirs in (columns or {}).items() if theirs in row}
     shape = detect_format({**row, **mapped})
@@ -59,9 +70,7 @@ def responses_of(row: dict, source: str, columns=None, system_prompt=None):
 
 def score_rows(model, tokenizer, items, batch_size: int, max_length: int, max_prompt_length: int | None):
     """Rewards for ``items`` = [(prompt messages, response)], batched by length."""
-    import torch
 
-    from alignkit.data import tokenize_prompt_response
 
     limit = max_prompt_length if max_prompt_length is not None else max(1, max_length // 2)
     rows = [sum(tokenize_prompt_response(tokenizer, prompt, response, max_length, limit)[:2], [])
@@ -86,8 +95,6 @@ def score_rows(model, tokenizer, items, batch_size: int, max_length: int, max_pr
 
 
 def run(args) -> int:
-    from alignkit.data import DataError, iter_records
-    from alignkit.model.heads import load_scalar_model
 
     columns = dict(item.split("=", 1) for item in args.columns)
     model, tokenizer = load_scalar_model(args.model, device=args.device, dtype=args.dtype)

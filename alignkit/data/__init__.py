@@ -2,7 +2,12 @@
 
 See ``docs/data.md`` for the accepted files and row shapes, and ``docs/architecture.md`` for the contract.
 """
-from alignkit.data.collate import block_diagonal_attention_mask, length_bucketed_batches, pack_rows, pad_batch
+from alignkit.data.collate import (
+    block_diagonal_attention_mask,
+    length_bucketed_batches,
+    pack_rows,
+    pad_batch,
+)
 from alignkit.data.errors import DataError
 from alignkit.data.formats import (
     FORMATS,
@@ -16,7 +21,12 @@ from alignkit.data.formats import (
     to_preference_examples,
     to_prompt_example,
 )
-from alignkit.data.prepare import deduplicate, filter_by_length, normalize_text, train_validation_split
+from alignkit.data.prepare import (
+    deduplicate,
+    filter_by_length,
+    normalize_text,
+    train_validation_split,
+)
 from alignkit.data.read import ACCEPTED_EXTENSIONS, iter_records, read_rows
 from alignkit.data.tokenize import (
     TokenizedRow,

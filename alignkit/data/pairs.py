@@ -25,6 +25,7 @@ import torch
 
 from alignkit.data.tokenize import tokenize_prompt_response
 
+
 @dataclass
 class TokenizedPair:
     """Token rows of a pair. ``*_start`` is the index of the first response token in its row."""

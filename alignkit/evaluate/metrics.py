@@ -1,10 +1,57 @@
 """Named metrics for `alignkit eval`. Each takes a model, a tokenizer and data, returns a dict."""
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+import yaml
+
+from alignkit.data import load_examples, pad_batch, tokenize_dataset, tokenize_prompt
+from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
+from alignkit.errors import UsageError
+from alignkit.evaluate.drift import (
+    DEFAULT_REFUSAL_PATTERNS,
+    distinct_n,
+    drift_report,
+    length_stats,
+    mean_entropy,
+    refusal_rate,
+    sample_kl,
+)
+from alignkit.evaluate.multiple_choice import (
+    load_multiple_choice,
+    score_multiple_choice,
+)
+from alignkit.evaluate.pairwise import (
+    judge_both_orders,
+    judge_name,
+    load_judge,
+    summarize,
+)
+from alignkit.evaluate.stats import (
+    bootstrap_interval,
+    bootstrap_ratings,
+    pass_at_k,
+    wilson_interval,
+)
+from alignkit.generation import generate_ids
+from alignkit.judges import conversation_text
+from alignkit.losses import preference_accuracy, tied_pairs
+from alignkit.model import is_peft_model, load_model_and_tokenizer
+from alignkit.model.forward import model_token_logprobs, response_logprob_sums
+from alignkit.model.heads import (
+    ScalarHeadModel,
+    as_reward_model,
+    is_scalar_model,
+    score_examples,
+)
+from alignkit.reference import ReferencePolicy
+from alignkit.rewards import get_reward_function, reward_inputs
 
 METRICS: dict[str, Callable[..., dict[str, Any]]] = {}
 
@@ -20,8 +67,6 @@ def metric(name: str):
 @torch.no_grad()
 def token_nll(model, tokenizer, rows, batch_size: int = 8) -> tuple[float, int, list[float]]:
     """Summed NLL over loss-masked tokens, their count, and the mean NLL of each row."""
-    from alignkit.data import pad_batch
-    from alignkit.model.forward import model_token_logprobs
 
     device = next(model.parameters()).device
     total, count, per_row = 0.0, 0, []
@@ -44,7 +89,6 @@ def perplexity(model, tokenizer, data: str, max_length: int = 1024, batch_size: 
                limit: int | None = None, **kwargs) -> dict[str, Any]:
     """Token-weighted perplexity exp(-1/N sum log p) over the assistant tokens of a chat data set,
     with a percentile-bootstrap interval over rows (each replicate re-weights rows by their tokens)."""
-    from alignkit.data import load_examples, tokenize_dataset
 
     examples, report = load_examples(data, kind="chat", limit=limit)
     rows, treport = tokenize_dataset(tokenizer, examples, max_length, "assistant")
@@ -58,9 +102,7 @@ def perplexity(model, tokenizer, data: str, max_length: int = 1024, batch_size: 
 
 
 def _perplexity_interval(rows, per_row_mean_nll: list[float], confidence: float, seed: int) -> list[float]:
-    import numpy as np
 
-    from alignkit.evaluate.stats import bootstrap_interval
 
     counts = np.array([sum(bool(m) for m in row.loss_mask[1:]) for row in rows], dtype=float)
     sums = np.array(per_row_mean_nll, dtype=float) * counts
@@ -81,10 +123,9 @@ def _perplexity_interval(rows, per_row_mean_nll: list[float], confidence: float,
 # ------------------------------------------------------------------------------------------------
 
 def _load_prompts(data: str, limit: int | None):
-    from alignkit.data import load_examples
 
     if not data:
-        raise ValueError("this metric needs a prompt file: --data PATH")
+        raise UsageError("this metric needs a prompt file: --data PATH")
     return load_examples(data, kind="prompt", limit=limit)
 
 
@@ -93,7 +134,7 @@ def _temperature(temperature: float | None, samples: int) -> float:
     if temperature is None:
         return 1.0 if samples > 1 else 0.0
     if samples > 1 and temperature <= 0:
-        raise ValueError(f"--samples {samples} with --temperature 0 draws the same greedy answer {samples} times; "
+        raise UsageError(f"--samples {samples} with --temperature 0 draws the same greedy answer {samples} times; "
                          "pass@k needs sampling: set --temperature > 0 (e.g. 0.7 or 1.0)")
     return float(temperature)
 
@@ -106,11 +147,9 @@ def sample_completions(model, tokenizer, examples, *, samples: int = 1, temperat
     Seeded with ``torch.manual_seed(seed)`` right before generating, so a run is reproducible; the
     result is cached per (model, prompts, settings) so several metrics share one generation pass.
     """
-    from alignkit.data import tokenize_prompt
-    from alignkit.generation import generate_ids
 
     if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise UsageError(f"samples must be >= 1, got {samples}")
     key = (id(model), tuple(e.source for e in examples), samples, temperature, top_p, max_new_tokens, seed)
     if cache is not None and key in cache:
         return cache[key]
@@ -131,16 +170,13 @@ def _load_other_model(spec, device=None, dtype=None):
     """(model, tokenizer, name) from a spec string, or from a ready ``(model, tokenizer)`` pair."""
     if isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
         return spec[0], spec[1], (spec[2] if len(spec) == 3 else type(spec[0]).__name__)
-    from alignkit.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(spec), device=device, dtype=dtype, is_trainable=False)
     return model, tokenizer, str(spec)
 
 
 def _mean_interval(values, confidence: float, seed: int, n_resamples: int = 2000) -> list[float]:
-    import numpy as np
 
-    from alignkit.evaluate.stats import bootstrap_interval
 
     values = np.asarray(values, dtype=float)
     if values.size == 0:
@@ -152,7 +188,6 @@ def _rate_interval(values, confidence: float, seed: int) -> list[float]:
     """Interval of a mean of per-prompt rates in [0, 1]: percentile bootstrap over prompts; when every
     prompt has the same rate the bootstrap collapses to a point, so the Wilson interval of the prompt
     count is used instead (it is what one sample per prompt would give)."""
-    from alignkit.evaluate.stats import wilson_interval
 
     values = [float(v) for v in values]
     if values and max(values) == min(values):
@@ -175,10 +210,7 @@ def accuracy(model, tokenizer, data: str, reward: str = "numeric_match", reward_
     intervals are percentile bootstraps over prompts. ``pass@k`` (Chen et al.'s unbiased estimator)
     is reported for every k > 1 in ``k`` (default: ``samples``); pass@1 is ``accuracy``.
     """
-    import numpy as np
 
-    from alignkit.evaluate.stats import pass_at_k, wilson_interval
-    from alignkit.rewards import get_reward_function
 
     examples, report = _load_prompts(data, limit)
     temperature = _temperature(temperature, samples)
@@ -191,7 +223,7 @@ def accuracy(model, tokenizer, data: str, reward: str = "numeric_match", reward_
     try:
         rewards = [float(r) for r in score(prompts, completions, **fields)]
     except KeyError as error:
-        raise ValueError(f"accuracy: reward function {reward!r} cannot score {data}: {error.args[0]}") from None
+        raise UsageError(f"accuracy: reward function {reward!r} cannot score {data}: {error.args[0]}") from None
     correct = np.array([r >= threshold for r in rewards], dtype=float).reshape(len(examples), samples)
     per_prompt = correct.sum(axis=1).astype(int)
     total = int(correct.sum())
@@ -203,7 +235,7 @@ def accuracy(model, tokenizer, data: str, reward: str = "numeric_match", reward_
     ks = sorted({1, samples} if k is None else ({k} if isinstance(k, int) else set(k)))
     bad = [value for value in ks if not 1 <= value <= samples]
     if bad:
-        raise ValueError(f"pass@k needs 1 <= k <= samples ({samples}); got k={bad}")
+        raise UsageError(f"pass@k needs 1 <= k <= samples ({samples}); got k={bad}")
     if samples > 1:
         for value in ks:
             if value == 1:  # pass@1 is `accuracy` itself (the mean over prompts of c/n)
@@ -248,10 +280,9 @@ def win_rate(model, tokenizer, data: str, model_b=None, judge=None, tie_margin: 
     See ``alignkit.evaluate.pairwise`` for the combination rule: ties count half, the interval is
     Wilson's, the p-value is the one-sided sign test of "A beats B" (ties dropped).
     """
-    from alignkit.evaluate.pairwise import judge_both_orders, judge_name, load_judge, summarize
 
     if model_b is None:
-        raise ValueError("win_rate needs a second model: --model-b NAME_OR_PATH")
+        raise UsageError("win_rate needs a second model: --model-b NAME_OR_PATH")
     examples, report = _load_prompts(data, limit)
     settings = _pairwise_settings(temperature, top_p, max_new_tokens, seed, batch_size)
     responses_a = _responses(model, tokenizer, examples, settings, _cache)
@@ -287,12 +318,10 @@ def elo(model, tokenizer, data: str, models=None, judge=None, tie_margin: float 
     on the Elo scale (mean 1000): a Bradley-Terry fit (``elo_method="bradley_terry"``, default) or
     online Elo with K = ``k_factor`` (``"elo"``), with percentile-bootstrap intervals over comparisons.
     """
-    from alignkit.evaluate.pairwise import judge_both_orders, judge_name, load_judge, summarize
-    from alignkit.evaluate.stats import bootstrap_ratings
 
     others = [m for m in (models or []) if m]
     if not others:
-        raise ValueError("elo needs at least one other model: --models NAME_OR_PATH[,NAME_OR_PATH...]")
+        raise UsageError("elo needs at least one other model: --models NAME_OR_PATH[,NAME_OR_PATH...]")
     examples, report = _load_prompts(data, limit)
     settings = _pairwise_settings(temperature, top_p, max_new_tokens, seed, batch_size)
     names = [model_name or "model"]
@@ -329,7 +358,6 @@ def multiple_choice(model, tokenizer, data: str, prompt_style: str = "plain", li
                     batch_size: int = 8, confidence: float = 0.95, **_) -> dict[str, Any]:
     """Log-likelihood multiple choice (MMLU/ARC/HellaSwag/TruthfulQA-MC rows): accuracy and
     length-normalised accuracy with Wilson intervals. See ``alignkit.evaluate.multiple_choice``."""
-    from alignkit.evaluate.multiple_choice import load_multiple_choice, score_multiple_choice
 
     items, errors = load_multiple_choice(data, limit=limit)
     result = score_multiple_choice(model, tokenizer, items, style=prompt_style, batch_size=batch_size,
@@ -360,22 +388,20 @@ def text_overlap(model, tokenizer, data: str, temperature: float | None = None, 
                  **_) -> dict[str, Any]:
     """BLEU and chrF (sacrebleu, corpus level, 0-100) and ROUGE-1/2/L F1 (rouge-score, mean over rows)
     of greedy generations against the reference completions; bootstrap intervals over rows."""
-    import numpy as np
 
-    from alignkit.evaluate.stats import bootstrap_interval
 
     try:
         import sacrebleu
         from rouge_score import rouge_scorer
     except ImportError as error:
-        raise ValueError(f"text_overlap needs sacrebleu and rouge-score: pip install 'alignkit[eval]' ({error})") from None
+        raise UsageError(f"text_overlap needs sacrebleu and rouge-score: pip install 'alignkit[eval]' ({error})") from None
     examples, report = _load_prompts(data, limit)
     references = []
     for e in examples:
         reference = next((_reference_text(e.fields[f]) for f in REFERENCE_FIELDS
                           if f in e.fields and _reference_text(e.fields[f])), None)
         if reference is None:
-            raise ValueError(f"{e.source}: no reference text; text_overlap needs prompt/completion rows "
+            raise UsageError(f"{e.source}: no reference text; text_overlap needs prompt/completion rows "
                              f"(or one of {', '.join(REFERENCE_FIELDS)})")
         references.append(reference)
     settings = _pairwise_settings(temperature, top_p, max_new_tokens, seed, batch_size)
@@ -418,10 +444,7 @@ def text_overlap(model, tokenizer, data: str, temperature: float | None = None, 
 def completion_logprobs(model, tokenizer, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                         with_entropy: bool = False, batch_size: int = 8):
     """Per-sequence arrays of the completion tokens' log-probs (and entropies) under ``model``."""
-    import numpy as np
 
-    from alignkit.data import pad_batch
-    from alignkit.model.forward import model_token_logprobs
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -442,8 +465,6 @@ def completion_logprobs(model, tokenizer, prompt_ids: list[list[int]], completio
 
 
 def _text_stats(texts: list[str], lengths: list[int], patterns, confidence: float, seed: int) -> dict[str, Any]:
-    from alignkit.evaluate.drift import DEFAULT_REFUSAL_PATTERNS, distinct_n, length_stats, refusal_rate
-    from alignkit.evaluate.stats import wilson_interval
 
     patterns = tuple(patterns) if patterns else DEFAULT_REFUSAL_PATTERNS
     refusals = refusal_rate(texts, patterns)
@@ -471,23 +492,20 @@ def drift(model, tokenizer, data: str, reference_model=None, drift_temperature: 
     The reference is ``reference_model`` (a name/path) or, for a LoRA policy, the base model with the
     adapter disabled.
     """
-    import contextlib
 
-    import numpy as np
 
-    from alignkit.evaluate.drift import drift_report, mean_entropy, sample_kl
 
     examples, report = _load_prompts(data, limit)
     if reference_model is not None:
         reference, reference_tokenizer, reference_name = _load_other_model(reference_model, device, dtype)
         if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"drift: the reference model {reference_name} has a different tokenizer; "
+            raise UsageError(f"drift: the reference model {reference_name} has a different tokenizer; "
                              "sample KL needs the same vocabulary")
         reference_context = contextlib.nullcontext
     elif hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
         reference, reference_name, reference_context = model, "base model (adapter disabled)", model.disable_adapter
     else:
-        raise ValueError("drift needs a reference model: --reference-model NAME_OR_PATH "
+        raise UsageError("drift needs a reference model: --reference-model NAME_OR_PATH "
                          "(or a LoRA policy, whose base model is the reference)")
     settings = dict(samples=1, temperature=float(drift_temperature), top_p=1.0, max_new_tokens=max_new_tokens,
                     seed=seed, batch_size=batch_size)
@@ -504,7 +522,6 @@ def drift(model, tokenizer, data: str, reference_model=None, drift_temperature: 
         rows = [r for r in rows if r.size]
         if not rows:
             return [math.nan, math.nan]
-        from alignkit.evaluate.stats import bootstrap_interval
 
         def draw(rng):
             pick = rng.integers(0, len(rows), len(rows))
@@ -541,18 +558,17 @@ def _data_for(name: str, data) -> Any:
 def run_metrics(model, tokenizer, names: list[str], **kwargs) -> dict[str, Any]:
     """Run the named metrics; ``data`` may be a dict per metric (see `_data_for`). Generations are
     shared between metrics through one cache; each result gets its wall-clock ``seconds``."""
-    import time
 
     unknown = [name for name in names if name not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRICS))}")
+        raise UsageError(f"unknown metric(s) {unknown}; available: {', '.join(sorted(METRICS))}")
     data = kwargs.pop("data", None)
     kwargs.setdefault("_cache", {})
     results = {}
     for name in names:
         path = _data_for(name, data)
         if path is None:
-            raise ValueError(f"metric {name!r} needs data: --data PATH or --data {name}=PATH")
+            raise UsageError(f"metric {name!r} needs data: --data PATH or --data {name}=PATH")
         start = time.perf_counter()
         results[name] = METRICS[name](model, tokenizer, data=path, **kwargs)
         if isinstance(results[name], dict):
@@ -578,11 +594,6 @@ def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_s
     ``mean_margin`` = mean r(chosen) - r(rejected) (bootstrap interval); the mean/std of all rewards.
     Rows the data layer rejects are skipped and counted (``data`` summary).
     """
-    from alignkit.data import load_examples
-    from alignkit.evaluate.stats import wilson_interval
-    from alignkit.model.heads import ScalarHeadModel, is_scalar_model
-    from alignkit.losses import preference_accuracy, tied_pairs
-    from alignkit.model.heads import as_reward_model, score_examples
 
     examples, report = load_examples(data, kind="preference", limit=limit, on_error="skip")
     candidates = [model_name.split("+", 1)[0]] if model_name else []
@@ -611,9 +622,7 @@ def reward_accuracy(model, tokenizer, data: str, max_length: int = 1024, batch_s
 
 def _run_beta(model_name: str | None) -> float:
     """``beta`` from the ``config.yaml`` of the run a model folder came from (``runs/x/final``), else 0.1."""
-    from pathlib import Path
 
-    import yaml
 
     for part in reversed((model_name or "").split("+")):
         for folder in ((Path(part), Path(part).parent) if part else ()):
@@ -632,12 +641,12 @@ def _implicit_rewards(model, tokenizer, examples, reference_model, beta: float, 
     if reference_model is not None:
         other, reference_tokenizer, reference_name = _load_other_model(reference_model, device, dtype)
         if reference_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"reward_accuracy: the reference model {reference_name} has a different tokenizer")
+            raise UsageError(f"reward_accuracy: the reference model {reference_name} has a different tokenizer")
         reference = ReferencePolicy(model, "separate_model", other)
     elif is_peft_model(model):
         reference, reference_name = ReferencePolicy(model, "adapters_off"), "base model (adapter disabled)"
     else:
-        raise ValueError("reward_accuracy on a policy (no reward-model head found) scores the implicit DPO "
+        raise UsageError("reward_accuracy on a policy (no reward-model head found) scores the implicit DPO "
                          "reward and needs a reference: --reference-model NAME_OR_PATH (or a LoRA policy, "
                          "whose base model is the reference)")
     pairs, pair_report = tokenize_pairs(tokenizer, examples, max_length, None)

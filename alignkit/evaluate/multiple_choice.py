@@ -41,8 +41,10 @@ from typing import Any, Sequence
 
 import torch
 
-from alignkit.data import DataError, iter_records
+from alignkit.data import DataError, iter_records, pad_batch, render_chat
+from alignkit.errors import UsageError
 from alignkit.evaluate.stats import wilson_interval
+from alignkit.model.forward import model_token_logprobs
 
 QUESTION_FIELDS = ("question", "query", "ctx", "goal", "prompt", "stem")
 CHOICE_FIELDS = ("choices", "endings", "options", "mc1_targets", "mc2_targets")
@@ -160,12 +162,11 @@ def context_and_continuations(tokenizer, item: MultipleChoiceItem, style: str = 
         context = item.question if item.continuation else f"Question: {item.question}\nAnswer:"
         return context, [f" {c}" for c in item.choices]
     if style == "chat":
-        from alignkit.data import render_chat
 
         listed = "\n".join(f"{letter}. {choice}" for letter, choice in zip(_letters(len(item.choices)), item.choices))
         messages = [{"role": "user", "content": f"{item.question}\n\n{listed}\n\nAnswer with the correct choice."}]
         return render_chat(tokenizer, messages, add_generation_prompt=True), list(item.choices)
-    raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    raise UsageError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -186,8 +187,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[list[int], list[int]]],
                           batch_size: int = 8) -> list[float]:
     """Summed log-prob of each continuation given its context (batched, longest first)."""
-    from alignkit.data import pad_batch
-    from alignkit.model.forward import model_token_logprobs
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

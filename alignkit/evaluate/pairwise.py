@@ -29,12 +29,16 @@ is a tie.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from alignkit.data import pad_batch, tokenize_prompt_response
+from alignkit.errors import UsageError
 from alignkit.evaluate.stats import win_rate_with_ties
+from alignkit.model.heads import is_scalar_model, load_scalar_model
 
 VERDICTS = ("A", "B", "tie")
 
@@ -176,21 +180,19 @@ class RewardModelJudge:
     def __init__(self, model, tokenizer, tie_margin: float = 0.0, batch_size: int = 8,
                  max_length: int = 1024, name: str | None = None):
         if tie_margin < 0:
-            raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
+            raise UsageError(f"tie_margin must be >= 0, got {tie_margin}")
         self.model, self.tokenizer = model, tokenizer
         self.tie_margin, self.batch_size, self.max_length = float(tie_margin), batch_size, max_length
         self.name = name or "reward-model"
 
     @classmethod
     def from_path(cls, path: str, device=None, dtype=None, **options) -> "RewardModelJudge":
-        from alignkit.model.heads import load_scalar_model
 
         model, tokenizer = load_scalar_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, name=f"reward-model:{path}", **options)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        from alignkit.data import pad_batch, tokenize_prompt_response
 
         rows = []
         for prompt, response in zip(prompts, responses):
@@ -224,18 +226,17 @@ def load_judge(spec: Any, device=None, dtype=None, tie_margin: float = 0.0):
     if hasattr(spec, "compare"):
         return spec
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("a pairwise metric needs a judge: --judge reward-model:PATH or --judge llm:MODEL")
+        raise UsageError("a pairwise metric needs a judge: --judge reward-model:PATH or --judge llm:MODEL")
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
     if kind in ("reward-model", "reward_model", "rm") and rest:
         return RewardModelJudge.from_path(rest, device=device, dtype=dtype, tie_margin=tie_margin)
     if kind == "llm":
         return llm_judge(rest, device=device, dtype=dtype)
-    from alignkit.model.heads import is_scalar_model
 
     if is_scalar_model(spec):
         return RewardModelJudge.from_path(spec, device=device, dtype=dtype, tie_margin=tie_margin)
-    raise ValueError(f"unknown judge {spec!r}; expected reward-model:PATH (a folder saved by `alignkit rm`) "
+    raise UsageError(f"unknown judge {spec!r}; expected reward-model:PATH (a folder saved by `alignkit rm`) "
                      "or llm:MODEL")
 
 
@@ -243,12 +244,11 @@ def llm_judge(spec: str, device=None, dtype=None):
     """A pairwise LLM judge from ``alignkit.judges``: ``MODEL`` (a local model; verdicts read from the
     label log-probabilities, the only method a small model manages) or ``MODEL@URL`` (an
     OpenAI-compatible server; verdicts parsed from the reply, None when malformed)."""
-    import importlib
 
     try:
         judges = importlib.import_module("alignkit.judges")
     except ImportError as error:
-        raise ValueError(f"--judge llm:{spec}: LLM judges need alignkit.judges, which is not available "
+        raise UsageError(f"--judge llm:{spec}: LLM judges need alignkit.judges, which is not available "
                          f"({error}); use --judge reward-model:PATH") from None
     factory = getattr(judges, "load_judge", None)
     if callable(factory):

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from alignkit.evaluate.drift import DEFAULT_THRESHOLDS
 from alignkit.evaluate.stats import wilson_interval
 
 RATE_WORDS = ("accuracy", "pass@", "rouge", "rate")
@@ -339,7 +340,6 @@ def _plot_elo(ax, result) -> None:
 
 
 def _plot_drift(ax, result) -> None:
-    from alignkit.evaluate.drift import DEFAULT_THRESHOLDS
 
     policy, reference = result["policy"], result["reference"]
     thresholds = {**DEFAULT_THRESHOLDS, **(result.get("thresholds") or {})}

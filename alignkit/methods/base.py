@@ -8,16 +8,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from alignkit.config import ConfigError, Job, job_to_yaml
-from alignkit.data import deduplicate, length_bucketed_batches, load_examples, train_validation_split
+from alignkit.config import Job, job_to_yaml
+from alignkit.data import (
+    deduplicate,
+    length_bucketed_batches,
+    load_examples,
+    train_validation_split,
+)
 from alignkit.engine import Engine
+from alignkit.errors import UsageError
 from alignkit.methods.registry import get_method
-from alignkit.model import add_lora, is_peft_model, load_model_and_tokenizer, merge_adapter
+from alignkit.model import (
+    add_lora,
+    is_peft_model,
+    load_model_and_tokenizer,
+    merge_adapter,
+)
 
 # ----------------------------------------------------------------------------- model
 
@@ -62,7 +72,7 @@ def load_train_validation(job: Job, kind: str):
     """
     data = job.data
     if not data.train:
-        raise ValueError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
+        raise UsageError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
     common = dict(kind=kind, columns=data.columns or None, on_error=data.on_error,
                   system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format)
     train, report = load_examples(data.train, limit=data.limit, **common)
@@ -80,7 +90,7 @@ def load_train_validation(job: Job, kind: str):
     else:
         validation = []
     if not train:
-        raise ValueError(f"{data.train}: no training rows left after validation and filtering")
+        raise UsageError(f"{data.train}: no training rows left after validation and filtering")
     return train, validation, notes
 
 

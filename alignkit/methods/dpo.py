@@ -47,21 +47,25 @@ the policy drifted from the reference (0 at the start; off-policy, so "KL-like",
 from __future__ import annotations
 
 import contextlib
-import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from alignkit.methods.registry import register_method
-from alignkit.methods.base import BatchSchedule
 from alignkit.data.pairs import collate_pairs, pairs_digest, split_pairs, tokenize_pairs
-from alignkit.losses import preference_accuracy
-from alignkit.methods.base import build_policy
+from alignkit.errors import UsageError
+from alignkit.losses import dpo_loss, kl_k3, orpo_loss, preference_accuracy, simpo_loss
+from alignkit.methods.base import BatchSchedule, build_policy
 from alignkit.methods.preference import PreferenceJob, load_preference_data
+from alignkit.methods.registry import register_method
+from alignkit.model import alignkit_home, freeze, load_model_and_tokenizer, save_model
 from alignkit.model.forward import response_logprob_sums
+from alignkit.reference import ReferencePolicy
 
 REFERENCE_FREE = ("simpo", "orpo")
 AVERAGED = ("ipo", "simpo", "orpo")
@@ -120,7 +124,6 @@ def preference_objective(job: DPOJob, sums: torch.Tensor, counts: torch.Tensor,
     Pure tensor code: the same function serves training, evaluation and the tests.
     Returns ``(loss scalar, per-pair implicit rewards (chosen [B], rejected [B]), metrics dict)``.
     """
-    from alignkit.losses import dpo_loss, orpo_loss, simpo_loss
 
     beta = job.effective_beta
     chosen_sum, rejected_sum = split_pairs(sums)
@@ -137,7 +140,7 @@ def preference_objective(job: DPOJob, sums: torch.Tensor, counts: torch.Tensor,
         losses, reward_c, reward_r = orpo_loss(chosen, rejected, beta=beta)
     else:
         if reference_sums is None:
-            raise ValueError(f"loss_type {job.loss_type!r} needs reference log-probs")
+            raise UsageError(f"loss_type {job.loss_type!r} needs reference log-probs")
         reference_c, reference_r = split_pairs(reference_sums.to(sums.device))
         if job.loss_type in AVERAGED:
             reference_c, reference_r = reference_c / chosen_count, reference_r / rejected_count
@@ -183,7 +186,7 @@ class DPORecipe:
         if validation:
             self.notes.append(f"validation {vreport.summary()}")
         if not self.train_pairs:
-            raise ValueError("no training pairs left after tokenization and truncation")
+            raise UsageError("no training pairs left after tokenization and truncation")
         self.lengths = [len(pair) for pair in self.train_pairs]
         self.batch_size = job.training.batch_size
         self.schedule = BatchSchedule(self.lengths, self.batch_size, job.training.gradient_accumulation_steps,
@@ -229,9 +232,9 @@ class DPORecipe:
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
-    def cache_path(self, reference: ReferencePolicy) -> Path:
-        from alignkit.model import alignkit_home
-
+    def cache_path(self, reference: ReferencePolicy | None = None) -> Path:
+        """Where the reference log-probs of this data under ``reference`` (default: the starting policy) are cached."""
+        reference = reference or ReferencePolicy.for_training(self.model, None, live=False)
         folder = Path(self.job.reference_cache_dir) if self.job.reference_cache_dir else \
             alignkit_home() / "cache" / "reference"
         return folder / f"{self.cache_key(reference)}.safetensors"
@@ -374,6 +377,6 @@ def _load_reference(job: DPOJob, tokenizer, device):
         job.reference_model, device=device, dtype=None if job.model.dtype == "auto" else job.model.dtype,
         trust_remote_code=job.model.trust_remote_code)
     if len(reference_tokenizer) != len(tokenizer) or reference_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"reference_model {job.reference_model!r} has a different tokenizer than the policy; "
+        raise UsageError(f"reference_model {job.reference_model!r} has a different tokenizer than the policy; "
                          "DPO needs both to read the same token ids")
     return freeze(reference)

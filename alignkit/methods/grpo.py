@@ -42,10 +42,16 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from alignkit.methods.registry import register_method
 from alignkit.losses import group_advantages, kl_k3, masked_mean, ppo_clip_loss
-from alignkit.methods.online import (CompletionBatch, GroupedCompletionBatch, OnlineJob, OnlineRecipe, Rollout,
-                                     aggregate)
+from alignkit.methods.online import (
+    CompletionBatch,
+    GroupedCompletionBatch,
+    OnlineJob,
+    OnlineRecipe,
+    Rollout,
+    aggregate,
+)
+from alignkit.methods.registry import register_method
 
 
 class GRPOJob(OnlineJob):

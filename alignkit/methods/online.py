@@ -40,10 +40,15 @@ from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import ConfigError, Job, Section
 from alignkit.data import tokenize_prompt
+from alignkit.errors import UsageError
 from alignkit.losses import masked_mean
 from alignkit.methods.base import build_policy, load_train_validation
 from alignkit.model import save_model
-from alignkit.model.forward import completion_layout, completion_logprobs, grouped_completion_logprobs
+from alignkit.model.forward import (
+    completion_layout,
+    completion_logprobs,
+    grouped_completion_logprobs,
+)
 from alignkit.reference import ReferencePolicy, eval_mode
 from alignkit.rewards import CombinedReward, load_reward_plugins, reward_inputs
 from alignkit.rollout import SamplingParams, get_backend, padding_id
@@ -270,7 +275,7 @@ class OnlineRecipe:
         if train is None:
             train, validation, self.notes = load_train_validation(job, kind="prompt")
         if not train:
-            raise ValueError("no training prompts")
+            raise UsageError("no training prompts")
         self.train_examples, self.validation_examples = list(train), list(validation or [])
         self.thinking = job.thinking_tokens()
         self.train_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.train_examples]

@@ -36,7 +36,15 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
-from alignkit.losses import gae, masked_mean, masked_var, ppo_clip_loss, value_loss, whiten
+from alignkit.errors import UsageError
+from alignkit.losses import (
+    gae,
+    masked_mean,
+    masked_var,
+    ppo_clip_loss,
+    value_loss,
+    whiten,
+)
 from alignkit.methods.online import CompletionBatch, OnlineJob, OnlineRecipe, Rollout
 from alignkit.methods.registry import register_method
 from alignkit.model.forward import completion_hidden_states, head_logprobs
@@ -78,7 +86,7 @@ class PPORecipe(OnlineRecipe):
             self.notes.append(f"only {len(self.train_examples)} prompts for prompts_per_step={job.prompts_per_step}: "
                               "prompts repeat within a batch")
         if job.num_mini_batches > job.prompts_per_step * job.num_generations:
-            raise ValueError("ppo: num_mini_batches exceeds the samples of a rollout batch")
+            raise UsageError("ppo: num_mini_batches exceeds the samples of a rollout batch")
         value_head = None
         if critic is None and job.critic == "shared":
             hidden = self.policy.config.hidden_size

@@ -8,15 +8,13 @@ counted in the run notes; so are pairs that truncation spoils (`alignkit.data.pa
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
-import torch
 from pydantic import Field
 
 from alignkit.config import Job
+from alignkit.data import deduplicate, load_examples, train_validation_split
+from alignkit.errors import UsageError
 
 
 class PreferenceJob(Job):
@@ -37,11 +35,10 @@ def load_preference_data(job: Job, ranking_pairs: str = "all"):
     Validation comes from ``data.validation`` or a seeded split of the training rows. The split is by
     *row*, so the pairs expanded from one ranking never end up on both sides.
     """
-    from alignkit.data import deduplicate, load_examples, train_validation_split
 
     data = job.data
     if not data.train:
-        raise ValueError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
+        raise UsageError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
     common = dict(kind="preference", columns=data.columns or None, on_error=data.on_error,
                   system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format,
                   ranking_pairs=ranking_pairs)
@@ -68,5 +65,5 @@ def load_preference_data(job: Job, ranking_pairs: str = "all"):
     else:
         validation = []
     if not train:
-        raise ValueError(f"{data.train}: no training pairs left after validation and filtering")
+        raise UsageError(f"{data.train}: no training pairs left after validation and filtering")
     return train, validation, notes

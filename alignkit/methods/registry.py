@@ -19,8 +19,14 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from alignkit.config import (ConfigError, Job, apply_aliases, apply_overrides, format_validation_error,
-                             read_job_file)
+from alignkit.config import (
+    ConfigError,
+    Job,
+    apply_aliases,
+    apply_overrides,
+    format_validation_error,
+    read_job_file,
+)
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,19 @@ saved with ``ScalarHeadModel.save`` (backbone or adapter + ``head.safetensors``)
 """
 from __future__ import annotations
 
+import copy
 
 import torch
 from pydantic import Field
 
-from alignkit.methods.registry import register_method
-from alignkit.methods.base import BatchSchedule
 from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
-from alignkit.methods.base import build_policy
+from alignkit.errors import UsageError
+from alignkit.losses import bradley_terry_loss
+from alignkit.methods.base import BatchSchedule, build_policy
 from alignkit.methods.preference import PreferenceJob, load_preference_data
-from alignkit.model.heads import pair_scores
+from alignkit.methods.registry import register_method
+from alignkit.model import is_peft_model, merge_adapter
+from alignkit.model.heads import ScalarHeadModel, pair_scores
 
 
 class RewardJob(PreferenceJob):
@@ -43,7 +46,6 @@ class RewardRecipe:
     """Engine recipe for ``alignkit rm``; ``model`` is a `ScalarHeadModel`."""
 
     def __init__(self, job: RewardJob, model=None, tokenizer=None, train=None, validation=None):
-        from alignkit.model.heads import ScalarHeadModel
 
         self.job = job
         if model is None:
@@ -63,7 +65,7 @@ class RewardRecipe:
         if validation:
             self.notes.append(f"validation {vreport.summary()}")
         if not self.train_pairs:
-            raise ValueError("no training pairs left after tokenization and truncation")
+            raise UsageError("no training pairs left after tokenization and truncation")
         self.lengths = [len(pair) for pair in self.train_pairs]
         self.batch_size = job.training.batch_size
         self.schedule = BatchSchedule(self.lengths, self.batch_size, job.training.gradient_accumulation_steps,
@@ -86,7 +88,6 @@ class RewardRecipe:
         return split_pairs(pair_scores(self.model, batch))
 
     def loss(self, batch):
-        from alignkit.losses import bradley_terry_loss
 
         chosen, rejected = self.rewards(batch)
         margin = batch["margin"] if self.job.use_margin else None
@@ -118,7 +119,6 @@ class RewardRecipe:
     def save_final(self, directory) -> None:
         self.model.save(directory, self.tokenizer)
         if self.job.lora is not None and self.job.lora.merge_on_save:
-            from alignkit.model import is_peft_model
 
             if is_peft_model(self.model.backbone):
                 _save_merged(self.model, self.tokenizer, f"{directory}-merged")
@@ -127,7 +127,6 @@ class RewardRecipe:
 def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
                    center_coefficient: float = 0.0) -> dict[str, float]:
     """Loss, accuracy (r_c > r_r), mean margin r_c - r_r, and the mean/std of all rewards."""
-    from alignkit.losses import bradley_terry_loss
 
     loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin, center_coefficient=center_coefficient)
     both = torch.cat([chosen, rejected])
@@ -138,10 +137,7 @@ def reward_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.T
 
 def _save_merged(model, tokenizer, directory) -> None:
     """Write the reward model with its LoRA adapter merged into a full backbone."""
-    import copy
 
-    from alignkit.model.heads import ScalarHeadModel
-    from alignkit.model import merge_adapter
 
     merged = copy.deepcopy(model)
     plain = ScalarHeadModel.__new__(ScalarHeadModel)

@@ -11,14 +11,17 @@ block-diagonal attention so packed sequences never see each other.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from pydantic import Field
 
-from alignkit.methods.registry import register_method
 from alignkit.config import Job
+from alignkit.data import pack_rows, pad_batch, tokenize_dataset
+from alignkit.errors import UsageError
 from alignkit.methods.base import BatchSchedule, build_policy, load_train_validation
+from alignkit.methods.registry import register_method
+from alignkit.model import save_model
+from alignkit.model.forward import decoder_hidden_states, head_logprobs
 
 
 class SFTJob(Job):
@@ -32,7 +35,6 @@ class SFTJob(Job):
 @register_method("sft", job=SFTJob, help="supervised fine-tuning on prompt/response or chat data")
 class SFTRecipe:
     def __init__(self, job: SFTJob, model=None, tokenizer=None, train=None, validation=None):
-        from alignkit.data import tokenize_dataset
 
         self.job = job
         if model is None:
@@ -49,9 +51,8 @@ class SFTRecipe:
         if validation:
             self.notes.append(f"tokenized validation: {vreport.summary()}")
         if not self.train_rows:
-            raise ValueError("no training rows have any loss tokens left after truncation")
+            raise UsageError("no training rows have any loss tokens left after truncation")
         if job.packing:
-            from alignkit.data import pack_rows
 
             before = len(self.train_rows)
             self.train_rows = pack_rows(self.train_rows, job.data.max_length)
@@ -70,7 +71,6 @@ class SFTRecipe:
             yield [self.collate([self.train_rows[i] for i in indices]) for indices in chunk]
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
-        from alignkit.data import pad_batch
 
         batch = pad_batch(rows, self.tokenizer.pad_token_id, side="right")
         if "position_ids" in batch:
@@ -100,7 +100,6 @@ class SFTRecipe:
                 "token_accuracy": total_correct / max(1, total_tokens)}
 
     def save_final(self, directory) -> None:
-        from alignkit.model import save_model
 
         save_model(self.model, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:
@@ -113,7 +112,6 @@ class SFTRecipe:
         Only the hidden states of loss tokens go through the output layer: prompt and padding
         positions never cost a vocabulary-sized matmul (on chat data that is often half the rows).
         """
-        from alignkit.model.forward import decoder_hidden_states, head_logprobs
 
         hidden = decoder_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"),
                                        batch.get("position_ids"))[:, :-1]

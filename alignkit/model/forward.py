@@ -27,7 +27,6 @@ from transformers import DynamicCache
 from alignkit.logprobs import chunked_token_logprobs
 from alignkit.model.peft import unwrap
 
-
 # ----------------------------------------------------------------------------- lookup
 
 def decoder_of(model):

@@ -23,7 +23,6 @@ atomically (temporary folder, then rename).
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import importlib.util
 import json
@@ -38,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import __version__ as transformers_version
 
 from alignkit.errors import UserError
 
@@ -259,7 +261,6 @@ def _clear_gguf_quantization(model) -> None:
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
@@ -303,7 +304,6 @@ def ensure_embedded_model() -> Path:
     _remove_stale_temp_dirs(parent, prefix)
     logger.info("converting the embedded model %s to safetensors in %s (once)", gguf, target)
     started = time.perf_counter()
-    from transformers import __version__ as transformers_version
 
     model, tokenizer = _load_gguf(gguf, torch.float32)
     _name_model(model, EMBEDDED_MODEL)
@@ -368,7 +368,6 @@ def _prepare_tokenizer(tokenizer, model=None):
 
 
 def _from_pretrained(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location = source.location
     try:
@@ -406,7 +405,6 @@ def _first_line(error: BaseException) -> str:
 
 
 def _load_plain(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source.kind == "embedded":
         folder = ensure_embedded_model()
@@ -460,7 +458,6 @@ def load_model_and_tokenizer(
     if adapter_dirs:
         adapter_tokenizer = Path(adapter_dirs[0]) / "tokenizer_config.json"
         if adapter_tokenizer.is_file():
-            from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[0], trust_remote_code=trust_remote_code)
         adapter = adapter_dirs[0]
@@ -473,7 +470,6 @@ def load_model_and_tokenizer(
 
 def load_adapter(model, directory: str | os.PathLike, is_trainable: bool = False):
     """Apply a saved PEFT adapter (``adapter_config.json`` + weights) to ``model``; returns the PeftModel."""
-    from peft import PeftModel
 
     folder = Path(directory).expanduser()
     if not (folder / "adapter_config.json").is_file():

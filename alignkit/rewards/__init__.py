@@ -17,8 +17,13 @@ from alignkit.rewards.builtin import (
     think_format,
     valid_json,
 )
+from alignkit.rewards.combine import (
+    CombinedReward,
+    RewardFunctionError,
+    RewardResult,
+    RewardSpec,
+)
 from alignkit.rewards.inputs import prompt_text, reward_inputs
-from alignkit.rewards.combine import CombinedReward, RewardFunctionError, RewardResult, RewardSpec
 from alignkit.rewards.registry import (
     RewardFunction,
     RewardSpecError,

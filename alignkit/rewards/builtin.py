@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from transformers import AutoTokenizer
+
 from alignkit.rewards.registry import register, register_factory
 
 __all__ = [
@@ -421,7 +423,6 @@ def _token_counter(tokenizer: Any) -> Callable[[str], int]:
         # Documented approximation: about four characters per token for English text.
         return lambda text: math.ceil(len(text) / 4)
     if isinstance(tokenizer, str):
-        from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     if hasattr(tokenizer, "encode"):

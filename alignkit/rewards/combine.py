@@ -21,7 +21,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from alignkit.errors import UserError
+from alignkit.errors import UsageError, UserError
 from alignkit.rewards.registry import get_reward_function
 
 _MAX_SHOWN = 200
@@ -79,9 +79,9 @@ class RewardSpec:
             allowed = {"name", "weight", "kwargs", "label"}
             unknown = sorted(set(value) - allowed)
             if unknown:
-                raise ValueError(f"reward spec {dict(value)!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+                raise UsageError(f"reward spec {dict(value)!r}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
             if "name" not in value:
-                raise ValueError(f"reward spec {dict(value)!r} needs a 'name'")
+                raise UsageError(f"reward spec {dict(value)!r} needs a 'name'")
             return cls(value["name"], float(value.get("weight", 1.0)), dict(value.get("kwargs") or {}), value.get("label"))
         raise TypeError(f"cannot make a reward spec from {type(value).__name__}: {value!r}")
 
@@ -124,12 +124,12 @@ class CombinedReward:
         max_error_messages: int = 5,
     ):
         if on_error not in ("raise", "zero"):
-            raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+            raise UsageError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
         if isinstance(specs, (RewardSpec, str, Mapping)) or callable(specs):
             specs = [specs]
         self.specs = [RewardSpec.coerce(s) for s in specs]
         if not self.specs:
-            raise ValueError("CombinedReward needs at least one reward spec")
+            raise UsageError("CombinedReward needs at least one reward spec")
         self.on_error = on_error
         self.max_error_messages = max_error_messages
         self.labels: list[str] = []
@@ -138,10 +138,10 @@ class CombinedReward:
         for spec in self.specs:
             label = spec.default_label()
             if label in self.labels:
-                raise ValueError(f"two reward functions would both be reported as {label!r}; give them distinct labels")
+                raise UsageError(f"two reward functions would both be reported as {label!r}; give them distinct labels")
             weight = float(spec.weight)
             if not math.isfinite(weight):
-                raise ValueError(f"reward {label!r}: weight must be finite, got {spec.weight!r}")
+                raise UsageError(f"reward {label!r}: weight must be finite, got {spec.weight!r}")
             self.labels.append(label)
             self.weights.append(weight)
             self.functions.append(get_reward_function(spec.name, **spec.kwargs))

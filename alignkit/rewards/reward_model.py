@@ -14,6 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from alignkit.data import tokenize_prompt_response
+from alignkit.model.heads import load_scalar_model
 from alignkit.rewards.registry import register_factory
 
 
@@ -25,10 +29,7 @@ def reward_model(path: str, batch_size: int = 16, max_length: int = 1024, device
     ``normalize=True`` standardises each batch's scores (mean 0, std 1), useful when the model's
     scale is arbitrary and it is combined with other rewards.
     """
-    import torch
 
-    from alignkit.data import tokenize_prompt_response
-    from alignkit.model.heads import load_scalar_model
 
     model, tokenizer = load_scalar_model(path, device=device, dtype=dtype)
     model.eval()

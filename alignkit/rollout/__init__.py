@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.rollout.base import RolloutBackend, RolloutBatch, SamplingParams, padding_id
+from alignkit.rollout.base import (
+    RolloutBackend,
+    RolloutBatch,
+    SamplingParams,
+    padding_id,
+)
 from alignkit.rollout.hf import HFGenerateBackend
 from alignkit.rollout.static import StaticCacheBackend
+from alignkit.rollout.vllm import VLLMBackend
 
 __all__ = ["BACKENDS", "HFGenerateBackend", "RolloutBackend", "RolloutBatch", "SamplingParams",
            "StaticCacheBackend", "get_backend", "padding_id"]
@@ -31,6 +37,5 @@ def get_backend(name: str = "auto", model=None, max_batch_size: int | None = Non
         return HFGenerateBackend(max_batch_size=max_batch_size, chunk_size=chunk_size)
     if name == "static":
         return StaticCacheBackend()
-    from alignkit.rollout.vllm import VLLMBackend  # optional: imports vllm
 
     return VLLMBackend(chunk_size=chunk_size)

@@ -15,9 +15,8 @@ import time
 
 import torch
 
-from alignkit.rollout.base import RolloutBatch, SamplingParams
 from alignkit.model.peft import is_peft_model, unwrap
-from alignkit.rollout.base import padding_id
+from alignkit.rollout.base import RolloutBatch, SamplingParams, padding_id
 from alignkit.rollout.hf import build_rollout_batch
 from alignkit.rollout.stops import stop_token_ids
 
@@ -66,7 +65,7 @@ class VLLMBackend:
         if self.llm is None:
             from vllm import LLM
 
-                    base = unwrap(model)
+            base = unwrap(model)
             source = getattr(base.config, "_name_or_path", None) or base.name_or_path
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             options = {k: v for k, v in self.options.items() if v is not None}
