@@ -267,7 +267,6 @@ def word_overlap(a: str, b: str) -> float:
 
 
 def near_duplicates(a: str, b: str, max_overlap: float) -> bool:
-
     return normalize_text(a) == normalize_text(b) or word_overlap(a, b) >= max_overlap
 
 

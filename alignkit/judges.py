@@ -861,7 +861,6 @@ def llm_judge_reward(model: str | None = None, base_url: str | None = None, api_
 
 
 def _register() -> None:
-
     register_factory("llm_judge", llm_judge_reward)
 
 

@@ -227,8 +227,8 @@ def _write(path, rows):
 
 
 def _train_one_step(method, data_path, tmp_path):
-    from alignkit.methods import load_job
     from alignkit.engine import Engine
+    from alignkit.methods import load_job
     from tests.helpers import make_tiny_model, make_tiny_tokenizer
 
     tokenizer = make_tiny_tokenizer()

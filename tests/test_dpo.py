@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.methods import build_job, load_job
-from alignkit.engine import Engine
-from alignkit.methods.dpo import DPORecipe
 from alignkit.data.pairs import collate_pairs
-from alignkit.model.forward import response_logprob_sums
+from alignkit.engine import Engine
+from alignkit.methods import build_job, load_job
+from alignkit.methods.dpo import DPORecipe
 from alignkit.model import add_lora
+from alignkit.model.forward import response_logprob_sums
 from tests.test_reward_model import synthetic_pairs, write_jsonl
 
 
@@ -49,8 +49,8 @@ def log_sigmoid(x):
 
 
 def test_one_forward_response_logprobs_equal_naive_full_logits(tiny_model, tiny_tokenizer):
-    from alignkit.data.types import PreferenceExample
     from alignkit.data.pairs import tokenize_pairs
+    from alignkit.data.types import PreferenceExample
 
     words = "cat dog bird fish red green blue one two three".split()
     examples = [PreferenceExample(prompt=[{"role": "user", "content": " ".join(words[:2 + 3 * i])}],

@@ -3,13 +3,13 @@ files, and the command end to end on tiny models."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
 from alignkit.evaluate import metrics
 from alignkit.evaluate.metrics import run_metrics
 from alignkit.evaluate.stats import pass_at_k, wilson_interval
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -227,8 +227,8 @@ def test_eval_command_end_to_end(tiny_tokenizer, tmp_path, capsys):
     for package in ("matplotlib", "sacrebleu", "rouge_score"):   # the `eval` extra
         pytest.importorskip(package)
     from alignkit.cli import main
-    from alignkit.model.heads import ScalarHeadModel
     from alignkit.model import save_model
+    from alignkit.model.heads import ScalarHeadModel
     from tests.helpers import make_tiny_model
 
     save_model(make_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer, tmp_path / "a")

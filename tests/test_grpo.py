@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from alignkit.config import ConfigError
-from alignkit.methods import build_job, load_job
 from alignkit.data import PromptExample
 from alignkit.engine import Engine
+from alignkit.methods import build_job
 from alignkit.methods.grpo import GRPORecipe
 from alignkit.methods.online import BASE_LEARNING_RATE, final_answer
 from alignkit.rewards import CombinedReward

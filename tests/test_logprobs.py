@@ -5,7 +5,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from alignkit.logprobs import token_logprobs, token_logprobs_and_entropy
-from alignkit.model.forward import decoder_hidden_states, model_token_logprobs, output_weight, sequence_logprob_sums
+from alignkit.model.forward import (
+    decoder_hidden_states,
+    model_token_logprobs,
+    output_weight,
+    sequence_logprob_sums,
+)
 
 
 def naive_logprobs(hidden, weight, targets, temperature=1.0, bias=None, softcap=None):

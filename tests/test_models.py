@@ -7,18 +7,15 @@ import time
 import pytest
 import torch
 
-from alignkit.model import load as models
-from alignkit.model.forward import decoder_of, output_layer
-from alignkit.model.load import EMBEDDED_INSTALL
 from alignkit.model import (
     EMBEDDED_MODEL,
     ModelLoadError,
     add_lora,
     count_parameters,
-    is_peft_model,
     default_device,
     default_dtype,
     ensure_embedded_model,
+    is_peft_model,
     load_adapter,
     load_model_and_tokenizer,
     merge_adapter,
@@ -26,6 +23,9 @@ from alignkit.model import (
     resolve_model,
     save_model,
 )
+from alignkit.model import load as models
+from alignkit.model.forward import decoder_of, output_layer
+from alignkit.model.load import EMBEDDED_INSTALL
 from tests.helpers import make_tiny_model, make_tiny_tokenizer
 
 INPUT_IDS = torch.tensor([[5, 17, 42, 9, 3, 77, 120, 8], [11, 12, 13, 14, 15, 16, 17, 18]])

@@ -17,6 +17,7 @@ from alignkit.evaluate.multiple_choice import (
     to_multiple_choice_item,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from two threads, and on a busy machine OpenMP's spinning makes each

@@ -12,6 +12,7 @@ from alignkit.evaluate.pairwise import (
     win_rate,
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from two threads, and on a busy machine OpenMP's spinning makes each

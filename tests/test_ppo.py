@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from alignkit.methods import build_job
 from alignkit.engine import Engine
+from alignkit.methods import build_job
 from alignkit.methods.ppo import PPORecipe
 from alignkit.rewards import CombinedReward
 from tests.test_grpo import favour_yes, prompt_set
@@ -58,8 +58,7 @@ def test_separate_critic_kl_penalty_and_saving(tmp_path, tiny_model, tiny_tokeni
 
 def test_reward_model_as_reward_function(tmp_path, tiny_model, tiny_tokenizer):
     from alignkit.model.heads import ScalarHeadModel
-    from alignkit.rewards import load_reward_plugins
-    from alignkit.rewards import get_reward_function
+    from alignkit.rewards import get_reward_function, load_reward_plugins
 
     reward_model = ScalarHeadModel(tiny_model)
     reward_model.save(tmp_path / "rm", tiny_tokenizer)

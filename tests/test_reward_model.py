@@ -4,14 +4,12 @@ import json
 import pytest
 import torch
 
-from alignkit.methods import build_job
 from alignkit.data import DataError
-from alignkit.engine import Engine
-from alignkit.model.heads import load_scalar_model
 from alignkit.data.pairs import collate_pairs, tokenize_pairs, truncate_pair
+from alignkit.methods import build_job
 from alignkit.methods.preference import load_preference_data
 from alignkit.methods.reward import RewardRecipe
-from alignkit.model.heads import pair_scores
+from alignkit.model.heads import load_scalar_model, pair_scores
 
 WORDS = "cat dog bird fish red green blue one two three apple banana cherry grape lemon".split()
 
@@ -140,7 +138,7 @@ def test_hh_dialogues_and_rankings_become_pairs(tmp_path):
     train = write_jsonl(tmp_path / "mixed.jsonl", rows)
     for ranking, expected in (("all", 1 + 3 + 1), ("adjacent", 1 + 2 + 1)):
         job = build_job("rm", {"ranking_pairs": ranking, "data": {"train": str(train), "validation_fraction": 0}})
-        examples, _, _ = load_preference_data(job, job.ranking_pairs)
+        examples, _, _ = load_preference_data(job)
         assert len(examples) == expected
     hh = examples[0]
     assert [m["role"] for m in hh.prompt] == ["user", "assistant", "user"]
@@ -152,7 +150,7 @@ def test_validation_split_keeps_a_ranking_on_one_side(tmp_path):
     rows = [{"prompt": f"p{i}", "responses": ["a", "b", "c", "d"]} for i in range(10)]
     job = build_job("rm", {"data": {"train": str(write_jsonl(tmp_path / "r.jsonl", rows)),
                                     "validation_fraction": 0.3}})
-    train, validation, _ = load_preference_data(job, "all")
+    train, validation, _ = load_preference_data(job)
     assert len(train) + len(validation) == 60 and len(validation) == 18
     assert not {e.source for e in train} & {e.source for e in validation}
 

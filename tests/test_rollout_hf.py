@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from alignkit.data import tokenize_prompt
-from alignkit.rollout import SamplingParams, get_backend
 from alignkit.model.forward import left_pad
+from alignkit.rollout import SamplingParams, get_backend
 from alignkit.rollout.hf import HFGenerateBackend, build_rollout_batch
 
 
@@ -98,7 +98,11 @@ def test_get_backend():
 
 
 def test_shared_prompt_prefill_and_grouped_forward_match_per_row(tiny_model, tiny_tokenizer):
-    from alignkit.model.forward import completion_layout, completion_logprobs, grouped_completion_logprobs
+    from alignkit.model.forward import (
+        completion_layout,
+        completion_logprobs,
+        grouped_completion_logprobs,
+    )
 
     prompts = prompts_for(tiny_tokenizer, ["hello the cat", "what is one plus two please answer"])
     params = SamplingParams(max_new_tokens=7, seed=2, stop_strings=["e"])

@@ -13,7 +13,12 @@ import torch
 
 from alignkit.model.forward import model_token_logprobs
 from alignkit.rollout.base import SamplingParams
-from alignkit.rollout.static import StaticCacheBackend, _Sampler, supports, unsupported_reason
+from alignkit.rollout.static import (
+    StaticCacheBackend,
+    _Sampler,
+    supports,
+    unsupported_reason,
+)
 from tests.helpers import make_tiny_model, make_tiny_tokenizer
 
 TEXTS = ["hello the cat is", "what", "one two three four five six seven eight nine ten", "red green"]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from alignkit.methods import load_job
 from alignkit.data import ChatExample
+from alignkit.methods import load_job
 from alignkit.methods.sft import SFTRecipe
 from tests.helpers import make_tiny_model, make_tiny_tokenizer
 

@@ -70,7 +70,6 @@ def _scorer_options(pairs: list[str]) -> dict:
 
 
 def make_scorer(args, loaded):
-
     kind, _, target = args.scorer.partition(":")
     if kind == "reward-model":
         if not target:
@@ -88,7 +87,6 @@ def make_scorer(args, loaded):
 
 
 def run(args) -> int:
-
     if args.scorer_arg and not args.scorer.startswith("reward:"):
         raise UsageError("--scorer-arg is for reward:SPEC scorers")
     examples, report = load_examples(args.data, kind="prompt", limit=args.limit)

@@ -47,7 +47,6 @@ def _common(parser) -> None:
 
 
 def register(subparsers) -> None:
-
     parser = subparsers.add_parser("constitution", help="critique-and-revise SFT data and AI-feedback pairs",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -73,7 +72,6 @@ def register(subparsers) -> None:
 
 
 def run_check(args) -> int:
-
     constitution = load_constitution(args.constitution)
     print(f"{args.constitution}: {len(constitution.principles)} principles, "
           f"{len(constitution.candidate_styles)} candidate styles")
@@ -83,7 +81,6 @@ def run_check(args) -> int:
 
 
 def _setup(args):
-
     constitution = load_constitution(args.constitution)
     examples, report = load_examples(args.data, kind="prompt", limit=args.limit)
     print(f"[alignkit] {report.summary()}")
@@ -108,7 +105,6 @@ def _write(out, name, rows, summary) -> None:
 
 
 def run_revise(args) -> int:
-
     constitution, examples, backend, _ = _setup(args)
     rows, summary = critique_and_revise(backend, constitution, [e.prompt for e in examples], rounds=args.rounds,
                                         seed=args.seed, temperature=args.temperature, max_tokens=args.max_new_tokens,
@@ -118,7 +114,6 @@ def run_revise(args) -> int:
 
 
 def run_pairs(args) -> int:
-
     constitution, examples, backend, loaded = _setup(args)
     if loaded is None and not args.judge_base_url and not args.judge_model:
         args.judge_base_url, args.judge_model = args.base_url, args.model  # judge on the same endpoint

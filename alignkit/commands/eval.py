@@ -116,7 +116,6 @@ def _option_value(text: str) -> Any:
 
 
 def _data_argument(items: list[str]) -> dict[str, str]:
-
     data: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -153,7 +152,6 @@ def metric_options(args) -> dict[str, Any]:
 
 
 def headline_text(report: dict[str, Any]) -> str:
-
     lines = []
     for row in report["headline"]:
         name = row["metric"] if row["name"] == row["metric"] else f"{row['metric']} / {row['name']}"

@@ -67,7 +67,6 @@ def judge_backend(args, loaded=None, loaded_name: str | None = None):
 
 
 def judge_options(args) -> dict:
-
     cache = None if args.no_cache else (args.cache_dir or alignkit_home() / "judge_cache")
     return dict(template=args.judge_template, method=args.judge_method, max_retries=args.judge_max_retries,
                 max_tokens=args.judge_max_tokens, temperature=args.judge_temperature, cache=cache,
@@ -83,14 +82,12 @@ def parse_scale(text: str) -> tuple[float, float]:
 
 
 def pointwise_judge(args, backend):
-
     options = judge_options(args)
     return PointwiseJudge(backend, options.pop("template"), parse_scale(args.judge_scale),
                           rubric=_text_option(args.judge_rubric), **options)
 
 
 def pairwise_judge(args, backend):
-
     options = judge_options(args)
     return PairwiseJudge(backend, options.pop("template"), criteria=_text_option(args.judge_criteria), **options)
 
@@ -116,7 +113,6 @@ def register(subparsers) -> None:
 
 
 def _rows(args):
-
     rows = []
     for source, row in read_rows(args.data):
         rows.append((source, row))
@@ -128,7 +124,6 @@ def _rows(args):
 
 
 def run(args) -> int:
-
     backend = judge_backend(args)
     results = []
     if args.mode == "pointwise":
@@ -190,7 +185,6 @@ def run(args) -> int:
 
 
 def _preference(row, source):
-
     example = to_preference_examples(row, source)[0]
     return (example.prompt, example.chosen, example.rejected), example
 

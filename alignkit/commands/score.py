@@ -95,7 +95,6 @@ def score_rows(model, tokenizer, items, batch_size: int, max_length: int, max_pr
 
 
 def run(args) -> int:
-
     columns = dict(item.split("=", 1) for item in args.columns)
     model, tokenizer = load_scalar_model(args.model, device=args.device, dtype=args.dtype)
     records, items, errors = [], [], 0

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from alignkit.data.tokenize import tokenize_prompt_response
+from alignkit.data.tokenize import list_sources, tokenize_prompt_response
 
 
 @dataclass
@@ -60,11 +60,7 @@ class PairReport:
         text = (f"tokenized {self.total} pairs: {self.truncated} truncated, {self.dropped} dropped "
                 f"({self.dropped_empty_response} with a response truncated away, "
                 f"{self.dropped_identical} identical after truncation)")
-        if self.dropped_sources:
-            shown = ", ".join(self.dropped_sources[:5])
-            more = f" and {len(self.dropped_sources) - 5} more" if len(self.dropped_sources) > 5 else ""
-            text += f": {shown}{more}"
-        return text
+        return text + list_sources(self.dropped_sources)
 
 
 def truncate_pair(prompt_ids: list[int], responses: Sequence[list[int]], max_length: int | None,

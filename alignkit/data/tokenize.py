@@ -37,6 +37,14 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 TRAIN_ON = ("assistant", "last_assistant", "all")
 
 
+def list_sources(sources: list[str], shown: int = 5) -> str:
+    """``": a.jsonl:3, a.jsonl:9 and 4 more"`` (empty when there are none): where dropped rows were."""
+    if not sources:
+        return ""
+    more = f" and {len(sources) - shown} more" if len(sources) > shown else ""
+    return ": " + ", ".join(sources[:shown]) + more
+
+
 @dataclass
 class TokenizedRow:
     """Token ids and the per-token loss mask (True where the token is a training target)."""
@@ -68,11 +76,7 @@ class TokenizeReport:
     def summary(self) -> str:
         text = (f"tokenized {self.total} rows: {self.truncated} truncated, "
                 f"{self.dropped_no_loss_tokens} dropped (no loss token left after truncation)")
-        if self.dropped_sources:
-            shown = ", ".join(self.dropped_sources[:5])
-            more = f" and {len(self.dropped_sources) - 5} more" if len(self.dropped_sources) > 5 else ""
-            text += f": {shown}{more}"
-        return text
+        return text + list_sources(self.dropped_sources)
 
 
 # ------------------------------------------------------------------------------------ rendering

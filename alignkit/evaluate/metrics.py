@@ -123,7 +123,6 @@ def _perplexity_interval(rows, per_row_mean_nll: list[float], confidence: float,
 # ------------------------------------------------------------------------------------------------
 
 def _load_prompts(data: str, limit: int | None):
-
     if not data:
         raise UsageError("this metric needs a prompt file: --data PATH")
     return load_examples(data, kind="prompt", limit=limit)
@@ -465,7 +464,6 @@ def completion_logprobs(model, tokenizer, prompt_ids: list[list[int]], completio
 
 
 def _text_stats(texts: list[str], lengths: list[int], patterns, confidence: float, seed: int) -> dict[str, Any]:
-
     patterns = tuple(patterns) if patterns else DEFAULT_REFUSAL_PATTERNS
     refusals = refusal_rate(texts, patterns)
     count = round(refusals * len(texts))

@@ -187,13 +187,11 @@ class RewardModelJudge:
 
     @classmethod
     def from_path(cls, path: str, device=None, dtype=None, **options) -> "RewardModelJudge":
-
         model, tokenizer = load_scalar_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, name=f"reward-model:{path}", **options)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-
         rows = []
         for prompt, response in zip(prompts, responses):
             prompt_ids, response_ids, _ = tokenize_prompt_response(

@@ -340,7 +340,6 @@ def _plot_elo(ax, result) -> None:
 
 
 def _plot_drift(ax, result) -> None:
-
     policy, reference = result["policy"], result["reference"]
     thresholds = {**DEFAULT_THRESHOLDS, **(result.get("thresholds") or {})}
     signals = [("entropy", "entropy", None, (thresholds["entropy_ratio"],)),

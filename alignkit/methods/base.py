@@ -64,34 +64,55 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
 
 # ----------------------------------------------------------------------------- data
 
-def load_train_validation(job: Job, kind: str):
+def load_train_validation(job: Job, kind: str, **reader_options):
     """Read the training file (and validation file or a seeded split) as typed examples.
 
-    Returns (train, validation, notes): notes are human-readable lines about what was read,
-    skipped, de-duplicated, so the run report says where every row went.
+    ``kind`` is ``chat``, ``prompt`` or ``preference`` (``reader_options`` go to `load_examples`, e.g.
+    ``ranking_pairs``). The split is by file *row*, so the pairs expanded from one ranking never end up
+    on both sides. Returns (train, validation, notes): notes are human-readable lines about what was
+    read, skipped, de-duplicated, so the run report says where every row went.
     """
     data = job.data
     if not data.train:
         raise UsageError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
     common = dict(kind=kind, columns=data.columns or None, on_error=data.on_error,
-                  system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format)
+                  system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format,
+                  **reader_options)
     train, report = load_examples(data.train, limit=data.limit, **common)
     notes = [f"train {data.train}: {report.summary()}"]
     if data.deduplicate != "none":
         train, removed = deduplicate(train, mode=data.deduplicate)
         notes.append(f"de-duplication ({data.deduplicate}): removed {removed} rows")
+    validation = []
     if data.validation:
         validation, vreport = load_examples(data.validation, **common)
         notes.append(f"validation {data.validation}: {vreport.summary()}")
-    elif data.validation_fraction > 0 and len(train) >= 2:
-        train, validation = train_validation_split(train, validation_fraction=data.validation_fraction,
-                                                   seed=data.seed)
-        notes.append(f"validation: {len(validation)} rows split from train (seed {data.seed})")
-    else:
-        validation = []
+    elif data.validation_fraction > 0:
+        sources = list(dict.fromkeys(example.source for example in train))
+        if len(sources) >= 2:
+            _, held_out = train_validation_split(sources, validation_fraction=data.validation_fraction,
+                                                 seed=data.seed)
+            held_out = set(held_out)
+            validation = [example for example in train if example.source in held_out]
+            train = [example for example in train if example.source not in held_out]
+            notes.append(f"validation: {len(held_out)} rows ({len(validation)} examples) split from train "
+                         f"(seed {data.seed})")
     if not train:
         raise UsageError(f"{data.train}: no training rows left after validation and filtering")
     return train, validation, notes
+
+
+def policy_and_data(job: Job, model, tokenizer, train, validation, kind: str,
+                    saved_adapter: Literal["continue", "merge"] = "continue", **reader_options):
+    """What a recipe starts from: the model and data it was handed (tests, benchmarks, the API), or
+    else the job's (`build_policy`, `load_train_validation`). Returns ``(model, tokenizer, train,
+    validation, notes)``."""
+    if model is None:
+        model, tokenizer = build_policy(job, saved_adapter)
+    notes: list[str] = []
+    if train is None:
+        train, validation, notes = load_train_validation(job, kind, **reader_options)
+    return model, tokenizer, list(train), list(validation or []), notes
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool):

@@ -57,11 +57,10 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignkit.data.pairs import collate_pairs, pairs_digest, split_pairs, tokenize_pairs
+from alignkit.data.pairs import collate_pairs, pairs_digest, split_pairs
 from alignkit.errors import UsageError
 from alignkit.losses import dpo_loss, kl_k3, orpo_loss, preference_accuracy, simpo_loss
-from alignkit.methods.base import BatchSchedule, build_policy
-from alignkit.methods.preference import PreferenceJob, load_preference_data
+from alignkit.methods.preference import PreferenceJob, pair_schedule, preference_inputs
 from alignkit.methods.registry import register_method
 from alignkit.model import alignkit_home, freeze, load_model_and_tokenizer, save_model
 from alignkit.model.forward import response_logprob_sums
@@ -171,26 +170,12 @@ class DPORecipe:
     def __init__(self, job: DPOJob, model=None, tokenizer=None, train=None, validation=None,
                  reference_model=None):
         self.job = job
-        if model is None:
-            model, tokenizer = build_policy(job)
+        model, tokenizer, self.train_pairs, self.validation_pairs, self.notes = preference_inputs(
+            job, model, tokenizer, train, validation)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.notes: list[str] = []
-        if train is None:
-            train, validation, self.notes = load_preference_data(job, job.ranking_pairs)
-        data = job.data
-        self.train_pairs, report = tokenize_pairs(tokenizer, train, data.max_length, data.max_prompt_length)
-        self.notes.append(f"train {report.summary()}")
-        self.validation_pairs, vreport = tokenize_pairs(tokenizer, validation or [], data.max_length,
-                                                        data.max_prompt_length)
-        if validation:
-            self.notes.append(f"validation {vreport.summary()}")
-        if not self.train_pairs:
-            raise UsageError("no training pairs left after tokenization and truncation")
-        self.lengths = [len(pair) for pair in self.train_pairs]
         self.batch_size = job.training.batch_size
-        self.schedule = BatchSchedule(self.lengths, self.batch_size, job.training.gradient_accumulation_steps,
-                                      job.training.seed, job.group_by_length)
+        self.schedule = pair_schedule(job, self.train_pairs)
         self.needs_reference = job.loss_type not in REFERENCE_FREE
 
         # The reference: live (computed every step) or, by default, computed once before training.

@@ -42,7 +42,7 @@ from alignkit.config import ConfigError, Job, Section
 from alignkit.data import tokenize_prompt
 from alignkit.errors import UsageError
 from alignkit.losses import masked_mean
-from alignkit.methods.base import build_policy, load_train_validation
+from alignkit.methods.base import policy_and_data
 from alignkit.model import save_model
 from alignkit.model.forward import (
     completion_layout,
@@ -266,17 +266,14 @@ class OnlineRecipe:
     def __init__(self, job: OnlineJob, model=None, tokenizer=None, train=None, validation=None,
                  reward=None, backend=None):
         self.job = job
-        if model is None:
-            model, tokenizer = build_policy(job, saved_adapter="merge")
+        model, tokenizer, train, validation, self.notes = policy_and_data(job, model, tokenizer, train, validation,
+                                                                          kind="prompt", saved_adapter="merge")
         self.policy, self.tokenizer = model, tokenizer
         self.model = model  # what the engine optimizes; PPO replaces it with actor + critic
         self.device = next(model.parameters()).device
-        self.notes: list[str] = []
-        if train is None:
-            train, validation, self.notes = load_train_validation(job, kind="prompt")
         if not train:
             raise UsageError("no training prompts")
-        self.train_examples, self.validation_examples = list(train), list(validation or [])
+        self.train_examples, self.validation_examples = train, validation
         self.thinking = job.thinking_tokens()
         self.train_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.train_examples]
         self.validation_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.validation_examples]

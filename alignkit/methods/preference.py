@@ -13,8 +13,9 @@ from typing import Literal
 from pydantic import Field
 
 from alignkit.config import Job
-from alignkit.data import deduplicate, load_examples, train_validation_split
+from alignkit.data.pairs import tokenize_pairs
 from alignkit.errors import UsageError
+from alignkit.methods.base import BatchSchedule, load_train_validation, policy_and_data
 
 
 class PreferenceJob(Job):
@@ -29,41 +30,36 @@ class PreferenceJob(Job):
 
 # ----------------------------------------------------------------------------- data
 
-def load_preference_data(job: Job, ranking_pairs: str = "all"):
-    """Training and validation `PreferenceExample`s and notes saying where every row went.
+def preference_inputs(job: PreferenceJob, model, tokenizer, train, validation):
+    """``(model, tokenizer, train pairs, validation pairs, notes)``: what a preference recipe starts from
+    (given, or the job's), its pairs tokenized."""
+    model, tokenizer, train, validation, notes = policy_and_data(job, model, tokenizer, train, validation,
+                                                                 kind="preference", ranking_pairs=job.ranking_pairs)
+    train_pairs, validation_pairs = tokenize_train_validation(job, tokenizer, train, validation, notes)
+    return model, tokenizer, train_pairs, validation_pairs, notes
 
-    Validation comes from ``data.validation`` or a seeded split of the training rows. The split is by
-    *row*, so the pairs expanded from one ranking never end up on both sides.
-    """
 
+def load_preference_data(job: PreferenceJob):
+    """Training and validation `PreferenceExample`s and the notes saying where every row went."""
+    return load_train_validation(job, kind="preference", ranking_pairs=job.ranking_pairs)
+
+
+def tokenize_train_validation(job: PreferenceJob, tokenizer, train, validation, notes: list[str]):
+    """``(train pairs, validation pairs)`` tokenized within ``data.max_length`` / ``max_prompt_length``;
+    what truncation dropped is added to ``notes``."""
     data = job.data
-    if not data.train:
-        raise UsageError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
-    common = dict(kind="preference", columns=data.columns or None, on_error=data.on_error,
-                  system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format,
-                  ranking_pairs=ranking_pairs)
-    train, report = load_examples(data.train, limit=data.limit, **common)
-    notes = [f"train {report.summary()}"]
-    if data.deduplicate != "none":
-        train, removed = deduplicate(train, mode=data.deduplicate)
-        notes.append(f"de-duplication ({data.deduplicate}): removed {removed} pairs")
-    if data.validation:
-        validation, vreport = load_examples(data.validation, **common)
-        notes.append(f"validation {vreport.summary()}")
-    elif data.validation_fraction > 0:
-        sources = list(dict.fromkeys(example.source for example in train))
-        if len(sources) >= 2:
-            _, held_out = train_validation_split(sources, validation_fraction=data.validation_fraction,
-                                                 seed=data.seed)
-            held_out = set(held_out)
-            validation = [example for example in train if example.source in held_out]
-            train = [example for example in train if example.source not in held_out]
-            notes.append(f"validation: {len(held_out)} rows ({len(validation)} pairs) split from train "
-                         f"(seed {data.seed})")
-        else:
-            validation = []
-    else:
-        validation = []
-    if not train:
-        raise UsageError(f"{data.train}: no training pairs left after validation and filtering")
-    return train, validation, notes
+    train_pairs, report = tokenize_pairs(tokenizer, train, data.max_length, data.max_prompt_length)
+    notes.append(f"train {report.summary()}")
+    validation_pairs, validation_report = tokenize_pairs(tokenizer, validation or [], data.max_length,
+                                                         data.max_prompt_length)
+    if validation:
+        notes.append(f"validation {validation_report.summary()}")
+    if not train_pairs:
+        raise UsageError("no training pairs left after tokenization and truncation")
+    return train_pairs, validation_pairs
+
+
+def pair_schedule(job: PreferenceJob, pairs) -> BatchSchedule:
+    """The step -> pairs schedule (grouped by length unless ``group_by_length: false``)."""
+    return BatchSchedule([len(pair) for pair in pairs], job.training.batch_size,
+                         job.training.gradient_accumulation_steps, job.training.seed, job.group_by_length)

@@ -22,11 +22,9 @@ import copy
 import torch
 from pydantic import Field
 
-from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
-from alignkit.errors import UsageError
+from alignkit.data.pairs import collate_pairs, split_pairs
 from alignkit.losses import bradley_terry_loss
-from alignkit.methods.base import BatchSchedule, build_policy
-from alignkit.methods.preference import PreferenceJob, load_preference_data
+from alignkit.methods.preference import PreferenceJob, pair_schedule, preference_inputs
 from alignkit.methods.registry import register_method
 from alignkit.model import is_peft_model, merge_adapter
 from alignkit.model.heads import ScalarHeadModel, pair_scores
@@ -46,30 +44,15 @@ class RewardRecipe:
     """Engine recipe for ``alignkit rm``; ``model`` is a `ScalarHeadModel`."""
 
     def __init__(self, job: RewardJob, model=None, tokenizer=None, train=None, validation=None):
-
         self.job = job
-        if model is None:
-            model, tokenizer = build_policy(job)
+        model, tokenizer, self.train_pairs, self.validation_pairs, self.notes = preference_inputs(
+            job, model, tokenizer, train, validation)
         if not isinstance(model, ScalarHeadModel):
             model = ScalarHeadModel(model, kind="reward")
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.notes: list[str] = []
-        if train is None:
-            train, validation, self.notes = load_preference_data(job, job.ranking_pairs)
-        data = job.data
-        self.train_pairs, report = tokenize_pairs(tokenizer, train, data.max_length, data.max_prompt_length)
-        self.notes.append(f"train {report.summary()}")
-        self.validation_pairs, vreport = tokenize_pairs(tokenizer, validation or [], data.max_length,
-                                                        data.max_prompt_length)
-        if validation:
-            self.notes.append(f"validation {vreport.summary()}")
-        if not self.train_pairs:
-            raise UsageError("no training pairs left after tokenization and truncation")
-        self.lengths = [len(pair) for pair in self.train_pairs]
         self.batch_size = job.training.batch_size
-        self.schedule = BatchSchedule(self.lengths, self.batch_size, job.training.gradient_accumulation_steps,
-                                      job.training.seed, job.group_by_length)
+        self.schedule = pair_schedule(job, self.train_pairs)
 
     # -- engine interface
     def steps_per_epoch(self) -> int:
@@ -88,7 +71,6 @@ class RewardRecipe:
         return split_pairs(pair_scores(self.model, batch))
 
     def loss(self, batch):
-
         chosen, rejected = self.rewards(batch)
         margin = batch["margin"] if self.job.use_margin else None
         loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin,

@@ -18,7 +18,7 @@ from pydantic import Field
 from alignkit.config import Job
 from alignkit.data import pack_rows, pad_batch, tokenize_dataset
 from alignkit.errors import UsageError
-from alignkit.methods.base import BatchSchedule, build_policy, load_train_validation
+from alignkit.methods.base import BatchSchedule, policy_and_data
 from alignkit.methods.registry import register_method
 from alignkit.model import save_model
 from alignkit.model.forward import decoder_hidden_states, head_logprobs
@@ -35,15 +35,11 @@ class SFTJob(Job):
 @register_method("sft", job=SFTJob, help="supervised fine-tuning on prompt/response or chat data")
 class SFTRecipe:
     def __init__(self, job: SFTJob, model=None, tokenizer=None, train=None, validation=None):
-
         self.job = job
-        if model is None:
-            model, tokenizer = build_policy(job)
+        model, tokenizer, train, validation, self.notes = policy_and_data(job, model, tokenizer, train, validation,
+                                                                          kind="chat")
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.notes: list[str] = []
-        if train is None:
-            train, validation, self.notes = load_train_validation(job, kind="chat")
         train_on = "assistant" if job.completion_only_loss else "all"
         self.train_rows, report = tokenize_dataset(tokenizer, train, job.data.max_length, train_on)
         self.notes.append(f"tokenized train: {report.summary()}")
@@ -71,7 +67,6 @@ class SFTRecipe:
             yield [self.collate([self.train_rows[i] for i in indices]) for indices in chunk]
 
     def collate(self, rows) -> dict[str, torch.Tensor]:
-
         batch = pad_batch(rows, self.tokenizer.pad_token_id, side="right")
         if "position_ids" in batch:
             # packed rows: no attention mask, so the model builds block-diagonal attention from the
@@ -100,7 +95,6 @@ class SFTRecipe:
                 "token_accuracy": total_correct / max(1, total_tokens)}
 
     def save_final(self, directory) -> None:
-
         save_model(self.model, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:
             save_model(self.model, self.tokenizer, f"{directory}-merged", merge=True)

@@ -261,7 +261,6 @@ def _clear_gguf_quantization(model) -> None:
 
 
 def _load_gguf(gguf: Path, dtype: torch.dtype = torch.float32):
-
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -368,7 +367,6 @@ def _prepare_tokenizer(tokenizer, model=None):
 
 
 def _from_pretrained(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool):
-
     location = source.location
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
@@ -405,7 +403,6 @@ def _first_line(error: BaseException) -> str:
 
 
 def _load_plain(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool):
-
     if source.kind == "embedded":
         folder = ensure_embedded_model()
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
