@@ -191,3 +191,22 @@ def test_the_reference_gives_the_same_logprobs_in_dpo_and_grpo(tmp_path, tiny_mo
     torch.testing.assert_close(grpo_logps.sum(), dpo_sums[0].float().cpu(), atol=1e-5, rtol=1e-5)
     policy_sums = dpo._reference_logps(batch, type(dpo.reference)(policy, "starting_policy"))[0]
     assert abs(float(policy_sums[0]) - float(dpo_sums[0])) > 1e-3  # the reference is not the moved policy
+
+
+def test_lower_rooms_never_import_methods():
+    """rollout/, evaluate/, rewards/, model/ and data/ sit below the training recipes: they import none."""
+    import ast
+    from pathlib import Path
+
+    import alignkit
+
+    root = Path(alignkit.__file__).parent
+    offenders = []
+    for room in ("rollout", "evaluate", "rewards", "model", "data"):
+        for path in (root / room).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                offenders += [f"{path.relative_to(root)}: {name}" for name in names
+                              if name.startswith(("alignkit.methods", "alignkit.commands"))]
+    assert offenders == []
