@@ -29,12 +29,12 @@ is a tie.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from alignkit import judges
 from alignkit.data import pad_batch, tokenize_prompt_response
 from alignkit.errors import UsageError
 from alignkit.evaluate.stats import win_rate_with_ties
@@ -242,15 +242,6 @@ def llm_judge(spec: str, device=None, dtype=None):
     """A pairwise LLM judge from ``alignkit.judges``: ``MODEL`` (a local model; verdicts read from the
     label log-probabilities, the only method a small model manages) or ``MODEL@URL`` (an
     OpenAI-compatible server; verdicts parsed from the reply, None when malformed)."""
-
-    try:
-        judges = importlib.import_module("alignkit.judges")
-    except ImportError as error:
-        raise UsageError(f"--judge llm:{spec}: LLM judges need alignkit.judges, which is not available "
-                         f"({error}); use --judge reward-model:PATH") from None
-    factory = getattr(judges, "load_judge", None)
-    if callable(factory):
-        return factory(spec)
     model, _, url = spec.partition("@")
     if url:
         backend, method = judges.make_backend(model=model, base_url=url), "generate"
