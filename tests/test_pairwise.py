@@ -207,11 +207,12 @@ def test_win_rate_and_elo_metrics(tiny_tokenizer, tmp_path):
 
 
 def test_llm_judge_spec_builds_a_pairwise_judge(monkeypatch):
-    import sys
     import types
 
+    from alignkit.evaluate import pairwise
+
     made = {}
-    fake = types.ModuleType("alignkit.judges")
+    fake = types.SimpleNamespace()
 
     def make_backend(model=None, base_url=None, device=None, dtype=None):
         made["backend"] = (model, base_url)
@@ -225,7 +226,7 @@ def test_llm_judge_spec_builds_a_pairwise_judge(monkeypatch):
             return ["A"] * len(prompts)
 
     fake.make_backend, fake.PairwiseJudge = make_backend, PairwiseJudge
-    monkeypatch.setitem(sys.modules, "alignkit.judges", fake)
+    monkeypatch.setattr(pairwise, "judges", fake)
     local = load_judge("llm:smollm2-135m-instruct")
     assert made == {"backend": ("smollm2-135m-instruct", None), "judge": ("backend", "logprobs")}
     assert "llm:smollm2-135m-instruct" in local.name
