@@ -233,7 +233,3 @@ def test_llm_judge_spec_builds_a_pairwise_judge(monkeypatch):
     load_judge("llm:gpt-judge@http://localhost:8000/v1")
     assert made == {"backend": ("gpt-judge", "http://localhost:8000/v1"), "judge": ("backend", "generate")}
     assert win_rate(local, PROMPTS, A, B)["win_rate"] == 0.5
-
-    monkeypatch.setitem(sys.modules, "alignkit.judges", None)   # not installed: a clear error
-    with pytest.raises(ValueError, match="reward-model:PATH"):
-        load_judge("llm:x")
