@@ -9,7 +9,7 @@ Setup, in this process: install the wheels carried in ``--wheels`` (``pip instal
 against its SHA-256). alignkit itself runs from this checkout (``PYTHONPATH``), not installed.
 
 Then the steps, in this order, each in a process of its own with its own time limit, inside one
-overall budget (``--budget``, 540 s on a GPU), so a failure, a hang or an out-of-memory error costs
+overall budget (``--budget``, 480 s on a GPU, setup included), so a failure, a hang or an out-of-memory error costs
 one step, not the lease:
 
   environment       GPU, torch, CUDA, transformers, peft, TRL versions; a bf16 matmul's TFLOP/s;
@@ -199,7 +199,7 @@ def assemble_parts(parts: list[Path], target: Path, expected_sha256: str | None)
 
 def wheel_distribution(filename: str) -> str:
     """The normalised distribution name of a wheel file (PEP 427: name-version-...whl)."""
-    return re.sub(r"[-_.]+", "-", Path(filename).name.split("-")[0]).lower()
+    return normalise(Path(filename).name.split("-")[0])
 
 
 def check_wheels(wheels: list[Path]) -> None:
@@ -210,6 +210,48 @@ def check_wheels(wheels: list[Path]) -> None:
         if name in seen:
             raise ValueError(f"two wheels of {name} in {wheel.parent}: {seen[name]} and {wheel.name}; keep one")
         seen[name] = wheel.name
+
+
+def normalise(name: str) -> str:
+    """A distribution name as PEP 503 compares them (``Typing_Extensions`` == ``typing-extensions``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_names(path: Path) -> list[str]:
+    """The first word of each line that is not blank or a ``#`` comment (``name`` or ``name==version``)."""
+    names = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(re.split(r"[=<>!~ ;\[]", line, maxsplit=1)[0])
+    return names
+
+
+def unmet_requirements(wheels: list[Path], available: set[str], python_version: str = "3.12") -> dict[str, list[str]]:
+    """For each wheel, the requirements (its METADATA's Requires-Dist, extras left out, markers
+    evaluated for ``python_version`` on Linux) that neither ``available`` nor another wheel provides."""
+    import zipfile
+
+    from packaging.requirements import Requirement
+
+    provided = {normalise(name) for name in available} | {wheel_distribution(w.name) for w in wheels}
+    environment = {"python_version": python_version, "python_full_version": python_version + ".0",
+                   "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+                   "os_name": "posix", "implementation_name": "cpython", "extra": ""}
+    unmet: dict[str, list[str]] = {}
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            metadata = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            lines = archive.read(metadata).decode("utf-8", "replace").splitlines()
+        for line in lines:
+            if not line.startswith("Requires-Dist:"):
+                continue
+            requirement = Requirement(line.split(":", 1)[1].strip())
+            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+                continue
+            if normalise(requirement.name) not in provided:
+                unmet.setdefault(wheel.name, []).append(str(requirement))
+    return unmet
 
 
 def ratio(numerator, denominator) -> float | None:
@@ -579,8 +621,8 @@ def step_model(context: dict, record: Recorder) -> None:
     if context["mode"] == "device" or context.get("embedded_gguf"):
         started = time.perf_counter()
         embedded = str(ensure_embedded_model())
-        record.row("model", model="embedded SmolLM2-135M-Instruct", folder=embedded,
-                   conversion_seconds=time.perf_counter() - started)
+        record.row("conversion", model="embedded SmolLM2-135M-Instruct", folder=embedded,
+                   seconds=time.perf_counter() - started)
     if context["mode"] == "device":
         folder = embedded
         record.sizes(f"embedded model converted from its GGUF once; a greedy answer of {sizes['new_tokens']} tokens")
@@ -597,6 +639,7 @@ def step_model(context: dict, record: Recorder) -> None:
                      + ("; the embedded model converted from the joined GGUF parts as on a GPU"
                         if embedded else ""))
     checks = [folder] + ([embedded] if embedded and embedded != folder else [])
+    answers = []
     for path in checks:
         started = time.perf_counter()
         model, tokenizer = load_model_and_tokenizer(path, device=device)
@@ -606,11 +649,12 @@ def step_model(context: dict, record: Recorder) -> None:
                                max_new_tokens=sizes["new_tokens"])[0]
         record.row("model", model=path, parameters=total, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                    load_seconds=load_seconds, greedy_answer=answer[:80])
+        answers.append(f"{Path(path).name}: {total / 1e6:.1f}M parameters, greedy answer {answer[:40]!r}")
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
     record.context(model=folder)
-    record.summary(f"{Path(folder).name}: {total / 1e6:.1f}M parameters; greedy answer {answer[:40]!r}")
+    record.summary("; ".join(answers) + (" (later steps use the first)" if len(answers) > 1 else ""))
 
 
 def step_rollout(context: dict, record: Recorder) -> None:
@@ -932,7 +976,8 @@ def render_markdown(results: dict) -> str:
                      f"{step.get('cpu_seconds', 0):.1f} | {_cell(result)} | {_cell(step.get('sizes') or '')} |")
     for step in results["steps"]:
         lines += ["", f"## {step['name']}: {step['title']}", "",
-                  f"status **{step['status']}** after {step.get('seconds', 0):.1f} s (limit {step.get('timeout_s', 0):.0f} s)"
+                  f"status **{step['status']}** after {step.get('seconds', 0):.1f} s"
+                  + (f" (limit {step['timeout_s']:.0f} s)" if step.get("timeout_s") else "")
                   + (f"; sizes: {step['sizes']}" if step.get("sizes") else "")]
         if step.get("error"):
             lines += ["", f"error: `{_cell(step['error'])}`"]
@@ -966,7 +1011,7 @@ class Suite:
         self.log_path = self.out / "gpu_suite.log"
         self.log_path.write_text("")
         self.started = time.monotonic()
-        self.budget = args.budget or (540.0 if self.mode == "device" else 900.0)
+        self.budget = args.budget or (480.0 if self.mode == "device" else 900.0)
         self.sizes = {step.name: dict(step.sizes[self.mode]) for step in STEPS}
         for text in args.size:
             step, key, value = parse_size_override(text)
@@ -1245,7 +1290,7 @@ def parse_args(argv=None):
     parser.add_argument("--wheels", help="install every .whl in this folder first (pip --no-index --no-deps)")
     parser.add_argument("--model-parts", help="comma-separated files that join into the embedded model's GGUF")
     parser.add_argument("--no-checksum", action="store_true", help="do not check the joined GGUF's SHA-256")
-    parser.add_argument("--budget", type=float, help="seconds for the whole suite (default 540 on a GPU, 900 dry)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole suite, setup included (default 480 on a GPU, 900 dry)")
     parser.add_argument("--only", type=lambda s: s.split(","), help="comma-separated steps to run")
     parser.add_argument("--skip", type=lambda s: s.split(","), default=[], help="comma-separated steps to leave out")
     parser.add_argument("--size", action="append", default=[], metavar="STEP.KEY=VALUE",
@@ -1259,6 +1304,10 @@ def parse_args(argv=None):
     parser.add_argument("--site", help="where the carried wheels are installed (default: inside --work)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
     parser.add_argument("--list", action="store_true", help="print the steps and their sizes, run nothing")
+    parser.add_argument("--check-wheels", metavar="DIR",
+                        help="run nothing; list requirements of the wheels in DIR that neither the device image "
+                             "(bench/gpu_device_image.txt) nor another wheel there provides; exit 1 if any")
+    parser.add_argument("--python-version", default="3.12", help="with --check-wheels: the target's Python")
     parser.add_argument("--inject-failure", action="append", default=[], metavar="STEP",
                         help="(testing) make STEP fail after its work is recorded")
     parser.add_argument("--inject-hang", action="append", default=[], metavar="STEP",
@@ -1273,6 +1322,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.check_wheels:
+        wheels = sorted(Path(args.check_wheels).glob("*.whl"))
+        if not wheels:
+            print(f"gpu_suite: no .whl files in {args.check_wheels}", file=sys.stderr)
+            return 1
+        check_wheels(wheels)
+        unmet = unmet_requirements(wheels, set(read_names(BENCH / "gpu_device_image.txt")), args.python_version)
+        for wheel, requirements in unmet.items():
+            print(f"{wheel}: needs {', '.join(requirements)}, which neither the device image nor .whl provides")
+        if not unmet:
+            print(f"{len(wheels)} wheels: every requirement is on the device image or carried")
+        return 1 if unmet else 0
     if args.list:
         for step in STEPS:
             print(f"{step.name:16} {step.title}\n{'':16} GPU: {describe_sizes(step.sizes['device'])} "
