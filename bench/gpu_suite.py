@@ -520,9 +520,12 @@ def step_environment(context: dict, record: Recorder) -> None:
 
     import alignkit
 
-    sizes = _sizes(context, "environment")
+    sizes = dict(_sizes(context, "environment"))
     cuda = torch.cuda.is_available()
+    record.context(cuda=cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
+    if not cuda and context["mode"] == "device":  # the failure comes below; keep the CPU matmul small
+        sizes = {**sizes, "matmul_size": 256, "matmul_repeats": 3}
     record.sizes(f"{'bf16' if cuda else 'float32 (CPU)'} matmul {sizes['matmul_size']}^3, mean of "
                  f"{sizes['matmul_repeats']} after 3 warm-ups; every alignkit module imported")
     site = context.get("site") or ""
@@ -1003,6 +1006,22 @@ class Suite:
     def __init__(self, args):
         self.args = args
         self.mode = "dry" if args.dry_run else "device"
+        self.sizes = {step.name: dict(step.sizes[self.mode]) for step in STEPS}
+        for text in args.size:
+            step, key, value = parse_size_override(text)
+            self.sizes[step][key] = value
+        self.timeouts = {step.name: step.timeout[self.mode] for step in STEPS}
+        for text in args.timeout:
+            name, _, seconds = text.partition("=")
+            try:
+                limit = float(seconds)
+            except ValueError:
+                limit = 0.0
+            if name not in self.timeouts or limit <= 0:
+                raise ValueError(f"--timeout {text!r}: write STEP=SECONDS (seconds > 0) with STEP one of "
+                                 + ", ".join(STEP_NAMES))
+            self.timeouts[name] = limit
+        self.budget = args.budget or (480.0 if self.mode == "device" else 900.0)
         self.out = Path(args.out or os.environ.get("OUT") or BENCH / "out" / "gpu").resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.work = Path(args.work or tempfile.mkdtemp(prefix="alignkit-gpu-")).resolve()
@@ -1011,17 +1030,6 @@ class Suite:
         self.log_path = self.out / "gpu_suite.log"
         self.log_path.write_text("")
         self.started = time.monotonic()
-        self.budget = args.budget or (480.0 if self.mode == "device" else 900.0)
-        self.sizes = {step.name: dict(step.sizes[self.mode]) for step in STEPS}
-        for text in args.size:
-            step, key, value = parse_size_override(text)
-            self.sizes[step][key] = value
-        self.timeouts = {step.name: step.timeout[self.mode] for step in STEPS}
-        for text in args.timeout:
-            name, _, seconds = text.partition("=")
-            if name not in self.timeouts or not seconds:
-                raise ValueError(f"--timeout {text!r}: write STEP=SECONDS with STEP one of {', '.join(STEP_NAMES)}")
-            self.timeouts[name] = float(seconds)
         self.site = Path(args.site or self.work / "site").resolve()
         self.site.mkdir(parents=True, exist_ok=True)
         self.context = {"mode": self.mode, "device": "cpu" if args.dry_run else "cuda", "work": str(self.work),
@@ -1191,17 +1199,19 @@ class Suite:
                      + "\n".join("    " + line for line in tail.splitlines()))
         return data
 
-    def run_step(self, step: Step, model_ready: bool) -> dict:
+    def run_step(self, step: Step, model_ready: bool, blocked: str | None = None) -> dict:
         entry = {"name": step.name, "title": step.title, "status": "skipped", "tables": {}, "notes": [],
                  "seconds": 0.0, "timeout_s": self.timeouts[step.name],
                  "sizes": describe_sizes(self.sizes[step.name])}
         self.results["steps"].append(entry)
         floor = 20.0 if self.mode == "device" else 2.0
         limit = min(self.timeouts[step.name], self.remaining())
-        if step.needs_model and not model_ready:
-            entry["summary"] = "skipped: no model (the model step did not finish)"
+        if blocked:
+            entry["summary"] = blocked
+        elif step.needs_model and not model_ready:
+            entry["summary"] = "no model (the model step did not finish)"
         elif limit < floor:
-            entry["summary"] = f"skipped: the suite's {self.budget:.0f} s budget is spent"
+            entry["summary"] = f"the suite's {self.budget:.0f} s budget is spent"
         else:
             entry["timeout_s"] = limit
             deadline = time.monotonic() + limit
@@ -1259,13 +1269,15 @@ class Suite:
                  f"budget {self.budget:.0f} s, steps {', '.join(self.selected())}")
         self.setup()
         self.start_processes()
-        model_ready = False
+        model_ready, blocked = False, None
         for step in STEPS:
             if step.name not in self.selected():
                 continue
-            entry = self.run_step(step, model_ready)
+            entry = self.run_step(step, model_ready, blocked)
             if step.name == "model":
                 model_ready = entry["status"] == "ok"
+            if step.name == "environment" and self.mode == "device" and self.context.get("cuda") is False:
+                blocked = "no CUDA device on this machine (the GPU run needs one; --dry-run runs on a CPU)"
         self.write(finished=True)
         self.log("\n" + render_markdown(self.results).split("\n## ")[0].rstrip())
         self.log(f"\nwrote {self.out / 'gpu_results.json'}, {self.out / 'gpu_results.md'}, {self.log_path}")
@@ -1274,10 +1286,12 @@ class Suite:
         return 1 if any(s["status"] in ("failed", "timeout") for s in self.results["steps"]) else 0
 
     def selected(self) -> list[str]:
-        """The steps to run, in suite order; the model step whenever a chosen step needs the model."""
+        """The steps to run, in suite order: always the environment, and the model step whenever a
+        chosen step needs the model."""
         names = {name for name in (self.args.only or STEP_NAMES) if name not in self.args.skip}
         if any(step.needs_model for step in STEPS if step.name in names):
             names.add("model")
+        names.add("environment")  # cheap, and later steps use what it finds (CUDA, the matmul rate)
         return [name for name in STEP_NAMES if name in names]
 
 
