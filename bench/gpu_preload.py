@@ -4,9 +4,10 @@ reports the error itself); none of them initialises CUDA on import, which a fork
 import importlib
 
 MODULES = ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "accelerate",
-           "alignkit.config", "alignkit.engine", "alignkit.model", "alignkit.data", "alignkit.methods.base",
-           "alignkit.methods.sft", "alignkit.methods.dpo", "alignkit.methods.grpo", "alignkit.rollout.hf",
-           "alignkit.rollout.static", "datasets", "trl.trainer.dpo_trainer", "trl.trainer.grpo_trainer"]
+           "alignkit.config", "alignkit.engine", "alignkit.model", "alignkit.data", "alignkit.methods",
+           "alignkit.methods.base", "alignkit.methods.sft", "alignkit.methods.dpo", "alignkit.methods.grpo",
+           "alignkit.rollout.hf", "alignkit.rollout.static", "datasets", "trl.trainer.dpo_trainer",
+           "trl.trainer.grpo_trainer"]
 
 for _name in MODULES:
     try:

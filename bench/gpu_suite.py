@@ -71,9 +71,9 @@ DATASHEET_BF16_TFLOPS = [
 BAD_FORK_EXIT = 86  # a forked child found CUDA initialised in its parent: rerun it in a fresh interpreter
 
 # Modules the steps import: when one of these fails in the environment step, the step fails.
-REQUIRED_MODULES = ["alignkit.config", "alignkit.engine", "alignkit.model", "alignkit.methods.sft",
-                    "alignkit.methods.dpo", "alignkit.methods.grpo", "alignkit.rollout.static",
-                    "alignkit.rollout.hf", "alignkit.data"]
+REQUIRED_MODULES = ["alignkit.config", "alignkit.engine", "alignkit.model", "alignkit.methods",
+                    "alignkit.methods.sft", "alignkit.methods.dpo", "alignkit.methods.grpo",
+                    "alignkit.rollout.static", "alignkit.rollout.hf", "alignkit.data"]
 
 # The fork server imports bench/gpu_preload.py (torch, transformers, alignkit, TRL) once for all steps.
 PRELOAD = ["__main__", "gpu_preload"]
@@ -396,13 +396,13 @@ def _child_main(step_name: str, side: str | None, context: dict, result_path: st
     importlib.invalidate_caches()  # the model step adds files other steps look up
     record = Recorder(result_path)
     step = next(s for s in STEPS if s.name == step_name)
-    try:
-        import torch
+    import torch
 
-        if context["device"] == "cuda" and getattr(torch.cuda, "_is_in_bad_fork", lambda: False)():
-            record.data["bad_fork"] = True
-            record.fail("CUDA was initialised in the fork server; rerun in a fresh interpreter")
-            sys.exit(BAD_FORK_EXIT)
+    if context["device"] == "cuda" and getattr(torch.cuda, "_is_in_bad_fork", lambda: False)():
+        record.data["bad_fork"] = True
+        record.fail("CUDA was initialised in the fork server; rerun in a fresh interpreter")
+        sys.exit(BAD_FORK_EXIT)
+    try:
         torch.set_num_threads(context["threads"])
         function = globals()[step.function]
         if side is None:
@@ -417,8 +417,6 @@ def _child_main(step_name: str, side: str | None, context: dict, result_path: st
             time.sleep(10 ** 6)
         record.data["cpu_seconds"] = _cpu_seconds()
         record.write()
-    except SystemExit:
-        raise
     except BaseException as error:  # noqa: BLE001 - every failure is recorded, then the process ends
         traceback.print_exc()
         record.data["cpu_seconds"] = _cpu_seconds()
@@ -568,12 +566,13 @@ def step_environment(context: dict, record: Recorder) -> None:
                tflops=tflops, datasheet_tflops=peak)
     record.context(cuda=cuda, gpu=gpu, matmul_tflops=tflops, peak_tflops=peak)
     names = sorted(module.name for module in pkgutil.walk_packages(alignkit.__path__, "alignkit.",
-                                                                      onerror=lambda name: None))
+                                                                      onerror=lambda name: None)
+                   if not module.name.endswith(".__main__"))  # importing __main__ runs the command line
     failed = {}
     for name in names:
         try:
             importlib.import_module(name)
-        except Exception as error:  # noqa: BLE001 - a module that does not import is the finding
+        except (Exception, SystemExit) as error:  # noqa: BLE001 - a module that does not import is the finding
             failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     record.row("alignkit modules", found=len(names), imported=len(names) - len(failed), failed=len(failed))
     for name, error in failed.items():
@@ -733,7 +732,7 @@ def side_sft(context: dict, record: Recorder, side: str) -> None:
 
     import torch
 
-    from alignkit.config import load_job
+    from alignkit import load_job
     from alignkit.engine import Engine
     from alignkit.methods.sft import SFTRecipe
     from alignkit.model import count_parameters, load_model_and_tokenizer, resolve_dtype
@@ -867,8 +866,7 @@ def step_grpo_arithmetic(context: dict, record: Recorder) -> None:
     time limit still reports the accuracy it reached."""
     import threading
 
-    from alignkit.config import load_job
-    from alignkit.methods.base import run_job
+    from alignkit import load_job, run_job
 
     sizes = _sizes(context, "grpo_arithmetic")
     record.sizes(f"examples/grpo_arithmetic.yaml: {sizes['max_steps']} steps x {sizes['prompts_per_step']} prompts "
