@@ -56,6 +56,9 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+# torch, transformers and alignkit are imported inside the step functions only: this process (the
+# orchestrator) never loads them, so it stays small and cannot initialise CUDA; the steps' processes do.
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 
@@ -280,7 +283,8 @@ def combine_sft(sides: dict, context: dict) -> tuple[list[dict], str]:
                      "peak memory MB": row["peak_mb"], "first-step loss": row["first_loss"]})
     plain, ours = by_side.get("plain"), by_side.get("alignkit")
     if not (plain and ours):
-        return rows, "comparison incomplete: " + ", ".join(f"{s} {'ok' if r else 'missing'}" for s, r in by_side.items())
+        return rows, "comparison incomplete: " + ", ".join(f"{side} {'ok' if row else 'missing'}"
+                                                           for side, row in by_side.items())
     speed = ratio(ours["tokens_per_s"], plain["tokens_per_s"])
     memory = ratio(ours["peak_mb"], plain["peak_mb"])
     met = speed >= 1.3 and memory is not None and memory <= 0.6
@@ -312,7 +316,8 @@ def combine_grpo(sides: dict, context: dict) -> tuple[list[dict], str]:
     ours, peer = found.get("alignkit"), found.get("trl")
     if not (ours and peer):
         return [], _peer_missing(sides, "trl", "TRL")
-    return [{"measure": "step time (TRL / alignkit)", "ratio": ratio(peer["seconds_per_step"], ours["seconds_per_step"])},
+    return [{"measure": "step time (TRL / alignkit)",
+             "ratio": ratio(peer["seconds_per_step"], ours["seconds_per_step"])},
             {"measure": "generation time (alignkit / TRL)",
              "ratio": ratio(ours["generation_seconds"], peer["generation_seconds"])},
             {"measure": "training time (alignkit / TRL)",
@@ -600,13 +605,11 @@ def _place_embedded_gguf(context: dict) -> None:
     (package / "__init__.py").touch()
     target = package / EMBEDDED_GGUF_FILE
     if not target.exists():
-        os.link(context["embedded_gguf"], target) if _same_device(context["embedded_gguf"], package) \
-            else shutil.copyfile(context["embedded_gguf"], target)
+        if os.stat(context["embedded_gguf"]).st_dev == os.stat(package).st_dev:
+            os.link(context["embedded_gguf"], target)  # same file system: no 94 MiB copy
+        else:
+            shutil.copyfile(context["embedded_gguf"], target)
     importlib.invalidate_caches()
-
-
-def _same_device(path: str, folder: Path) -> bool:
-    return os.stat(path).st_dev == os.stat(folder).st_dev
 
 
 def step_model(context: dict, record: Recorder) -> None:
@@ -649,8 +652,9 @@ def step_model(context: dict, record: Recorder) -> None:
         _, total = count_parameters(model)
         answer = chat_generate(model, tokenizer, [[{"role": "user", "content": sizes["prompt"]}]],
                                max_new_tokens=sizes["new_tokens"])[0]
-        record.row("model", model=path, parameters=total, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                   load_seconds=load_seconds, greedy_answer=answer[:80])
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        record.row("model", model=path, parameters=total, dtype=dtype, load_seconds=load_seconds,
+                   greedy_answer=answer[:80])
         answers.append(f"{Path(path).name}: {total / 1e6:.1f}M parameters, greedy answer {answer[:40]!r}")
         del model
         if device == "cuda":
@@ -1034,7 +1038,8 @@ class Suite:
                         "tmp": str(self.work / "tmp"), "site": str(self.site), "sizes": self.sizes,
                         "threads": args.threads or (1 if args.dry_run else min(8, os.cpu_count() or 1)),
                         "inject_failure": set(args.inject_failure), "inject_hang": set(args.inject_hang)}
-        self.results = {"suite": {"mode": self.mode, "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        self.results = {"suite": {"mode": self.mode, "started": started,
                                   "mode_label": "dry run (CPU, toy sizes)" if args.dry_run else "GPU run",
                                   "command": "python bench/gpu_suite.py " + " ".join(args.argv),
                                   "budget_s": self.budget, "out": str(self.out)},
@@ -1070,8 +1075,8 @@ class Suite:
         if self.args.dry_run:
             os.environ.setdefault("OMP_NUM_THREADS", str(self.context["threads"]))
         paths = [str(self.site), str(ROOT), str(BENCH)]
-        os.environ["PYTHONPATH"] = os.pathsep.join(paths + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                             if p and p not in paths])
+        inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in paths]
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths + inherited)
         for path in reversed(paths):
             if path not in sys.path:
                 sys.path.insert(0, path)
@@ -1228,14 +1233,16 @@ class Suite:
                     else:
                         results[side] = self.run_child(step, side, share if index < len(step.sides) - 1 else left)
                         self._merge(entry, results[side])
-                    entry["sides"][side] = {k: results[side].get(k) for k in ("status", "seconds", "error", "unavailable")}
+                    entry["sides"][side] = {key: results[side].get(key)
+                                            for key in ("status", "seconds", "error", "unavailable")}
                     self.write()
                 rows, summary = globals()[step.combine](results, self.context)
                 if rows:
                     entry["tables"]["comparison"] = rows
                 entry["summary"] = summary
                 statuses = [r["status"] for r in results.values()]
-                entry["status"] = next((s for s in ("failed", "timeout", "unavailable", "skipped") if s in statuses), "ok")
+                entry["status"] = next((status for status in ("failed", "timeout", "unavailable", "skipped")
+                                        if status in statuses), "ok")
                 errors = [f"{side}: {r['error']}" for side, r in results.items() if r.get("error")]
                 if errors:
                     entry["error"] = "; ".join(errors)
@@ -1302,7 +1309,8 @@ def parse_args(argv=None):
     parser.add_argument("--wheels", help="install every .whl in this folder first (pip --no-index --no-deps)")
     parser.add_argument("--model-parts", help="comma-separated files that join into the embedded model's GGUF")
     parser.add_argument("--no-checksum", action="store_true", help="do not check the joined GGUF's SHA-256")
-    parser.add_argument("--budget", type=float, help="seconds for the whole suite, setup included (default 480 on a GPU, 900 dry)")
+    parser.add_argument("--budget", type=float,
+                        help="seconds for the whole suite, setup included (default 480 on a GPU, 900 dry)")
     parser.add_argument("--only", type=lambda s: s.split(","), help="comma-separated steps to run")
     parser.add_argument("--skip", type=lambda s: s.split(","), default=[], help="comma-separated steps to leave out")
     parser.add_argument("--size", action="append", default=[], metavar="STEP.KEY=VALUE",

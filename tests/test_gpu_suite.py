@@ -143,7 +143,8 @@ def test_assemble_parts_joins_in_order_and_checks_the_hash(tmp_path):
 
 
 def test_two_versions_of_one_wheel_are_refused(tmp_path):
-    wheels = [tmp_path / "typing_extensions-4.16.0-py3-none-any.whl", tmp_path / "Typing.Extensions-4.12.0-py3-none-any.whl"]
+    wheels = [tmp_path / "typing_extensions-4.16.0-py3-none-any.whl",
+              tmp_path / "Typing.Extensions-4.12.0-py3-none-any.whl"]
     with pytest.raises(ValueError, match="two wheels of typing-extensions"):
         suite.check_wheels(wheels)
     suite.check_wheels([tmp_path / "trl-1.16.0-py3-none-any.whl", tmp_path / "dill-0.4.1-py3-none-any.whl"])
@@ -212,7 +213,8 @@ def test_size_overrides_are_checked():
 def test_markdown_keeps_tables_intact():
     results = {"suite": {"mode_label": "dry run", "started": "now", "budget_s": 10, "command": "x", "finished": True},
                "steps": [{"name": "rollout", "title": "t", "status": "failed", "seconds": 1.0, "timeout_s": 5,
-                          "error": "ValueError: a|b\nsecond line", "tables": {"throughput": [{"batch": 2, "speedup": 1.5}]},
+                          "error": "ValueError: a|b\nsecond line",
+                          "tables": {"throughput": [{"batch": 2, "speedup": 1.5}]},
                           "notes": []}]}
     markdown = suite.render_markdown(results)
     assert "| rollout | failed | 1.0 | 0.0 | ValueError: a/b second line |" in markdown
