@@ -67,12 +67,12 @@ def generated_pairs(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def bench_rows(count: int, max_length: int) -> tuple[list[dict], str]:
+def bench_rows(count: int, max_length: int, model: str = "smollm2-135m-instruct") -> tuple[list[dict], str]:
     """Conversational rows (prompt messages, chosen text, rejected text) that fit max_length untruncated."""
     from alignkit.data.pairs import tokenize_pairs
     from alignkit.model import load_model_and_tokenizer
 
-    _, tokenizer = load_model_and_tokenizer()
+    _, tokenizer = load_model_and_tokenizer(model)
     if HH.exists():
         from alignkit.data import load_examples
 
@@ -110,7 +110,7 @@ def load_model(args):
     from alignkit.model import add_lora, load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(device=args.device, dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype="float32")
     if args.lora:
         model = add_lora(model, rank=16, alpha=32, dropout=0.0)
     # Warm-up, identical for both trainers: one small forward and backward, so first-call costs
@@ -273,7 +273,7 @@ def run_worker(name: str, args, data_file: Path) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--data-file", str(data_file),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate),
-               "--seed", str(args.seed), "--threads", str(args.threads)]
+               "--seed", str(args.seed), "--threads", str(args.threads), "--model", args.model]
     if args.lora:
         command.append("--lora")
     if args.device:
@@ -289,6 +289,8 @@ def run_worker(name: str, args, data_file: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="anything load_model_and_tokenizer accepts (default: the embedded model)")
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
@@ -324,7 +326,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    rows, source = bench_rows(args.pairs, args.max_length)
+    rows, source = bench_rows(args.pairs, args.max_length, args.model)
     data_file = Path(tempfile.mkdtemp(prefix="bench-data-")) / "pairs.json"
     data_file.write_text(json.dumps(rows))
     names = (["alignkit"] + ([] if args.skip_trl else ["trl"]) + (["trl-live"] if args.trl_live_reference else [])

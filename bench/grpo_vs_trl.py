@@ -114,7 +114,7 @@ def load(args):
     from alignkit.model import load_model_and_tokenizer
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m-instruct", device=args.device, dtype="float32")
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype="float32")
     return model, tokenizer
 
 
@@ -240,6 +240,8 @@ def summarise(run: dict, window: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="anything load_model_and_tokenizer accepts (default: the embedded model)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--generations", type=int, default=8, help="completions per prompt")
@@ -289,7 +291,7 @@ def main() -> None:
             print(f"[bench] {side} run {repeat + 1}: {time.perf_counter() - started:.1f} s wall", file=sys.stderr)
     summary = {side: {key: statistics.median(r[key] for r in results) for key in results[0]}
                for side, results in runs.items()}
-    print(f"\nGRPO, SmolLM2-135M-Instruct, {'full weights' if args.full else 'LoRA r16'}, {args.device}, "
+    print(f"\nGRPO, {args.model}, {'full weights' if args.full else 'LoRA r16'}, {args.device}, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
           f"{'prompt sharing off, ' if args.no_share_prompt else ''}"
           f"{args.steps} steps x {args.prompts} prompts x {args.generations} completions, "

@@ -141,14 +141,40 @@ def run_static(backend, model, tokenizer, prompts, new_tokens, device, greedy=Fa
     return seconds, rows
 
 
-def check_agreement(backend, model, tokenizer, device, new_tokens=32, count=8) -> str:
+def measure_batch(backend, model, tokenizer, device, batch_size: int, new_tokens: int, repeats: int) -> dict:
+    """One table row: both backends on the same ``batch_size`` prompts, one warm-up run each, then the
+    median of ``repeats`` timed runs; ``static_stats`` is the engine's split of its last run."""
+    prompts = make_prompts(tokenizer, batch_size)
+    times = {}
+    for label, runner in (("hf", lambda: run_transformers(model, tokenizer, prompts, new_tokens, device)),
+                          ("static", lambda: run_static(backend, model, tokenizer, prompts, new_tokens, device))):
+        runner()  # warm-up (allocator, kernels, lazy init)
+        times[label] = statistics.median(runner()[0] for _ in range(repeats))
+    generated = batch_size * new_tokens
+    return {"batch": batch_size, "new_tokens": new_tokens,
+            "hf_tokens_per_s": generated / times["hf"], "hf_ms_per_step": 1000 * times["hf"] / new_tokens,
+            "static_tokens_per_s": generated / times["static"],
+            "static_ms_per_step": 1000 * times["static"] / new_tokens,
+            "speedup": times["hf"] / times["static"], "static_stats": dict(backend.last_stats)}
+
+
+def greedy_agreement(backend, model, tokenizer, device, new_tokens=32, count=8) -> dict:
+    """Greedy outputs of both backends on the same ``count`` prompts: how many rows are identical,
+    and where the first differing token is (``new_tokens`` when a row matches to the end)."""
     prompts = make_prompts(tokenizer, count)
     _, reference = run_transformers(model, tokenizer, prompts, new_tokens, device, greedy=True)
     _, ours = run_static(backend, model, tokenizer, prompts, new_tokens, device, greedy=True)
     identical = sum(a == b for a, b in zip(reference, ours))
     prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(reference, ours)]
+    return {"prompts": count, "new_tokens": new_tokens, "identical_rows": identical,
+            "first_divergence_worst": min(prefix), "matching_prefix_mean": statistics.mean(prefix)}
+
+
+def check_agreement(backend, model, tokenizer, device, new_tokens=32, count=8) -> str:
+    result = greedy_agreement(backend, model, tokenizer, device, new_tokens, count)
     return (f"greedy agreement with transformers.generate ({count} prompts x {new_tokens} tokens): "
-            f"{identical}/{count} rows identical; first divergence at token {min(prefix)} at worst "
+            f"{result['identical_rows']}/{count} rows identical; first divergence at token "
+            f"{result['first_divergence_worst']} at worst "
             "(bf16 kernels may legitimately diverge after near-ties)")
 
 
@@ -183,17 +209,10 @@ def main(argv=None) -> None:
     print()
     rows, breakdown = [], []
     for batch_size in batch_sizes:
-        prompts = make_prompts(tokenizer, batch_size)
-        times = {}
-        for label, runner in (("hf", lambda: run_transformers(model, tokenizer, prompts, new_tokens, device)),
-                              ("static", lambda: run_static(backend, model, tokenizer, prompts, new_tokens, device))):
-            runner()  # warm-up (allocator, kernels, lazy init)
-            times[label] = statistics.median(runner()[0] for _ in range(repeats))
-        stats = backend.last_stats
-        generated = batch_size * new_tokens
-        rows.append((batch_size, generated / times["hf"], 1000 * times["hf"] / new_tokens,
-                     generated / times["static"], 1000 * times["static"] / new_tokens,
-                     times["hf"] / times["static"]))
+        row = measure_batch(backend, model, tokenizer, device, batch_size, new_tokens, repeats)
+        rows.append((batch_size, row["hf_tokens_per_s"], row["hf_ms_per_step"], row["static_tokens_per_s"],
+                     row["static_ms_per_step"], row["speedup"]))
+        stats = row["static_stats"]
         if "decode_seconds" in stats:
             steps = max(stats.get("decode_steps", 0), 1)
             breakdown.append(f"batch {batch_size}: prefill {1000 * stats['prefill_seconds']:.1f} ms, "
