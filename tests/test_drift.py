@@ -170,8 +170,11 @@ def test_text_statistics_and_the_new_checks():
     assert drift_alarms({"truncated_share": 0.5, "repetition": 0.75}, {"truncated_share": 0.25, "repetition": 0.5},
                         limits) == []
     # collapse checks are marked as such
-    collapse = drift_alarms({"entropy": 0.5, "distinct_2": 0.1}, {"entropy": 2.0, "distinct_2": 0.8})
-    assert [(a.check, a.kind) for a in collapse] == [("entropy_ratio", "collapse"), ("distinct_2_ratio", "collapse")]
+    # collapse checks are marked as such: a policy answering "8" where it used to ramble is not hacking
+    collapse = drift_alarms({"entropy": 0.5, "distinct_2": 0.1, "length": 2.0},
+                            {"entropy": 2.0, "distinct_2": 0.8, "length": 9.0})
+    assert [(a.check, a.kind) for a in collapse] == [("entropy_ratio", "collapse"), ("length_ratio_low", "collapse"),
+                                                     ("distinct_2_ratio", "collapse")]
     assert set(CHECK_KINDS) == set(DEFAULT_THRESHOLDS)
 
 

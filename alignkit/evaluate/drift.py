@@ -11,13 +11,14 @@ first evaluation) into readable warnings.
 
 Every check is one of two kinds (``CHECK_KINDS``):
 
-* *hacking alarms* (``kl``, ``length_ratio_high``, ``length_ratio_low``, ``truncated_share_rise``,
-  ``repetition_rise``, ``refusal_rate_rise``): the signatures of a policy exploiting its reward
-  (padding, keyword stuffing, loops, running into the length limit, wandering from the reference,
-  refusing). A clean run should raise none; ``docs/online_rl.md`` has the measured false-alarm record.
-* *collapse warnings* (``entropy_ratio``, ``distinct_2_ratio``): the policy becoming deterministic
-  and its answers alike. On a task with one right answer (arithmetic) that is what training is for,
-  so they are reported but never counted as alarms; on open-ended prompts read them as mode collapse.
+* *hacking alarms* (``kl``, ``length_ratio_high``, ``truncated_share_rise``, ``repetition_rise``,
+  ``refusal_rate_rise``): the signatures of a policy exploiting its reward (padding, keyword
+  stuffing, loops, running into the length limit, wandering from the reference, refusing). A clean
+  run should raise none; ``docs/online_rl.md`` has the measured false-alarm record.
+* *collapse warnings* (``entropy_ratio``, ``distinct_2_ratio``, ``length_ratio_low``): the policy
+  becoming deterministic, its answers alike or shorter. On a task with one short right answer
+  (arithmetic) that is what training is for, so they are reported but never counted as alarms; on
+  open-ended prompts read them as mode collapse or evasive answers.
 
 ``DriftMonitor`` applies the same checks during training, once per rollout batch, against the
 first rollout (the starting policy's own samples), with a patience of a few rollouts.
@@ -79,7 +80,7 @@ DEFAULT_THRESHOLDS: dict[str, float | None] = {
     "kl": 10.0,                    # alarm if sample KL > 10 nats per sequence
     "entropy_ratio": 0.5,          # warn if entropy / baseline entropy < 0.5
     "length_ratio_high": 2.0,      # alarm if mean length / baseline > 2
-    "length_ratio_low": 0.5,       # alarm if mean length / baseline < 0.5
+    "length_ratio_low": 0.5,       # warn if mean length / baseline < 0.5
     "distinct_2_ratio": 0.6,       # warn if distinct-2 / baseline distinct-2 < 0.6
     "refusal_rate_rise": 0.2,      # alarm if refusal rate - baseline refusal rate > 0.2
     "truncated_share_rise": 0.3,   # alarm if the share cut at the length limit rose by > 0.3
@@ -87,9 +88,9 @@ DEFAULT_THRESHOLDS: dict[str, float | None] = {
 }
 
 CHECK_KINDS: dict[str, str] = {
-    "kl": "hacking", "length_ratio_high": "hacking", "length_ratio_low": "hacking",
-    "truncated_share_rise": "hacking", "repetition_rise": "hacking", "refusal_rate_rise": "hacking",
-    "entropy_ratio": "collapse", "distinct_2_ratio": "collapse",
+    "kl": "hacking", "length_ratio_high": "hacking", "truncated_share_rise": "hacking",
+    "repetition_rise": "hacking", "refusal_rate_rise": "hacking",
+    "entropy_ratio": "collapse", "distinct_2_ratio": "collapse", "length_ratio_low": "collapse",
 }
 
 

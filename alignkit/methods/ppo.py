@@ -6,7 +6,7 @@ functions), and the frozen reference (the starting policy). For one rollout batc
 
     sample completions o from the actor (no grad); keep their log-probs  logp_old_t
     V_t      = critic value of the state before token t          (no grad: old values)
-    score    = reward(prompt, o)                                  (one number per completion)
+    score    = reward(prompt, o)  - missing_eos_penalty * [o was cut at max_completion_length]
     r_t      = -kl_coef * (logp_old_t - logp_ref_t)  +  [t is the last token] * score
     A_t, R_t = GAE(r, V; gamma, lam);   A whitened over the batch (whiten_advantages)
     then ppo_epochs passes, each over num_mini_batches shuffled minibatches, one optimizer step each:
@@ -24,6 +24,15 @@ Simplifications chosen, and why:
 - Actor and critic are one module for the engine, so one optimizer and one learning rate update
   both; ``vf_coef`` sets their balance.
 - The reference is the actor with adapters disabled (LoRA) or a frozen copy (full weights).
+
+The value head starts at zero (``value_head_init: zeros``). A head drawn at random on a pretrained
+backbone gives values of a few units per token (SmolLM2-135M: up to ~3) against a 0/1 reward; GAE
+with lam < 1 does not cancel them, so the first advantages are mostly critic noise (explained variance
+-20 on the arithmetic task), and value clipping (``cliprange_value``, in reward units) lets the critic
+move only that much per rollout, so it never catches up in a short run. With a zero head the first
+advantages are the whitened returns (REINFORCE with a batch baseline) and the critic learns from there.
+``docs/online_rl.md`` has the measured ablations. ``critic_warmup_rollouts`` trains only the critic on
+the first rollouts (a shared head then reads detached hidden states, so the actor stays put).
 """
 from __future__ import annotations
 
