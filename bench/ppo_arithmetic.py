@@ -59,8 +59,10 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "zeros_eos": ("ppo", OLD[1:] + ["value_head_init=zeros", "missing_eos_penalty=0.5"],
                   "zero value head, 0.5 off the score of a truncated completion"),
     "grpo": ("grpo", [], "GRPO example (4 prompts x 8 completions, one step per rollout)"),
-    "ppo_shared": ("ppo", ["critic=shared"], "PPO defaults, shared critic (value head on the actor)"),
-    "ppo_separate": ("ppo", ["critic=separate"], "PPO defaults, separate critic (own backbone + LoRA)"),
+    "ppo_shared": ("ppo", ["critic=shared", "missing_eos_penalty=0.5"],
+                   "PPO example, shared critic (value head on the actor's backbone)"),
+    "ppo_separate": ("ppo", ["critic=separate", "missing_eos_penalty=0.5"],
+                     "PPO example, separate critic (a copy of the backbone with its own LoRA)"),
 }
 GROUPS = {
     "ablations": ["old", "zeros", "zeros_noclip", "zeros_kl0", "zeros_1epoch", "zeros_nowhiten", "old_warmup",

@@ -34,8 +34,9 @@ import torch  # noqa: E402
 from alignkit import load_job, load_model_and_tokenizer, run_job  # noqa: E402
 from alignkit.evaluate.metrics import run_metrics  # noqa: E402
 
-HACK = "rewards=[{name: numeric_match}, {name: examples/exploitable_rewards.py:repeated_answer_bonus}]"
-ROWS = {"grpo_hacked": ("grpo", [HACK]), "ppo_hacked": ("ppo", [HACK])}
+HACK = "rewards=[{name: numeric_match}, {name: examples/exploitable_rewards.py:keyword_bonus}]"
+HACK_REPEAT = "rewards=[{name: numeric_match}, {name: examples/exploitable_rewards.py:repeated_answer_bonus}]"
+ROWS = {"grpo_hacked": ("grpo", [HACK]), "ppo_hacked": ("ppo", [HACK, "missing_eos_penalty=0.5"]), "grpo_repeat": ("grpo", [HACK_REPEAT])}
 
 
 def train(name: str, rollouts: int, runs: Path) -> Path:
