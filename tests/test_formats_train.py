@@ -56,9 +56,9 @@ def test_openai_weight_zero_turn_is_context_not_target(tmp_path, model_folder):
 
 
 def test_feedback_rows_are_refused_for_sft_before_the_model_loads(tmp_path, model_folder, monkeypatch):
-    import alignkit.methods.sft as sft
+    import alignkit.methods.base as base
 
-    monkeypatch.setattr(sft, "build_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(base, "build_policy", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(FatalDataError) as error:
         run_job(job("sft", tmp_path, model_folder, "kto_feedback.jsonl"))
     assert str(error.value).startswith(f"{FORMATS / 'kto_feedback.jsonl'}:1: field 'label': this row is unpaired "

@@ -5,6 +5,7 @@ write the resolved config, hand the recipe to the one engine, save the final mod
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import shutil
@@ -162,14 +163,19 @@ def run_job(job: Job) -> dict[str, Any]:
     did not create is left as it was).
     """
     method = get_method(job.method)
-    train, validation, notes = check_data_first(job)
+    data: dict[str, Any] = {}
+    notes = list(job.notes)
+    if job.data.train:  # a method without data files (a plugin, a toy) reads what it wants itself
+        train, validation, notes = check_data_first(job)
+        if "train" in inspect.signature(method.recipe).parameters:
+            data = {"train": train, "validation": validation}
     run_dir = job.output_dir()
     created = not run_dir.exists()
     started = time.time()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(job_to_yaml(job))
-        recipe = method.recipe(job, train=train, validation=validation)
+        recipe = method.recipe(job, **data)
         recipe.notes = notes + list(getattr(recipe, "notes", []))
         for line in recipe.notes:
             print(f"[alignkit] {line}")
