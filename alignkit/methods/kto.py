@@ -35,11 +35,10 @@ import torch
 from pydantic import Field, model_validator
 
 from alignkit.data.errors import DataError
-from alignkit.data.mixing import load_training_data
 from alignkit.data.pairs import split_pairs
 from alignkit.data.unpaired import tokenize_unpaired
 from alignkit.losses import kto_loss, preference_accuracy
-from alignkit.methods.base import BatchSchedule, build_policy
+from alignkit.methods.base import BatchSchedule, policy_and_data
 from alignkit.methods.dpo import DPORecipe
 from alignkit.methods.preference import PreferenceJob
 from alignkit.methods.registry import register_method
@@ -121,13 +120,10 @@ class KTORecipe(DPORecipe):
     def __init__(self, job: KTOJob, model=None, tokenizer=None, train=None, validation=None,
                  reference_model=None):
         self.job = job
-        if model is None:
-            model, tokenizer = build_policy(job)
+        model, tokenizer, train, validation, self.notes = policy_and_data(job, model, tokenizer, train, validation,
+                                                                          kind="unpaired")
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.notes: list[str] = []
-        if train is None:
-            train, validation, self.notes = load_training_data(job.data, "unpaired")
         data = job.data
         self.train_pairs, self.train_labels, report = tokenize_unpaired(
             tokenizer, train, data.max_length, data.max_prompt_length, seed=data.seed)
