@@ -5,6 +5,7 @@ Training-time sampling for GRPO/PPO (log-probs, groups, stop strings) lives in `
 from __future__ import annotations
 
 import torch
+from transformers import TextStreamer
 
 from alignkit.data import tokenize_prompt
 from alignkit.rollout.stops import stop_token_ids
@@ -73,8 +74,6 @@ def chat_generate_with_status(model, tokenizer, conversations: list[list[dict]],
 def stream_chat(model, tokenizer, conversation: list[dict], write, **settings) -> tuple[str, bool]:
     """Generate one reply, handing each piece of decoded text to ``write`` as it is produced; returns
     ``(reply, finished)`` (finished False: cut off at ``max_new_tokens``)."""
-    from transformers import TextStreamer
-
     class _Writer(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             if text:

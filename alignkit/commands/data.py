@@ -11,7 +11,7 @@ the data cannot be used at all (the one-line error says where and why).
 from __future__ import annotations
 
 from alignkit.commands.common import add_columns_argument, parse_columns
-from alignkit.config import ConfigError
+from alignkit.config import ConfigError, apply_overrides
 from alignkit.data.check import check_job_data, describe
 from alignkit.methods import build_job, load_job
 from alignkit.model import load_tokenizer
@@ -61,8 +61,6 @@ def run_check(args) -> int:
     if args.config:
         job = load_job(args.method, args.config, _overrides(args))
     else:
-        from alignkit.config import apply_overrides
-
         job = build_job(args.method or "sft", apply_overrides({}, _overrides(args)), "<command line>")
     tokenizer = load_tokenizer(job.model.name_or_path, trust_remote_code=job.model.trust_remote_code)
     check = check_job_data(job, tokenizer)

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
+from alignkit.model.load import (EMBEDDED_ALIASES, EMBEDDED_MODEL, EMBEDDED_WEIGHTS_NOTE, SAVE_RECORD,
+                                 public_model_id)
+
 
 def is_peft_model(model) -> bool:
     """True for a `peft.PeftModel` (LoRA adapters on a transformers model)."""
@@ -123,9 +126,6 @@ def record_base_model(folder: str | os.PathLike, model, adapter: bool) -> dict:
     model as ``HuggingFaceTB/SmolLM2-135M-Instruct``) from ``adapter_config.json`` and the model card's
     ``base_model``; ``alignkit.json`` keeps the name alignkit loads the same weights under, and how they
     were made. Returns the record."""
-    from alignkit.model.load import (EMBEDDED_ALIASES, EMBEDDED_MODEL, EMBEDDED_WEIGHTS_NOTE, SAVE_RECORD,
-                                     public_model_id)
-
     folder = Path(folder)
     base = base_model_name(model)
     public = public_model_id(base)

@@ -24,6 +24,7 @@ import json
 import re
 from typing import Any
 
+from alignkit.judges import OpenAICompatibleBackend
 from alignkit.rewards.registry import RewardSpecError, register, register_factory
 
 _VARIABLE = re.compile(r"\{\{\s*(sample|item)\.([\w.]+)\s*\}\}")
@@ -146,8 +147,6 @@ def score_model(model: str, input: list[dict], range: tuple[float, float] | list
     """OpenAI's score_model grader (a reward factory): ``input`` is a message list whose templates are
     filled per completion; the model's reply must hold a number, clamped to ``range``. ``model`` is
     served at ``base_url`` (any OpenAI-compatible server), or ``backend`` is a `ChatBackend`."""
-    from alignkit.judges import OpenAICompatibleBackend
-
     if backend is None:
         backend = OpenAICompatibleBackend(base_url=base_url, model=model, api_key_env=api_key_env)
     low, high = float(range[0]), float(range[1])
