@@ -18,6 +18,7 @@ import sys
 
 import alignkit
 import alignkit.commands as command_package
+from alignkit.console import quiet_libraries
 from alignkit.errors import UserError
 
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()  # progress bars and warnings users cannot act on (alignkit/console.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

@@ -317,6 +317,11 @@ class Engine:
         logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard)
         self.model.train()
         if self.step == 0 and self.config.eval_at_start and self.config.eval_steps is not None:
+            count = validation_count(self.recipe)
+            if count != 0:
+                what = f"{count} validation examples" if count else "the validation set"
+                print(f"[alignkit] step 0: evaluating the starting model on {what}, so that the report shows "
+                      "before and after (training.eval_at_start: false skips this)", flush=True)
             metrics = self.evaluate()
             if metrics:
                 logger.log(0, metrics)
@@ -427,6 +432,15 @@ class Engine:
             return None
 
         return tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+
+
+def validation_count(recipe) -> int | None:
+    """How many validation examples a recipe evaluates (None when it does not say)."""
+    for name in ("validation_rows", "validation_pairs", "validation_examples"):
+        items = getattr(recipe, name, None)
+        if items is not None:
+            return len(items)
+    return None
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -9,7 +9,8 @@ from alignkit.data import PromptExample
 from alignkit.engine import Engine
 from alignkit.methods import build_job
 from alignkit.methods.grpo import GRPORecipe
-from alignkit.methods.online import BASE_LEARNING_RATE, final_answer
+from alignkit.aliases import BASE_LEARNING_RATE
+from alignkit.methods.online import final_answer
 from alignkit.rewards import CombinedReward
 
 WORDS = "hello cat dog red one two apple paris".split()

@@ -28,10 +28,13 @@ from alignkit.data import load_examples
 from alignkit.judges import LocalChatBackend, make_backend
 from alignkit.model import load_model_and_tokenizer
 
+from alignkit.commands.common import add_columns_argument, parse_columns
+
 
 def _common(parser) -> None:
     parser.add_argument("--constitution", "-c", required=True, help="constitution YAML file")
     parser.add_argument("--data", "-d", required=True, help="prompts (any row shape with a prompt)")
+    add_columns_argument(parser)
     parser.add_argument("--model", "-m", default="smollm2-135m-instruct",
                         help="the generating model (embedded name, folder, hub id; or the served name with --base-url)")
     parser.add_argument("--adapter", help="a LoRA adapter folder for the generating model")
@@ -43,7 +46,7 @@ def _common(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per generation batch (local model)")
     parser.add_argument("--seed", type=int, default=0, help="principle sampling and generation seed")
-    parser.add_argument("--out", "-o", required=True, help="output folder")
+    parser.add_argument("--output", "--out", "-o", dest="out", required=True, help="output folder")
 
 
 def register(subparsers) -> None:
@@ -82,7 +85,8 @@ def run_check(args) -> int:
 
 def _setup(args):
     constitution = load_constitution(args.constitution)
-    examples, report = load_examples(args.data, kind="prompt", limit=args.limit)
+    examples, report = load_examples(args.data, kind="prompt", limit=args.limit,
+                                    columns=parse_columns(args.columns))
     print(f"[alignkit] {report.summary()}")
     loaded = None
     if args.base_url:

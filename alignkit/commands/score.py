@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.data import (
     DataError,
     detect_format,
@@ -31,6 +32,7 @@ from alignkit.data import (
     to_preference_examples,
     tokenize_prompt_response,
 )
+from alignkit.data.formats import PAIR_SHAPES
 from alignkit.model.heads import load_scalar_model
 
 
@@ -43,8 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-prompt-length", type=int, default=None)
-    parser.add_argument("--columns", action="append", default=[], metavar="OURS=THEIRS",
-                        help="map a field name to the file's column, e.g. --columns completion=output")
+    add_columns_argument(parser)
     parser.add_argument("--system-prompt", help="system message for rows without one")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     parser.add_argument("--limit", type=int, help="score at most this many rows")
@@ -58,7 +59,7 @@ def responses_of(row: dict, source: str, columns=None, system_prompt=None):
 
     mapped = {ours: row[theirs] for ours, theirs in (columns or {}).items() if theirs in row}
     shape = detect_format({**row, **mapped})
-    if shape in ("preference", "hh_pair", "ranked"):
+    if shape in PAIR_SHAPES:
         pairs = to_preference_examples(row, source, columns, "adjacent", system_prompt=system_prompt)
         responses = [pair.chosen for pair in pairs] + [pairs[-1].rejected]
         return ("ranking" if shape == "ranked" else "pair"), pairs[0].prompt, responses
@@ -95,7 +96,7 @@ def score_rows(model, tokenizer, items, batch_size: int, max_length: int, max_pr
 
 
 def run(args) -> int:
-    columns = dict(item.split("=", 1) for item in args.columns)
+    columns = parse_columns(args.columns) or {}
     model, tokenizer = load_scalar_model(args.model, device=args.device, dtype=args.dtype)
     records, items, errors = [], [], 0
     for source, row in iter_records(args.data):

@@ -5,27 +5,27 @@ write the resolved config, hand the recipe to the one engine, save the final mod
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import shutil
 import time
 from typing import Any, Callable, Iterator, Literal
 
 import torch
 
 from alignkit.config import Job, job_to_yaml
-from alignkit.data import (
-    deduplicate,
-    length_bucketed_batches,
-    load_examples,
-    train_validation_split,
-)
+from alignkit.data import length_bucketed_batches
+from alignkit.data.check import prepare_job_data
+from alignkit.data.mixing import load_training_data
+from alignkit.data.templates import apply_chat_template_setting
 from alignkit.engine import Engine
-from alignkit.errors import UsageError
 from alignkit.methods.registry import get_method
 from alignkit.model import (
     add_lora,
     is_peft_model,
     load_model_and_tokenizer,
+    load_tokenizer,
     merge_adapter,
 )
 
@@ -59,47 +59,21 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         model.config.use_cache = False
+    apply_chat_template_setting(tokenizer, job.model.chat_template)  # saved with every output
     return model, tokenizer
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_train_validation(job: Job, kind: str, **reader_options):
-    """Read the training file (and validation file or a seeded split) as typed examples.
+def load_train_validation(job: Job, kind: str, ranking_pairs: str = "all"):
+    """Read the training file(s) (and validation file or a seeded split) as typed examples.
 
-    ``kind`` is ``chat``, ``prompt`` or ``preference`` (``reader_options`` go to `load_examples`, e.g.
-    ``ranking_pairs``). The split is by file *row*, so the pairs expanded from one ranking never end up
-    on both sides. Returns (train, validation, notes): notes are human-readable lines about what was
-    read, skipped, de-duplicated, so the run report says where every row went.
+    ``kind`` is ``chat``, ``prompt``, ``preference`` or ``unpaired``. The split is by file *row*, so the
+    pairs expanded from one ranking never end up on both sides. Returns (train, validation, notes):
+    notes are human-readable lines about what was read, skipped, de-duplicated and mixed, so the run
+    report says where every row went (`alignkit.data.mixing.load_training_data`).
     """
-    data = job.data
-    if not data.train:
-        raise UsageError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
-    common = dict(kind=kind, columns=data.columns or None, on_error=data.on_error,
-                  system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format,
-                  **reader_options)
-    train, report = load_examples(data.train, limit=data.limit, **common)
-    notes = [f"train {data.train}: {report.summary()}"]
-    if data.deduplicate != "none":
-        train, removed = deduplicate(train, mode=data.deduplicate)
-        notes.append(f"de-duplication ({data.deduplicate}): removed {removed} rows")
-    validation = []
-    if data.validation:
-        validation, vreport = load_examples(data.validation, **common)
-        notes.append(f"validation {data.validation}: {vreport.summary()}")
-    elif data.validation_fraction > 0:
-        sources = list(dict.fromkeys(example.source for example in train))
-        if len(sources) >= 2:
-            _, held_out = train_validation_split(sources, validation_fraction=data.validation_fraction,
-                                                 seed=data.seed)
-            held_out = set(held_out)
-            validation = [example for example in train if example.source in held_out]
-            train = [example for example in train if example.source not in held_out]
-            notes.append(f"validation: {len(held_out)} rows ({len(validation)} examples) split from train "
-                         f"(seed {data.seed})")
-    if not train:
-        raise UsageError(f"{data.train}: no training rows left after validation and filtering")
-    return train, validation, notes
+    return load_training_data(job.data, kind, ranking_pairs)
 
 
 def policy_and_data(job: Job, model, tokenizer, train, validation, kind: str,
@@ -171,17 +145,45 @@ class BatchSchedule:
 
 # ----------------------------------------------------------------------------- run
 
+def check_data_first(job: Job) -> tuple[list, list, list[str]]:
+    """The job's data, read and validated before any model loads (`alignkit.data.check`): a bad row, a
+    format the method cannot use, a chat template that cannot render the data's tool calls stop the
+    run here, in seconds. The tokenizer alone is loaded for the template checks."""
+    tokenizer = load_tokenizer(job.model.name_or_path, trust_remote_code=job.model.trust_remote_code)
+    template_note = apply_chat_template_setting(tokenizer, job.model.chat_template)
+    train, validation, notes = prepare_job_data(job, tokenizer)
+    return train, validation, list(job.notes) + ([template_note] if template_note else []) + notes
+
+
 def run_job(job: Job) -> dict[str, Any]:
-    """Train `job` end to end; returns a summary with the run folder and the metric history."""
+    """Train `job` end to end; returns a summary with the run folder and the metric history.
+
+    The data is read and checked first (`check_data_first`), then the recipe is built (model loaded),
+    then the engine runs. A run that fails before its first step leaves no run folder behind (one it
+    did not create is left as it was).
+    """
     method = get_method(job.method)
+    data: dict[str, Any] = {}
+    notes = list(job.notes)
+    if job.data.train:  # a method without data files (a plugin, a toy) reads what it wants itself
+        train, validation, notes = check_data_first(job)
+        if "train" in inspect.signature(method.recipe).parameters:
+            data = {"train": train, "validation": validation}
     run_dir = job.output_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(job_to_yaml(job))
+    created = not run_dir.exists()
     started = time.time()
-    recipe = method.recipe(job)
-    for line in getattr(recipe, "notes", []):
-        print(f"[alignkit] {line}")
-    engine = Engine(job.training, recipe, run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(job_to_yaml(job))
+        recipe = method.recipe(job, **data)
+        recipe.notes = notes + list(getattr(recipe, "notes", []))
+        for line in recipe.notes:
+            print(f"[alignkit] {line}")
+        engine = Engine(job.training, recipe, run_dir)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     result = engine.train()
     final_dir = run_dir / "final"
     recipe.save_final(final_dir)

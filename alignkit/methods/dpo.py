@@ -177,20 +177,24 @@ class DPORecipe:
         self.batch_size = job.training.batch_size
         self.schedule = pair_schedule(job, self.train_pairs)
         self.needs_reference = job.loss_type not in REFERENCE_FREE
+        self.setup_reference(reference_model)
 
-        # The reference: live (computed every step) or, by default, computed once before training.
+    def setup_reference(self, reference_model=None) -> None:
+        """The reference: live (computed every step) or, by default, computed once before training
+        (also KTO's, whose pairs are (completion, mismatched completion))."""
+        job = self.job
         external = reference_model
         if external is None and job.reference_model:
-            external = _load_reference(job, tokenizer, self.device)
+            external = _load_reference(job, self.tokenizer, self.device)
         self.reference: ReferencePolicy | None = None
         self.precomputed: dict[str, torch.Tensor] | None = None
         if self.needs_reference and not job.precompute_reference_logprobs:
-            self.reference = ReferencePolicy.for_training(model, external, live=True)
+            self.reference = ReferencePolicy.for_training(self.model, external, live=True)
             self.notes.append(f"reference: {self.reference.description}")
         if (self.needs_reference and job.precompute_reference_logprobs) or (
                 self.validation_pairs and self.reference is None):
             # computed once from the starting weights; no copy of them is kept afterwards
-            self.precomputed = self._precompute(ReferencePolicy.for_training(model, external, live=False))
+            self.precomputed = self._precompute(ReferencePolicy.for_training(self.model, external, live=False))
 
     def _autocast(self):
         """The engine's autocast (bf16 on a GPU that has it, or when asked), for passes run outside it."""

@@ -73,14 +73,10 @@ def final_answer(text: str) -> str:
 
 # ----------------------------------------------------------------------------- config
 
-# Base learning rates that the managed-RFT ``learningRateMultiplier`` multiplies.
-BASE_LEARNING_RATE = {"lora": 1e-4, "full": 1e-5}
-
+# Managed-RFT names of online keys; the ones every method shares (epochCount, batchSize, adapterSize,
+# learningRateMultiplier with its BASE_LEARNING_RATE) are in alignkit.aliases.
 MANAGED_RFT_ALIASES = {
     "samplesPerPrompt": "num_generations",
-    "epochCount": "training.epochs",
-    "batchSize": "prompts_per_step",
-    "adapterSize": "lora.rank",
     "maxOutputTokens": "max_completion_length",
     "evaluateInterval": "training.eval_steps",
     "checkpointInterval": "training.save_steps",
@@ -97,6 +93,8 @@ class RewardTerm(Section):
 
 class OnlineJob(Job):
     """Keys GRPO and PPO share (sampling, rewards, prompts per rollout, thinking)."""
+
+    DATA_KIND = "prompt"
 
     ALIASES = MANAGED_RFT_ALIASES
 
@@ -118,31 +116,6 @@ class OnlineJob(Job):
     eval_max_prompts: int | None = Field(64, gt=0, description="validation prompts scored at each evaluation")
     eval_temperature: float = Field(0.0, ge=0, description="0: greedy answers at evaluation")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _learning_rate_multiplier(cls, raw: Any) -> Any:
-        """``learningRateMultiplier: m`` -> ``training.learning_rate = m * base`` (base by LoRA or not)."""
-        if not isinstance(raw, dict) or "learningRateMultiplier" not in raw:
-            return raw
-        raw = dict(raw)
-        multiplier = raw.pop("learningRateMultiplier")
-        try:
-            multiplier = float(multiplier)
-        except (TypeError, ValueError):
-            raise ValueError(f"learningRateMultiplier must be a number, got {multiplier!r}") from None
-        if not multiplier > 0:
-            raise ValueError(f"learningRateMultiplier must be > 0, got {multiplier}")
-        lora = raw.get("lora")
-        uses_lora = isinstance(lora, dict) and lora.get("enabled", True)
-        rate = multiplier * BASE_LEARNING_RATE["lora" if uses_lora else "full"]
-        training = dict(raw.get("training") or {})
-        if "learning_rate" in training and not math.isclose(float(training["learning_rate"]), rate):
-            raise ValueError(f"learningRateMultiplier ({multiplier} x {rate / multiplier:g} = {rate:g}) and "
-                             f"training.learning_rate ({training['learning_rate']}) disagree; give one")
-        training["learning_rate"] = rate
-        raw["training"] = training
-        return raw
-
     @field_validator("thinking_level", mode="before")
     @classmethod
     def _level(cls, value: Any) -> str:
@@ -154,6 +127,24 @@ class OnlineJob(Job):
 
     def thinking_tokens(self) -> int:
         return self.thinking_budget if self.thinking_budget is not None else THINKING_BUDGETS[self.thinking_level]
+
+    def prompt_token_limit(self) -> int | None:
+        """Tokens a prompt keeps (cut from the left): ``data.max_prompt_length``, and, when
+        ``data.max_length`` is set, what it leaves after the sampled tokens, so that ``max_length``
+        bounds prompt + completion here as in every other method."""
+        limits = [self.data.max_prompt_length] if self.data.max_prompt_length else []
+        if "max_length" in self.data.model_fields_set:
+            limits.append(self.data.max_length - self.max_completion_length - self.thinking_tokens())
+        return min(limits) if limits else None
+
+    @model_validator(mode="after")
+    def _length_budget(self):
+        limit = self.prompt_token_limit()
+        if limit is not None and limit < 1:
+            raise ValueError(f"data.max_length ({self.data.max_length}) leaves no room for a prompt after "
+                             f"max_completion_length ({self.max_completion_length}) + thinking "
+                             f"({self.thinking_tokens()}) sampled tokens")
+        return self
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -307,7 +298,7 @@ class OnlineRecipe:
             else:
                 messages.insert(0, {"role": "system", "content": instruction})
         ids = tokenize_prompt(self.tokenizer, messages)
-        limit = self.job.data.max_prompt_length
+        limit = self.job.prompt_token_limit()
         return ids[-limit:] if limit and len(ids) > limit else ids
 
     def sampling_params(self, temperature: float, seed: int | None = None) -> SamplingParams:

@@ -303,7 +303,7 @@ def _bind(fn: Callable, options: dict[str, Any], spec: str) -> Callable:
     return BoundReward(fn, options, spec)
 
 
-PLUGIN_MODULES = ("alignkit.rewards.reward_model", "alignkit.judges")
+PLUGIN_MODULES = ("alignkit.rewards.reward_model", "alignkit.judges", "alignkit.rewards.graders")
 
 
 def load_reward_plugins() -> None:
