@@ -143,7 +143,7 @@ class TrackioTracker:
         self.run.log(metrics, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        self.module.finish()  # finishes the run and clears trackio's current run (else its atexit hook ends it again)
 
 
 class MlflowTracker:

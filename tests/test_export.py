@@ -1,5 +1,6 @@
 """Export: merged transformers folders, reward models as sequence classifiers, GGUF round trips, cards, push."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,33 @@ def test_gguf_round_trip_transformers_reads_what_the_merged_model_computes(sft_r
                 assert 0 < kl.max() < 1e-3
 
 
+def test_llama_cpp_itself_runs_the_exported_gguf(sft_run, tmp_path):
+    """llama.cpp (llama-cpp-python, when installed: it compiles llama.cpp, so CI does not have it) tokenizes
+    like the tokenizer, reads the chat template, and computes the merged model's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    reference, tokenizer = merged_reference(sft_run)
+    for quant, dtype in ((None, "f32"), ("q8_0", None)):
+        result = export_model(sft_run, tmp_path / (quant or dtype), format="gguf", dtype=dtype, quant=quant)
+        llm = llama_cpp.Llama(model_path=str(result.path), n_ctx=128, logits_all=True, n_threads=1, verbose=False)
+        try:
+            assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+            for text in PROMPTS:
+                ids = tokenizer(text)["input_ids"]
+                assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+                llm.reset()
+                llm.eval(ids)
+                got = torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+                expected = logits_of(reference, ids)
+                if quant is None:
+                    torch.testing.assert_close(got, expected, atol=1e-3, rtol=0)
+                else:  # llama.cpp also rounds activations to 8 bits in Q8_0 products
+                    kl = torch.nn.functional.kl_div(got.log_softmax(-1), expected.log_softmax(-1), log_target=True,
+                                                    reduction="none").sum(-1)
+                    assert kl.max() < 1e-3
+        finally:
+            llm.close()
+
+
 def test_gguf_file_holds_llama_cpp_metadata_and_permuted_tensors(tmp_path):
     tokenizer = make_tiny_tokenizer()
     model = make_tiny_model(tokenizer)
@@ -128,7 +156,7 @@ def test_gguf_file_holds_llama_cpp_metadata_and_permuted_tensors(tmp_path):
     assert (field("llama.block_count"), field("llama.embedding_length"), field("llama.attention.head_count"),
             field("llama.attention.head_count_kv"), field("llama.rope.dimension_count")) == (2, 32, 4, 2, 8)
     assert field("llama.rope.freq_base") == pytest.approx(10000.0)
-    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "smollm"  # no digit merges
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
     assert len(tokens) == model.config.vocab_size == len(tokenizer)
     assert [tokens[i] for i in range(5)] == ["<unk>", "<pad>", "<s>", "<|im_start|>", "<|im_end|>"]
@@ -148,6 +176,26 @@ def test_gguf_file_holds_llama_cpp_metadata_and_permuted_tensors(tmp_path):
     original = model.model.layers[1].self_attn.k_proj.weight.detach().numpy()
     assert np.abs(inverse - original).max() < np.abs(original).max() / 127
     assert not np.allclose(key, original, atol=np.abs(original).max() / 127)
+
+
+def test_pre_tokenizer_name_follows_the_split_rule_digits_and_space_cleaning():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from alignkit.export.gguf import pre_tokenizer_name
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert pre_tokenizer_name(byte_level, {"a": 0, "1": 1, "\u0120the": 2}) == "smollm"
+    assert pre_tokenizer_name(byte_level, {"a": 0, "12": 1}) == "gpt-2"  # llama.cpp's smollm would split "12"
+    assert pre_tokenizer_name(byte_level, {"\u0120\u00c2\u00b2": 0}) == "gpt-2"  # " ²" is a number too
+    assert pre_tokenizer_name(byte_level, {"\u00e4\u00b8\u0122": 0, "1": 1}) == "smollm"  # "一" is a letter
+    assert pre_tokenizer_name(byte_level, {"a": 0}, clean_up_spaces=True) == "gpt-2"
+    llama3 = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": GGUF_PRE_TOKENIZER_SPLITS["llama3"]}, "behavior": "Isolated"},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}
+    assert pre_tokenizer_name(llama3) == "llama-bpe"
+    llama3["pretokenizers"][0]["pattern"]["Regex"] = "[0-9]+"
+    with pytest.raises(ExportError, match="no name for"):
+        pre_tokenizer_name(llama3)
 
 
 def test_permute_for_rope_pairs_the_halves_of_each_head():
@@ -310,6 +358,10 @@ def test_plain_transformers_loads_the_merged_and_reward_exports(sft_run, reward_
     reward = export_model(reward_folder, tmp_path / "reward", format="merged")
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja", "README.md"} <= {p.name for p in merged.path.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(p.stat().st_mode & 0o777) for p in [*merged.path.iterdir(), *reward.path.iterdir()]} == \
+        {oct(0o666 & ~umask)}  # not the 0600 of temporary files: servers and other users read exports
     config = json.loads((merged.path / "config.json").read_text())
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and config["torch_dtype"] == "float32"
     assert json.loads((merged.path / "tokenizer_config.json").read_text())["tokenizer_class"] == \

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import tempfile
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from alignkit.data.tokenize import IM_START, fallback_end_marker
-from alignkit.export.source import ExportError
+from alignkit.export.source import ExportError, set_default_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -158,19 +159,42 @@ def _known_splits() -> dict[str, str]:
     return names
 
 
-def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
+def digits_stand_alone(vocabulary) -> bool:
+    """True when no token of a byte-level vocabulary holds a number character (Unicode category N, the
+    regex class \\p{N}) next to anything else."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    to_byte = {character: byte for byte, character in bytes_to_unicode().items()}
+    for token in vocabulary:
+        if len(token) < 2 or any(character not in to_byte for character in token):
+            continue  # one byte, or an added token written as plain text
+        text = bytes(to_byte[character] for character in token).decode("utf-8", errors="ignore")
+        if len(text) > 1 and any(unicodedata.category(character).startswith("N") for character in text):
+            return False
+    return True
+
+
+def pre_tokenizer_name(pre_tokenizer: dict | None, vocabulary: dict[str, int] | None = None,
+                       clean_up_spaces: bool = False) -> str:
     """llama.cpp's name for the way a byte-level tokenizer splits text before BPE, or `ExportError`.
 
-    A bare ``ByteLevel`` with its built-in regex is GPT-2's rule (``gpt-2``); a ``Split`` on a known
-    regex followed by ``ByteLevel`` without regex is the model family whose regex it is (Llama 3:
-    ``llama-bpe``, Qwen2: ``qwen2`` ...). Anything else is refused: llama.cpp would split the text
-    differently from training, silently.
+    A bare ``ByteLevel`` with its built-in regex is GPT-2's rule. llama.cpp has two names for it:
+    ``gpt-2`` (which also cleans spaces before punctuation when decoding) and ``smollm`` (which first
+    splits every digit on its own, and does not clean spaces). When no token of the vocabulary holds
+    a digit next to anything else, splitting digits first changes nothing, so ``smollm`` tokenizes
+    exactly as the tokenizer does and decodes as it does unless the tokenizer cleans up spaces;
+    that is the name llama.cpp's own converter gives SmolLM2's tokenizer. Otherwise ``gpt-2``.
+
+    A ``Split`` on a known regex followed by ``ByteLevel`` without regex is the model family whose
+    regex it is (Llama 3: ``llama-bpe``, Qwen2: ``qwen2`` ...). Anything else is refused: llama.cpp
+    would split the text differently from training, silently.
     """
     if pre_tokenizer is None:
         raise ExportError("the tokenizer has no pre-tokenizer; GGUF export supports byte-level BPE tokenizers")
     kind = pre_tokenizer.get("type")
     if kind == "ByteLevel" and pre_tokenizer.get("use_regex", True):
-        return _GPT2_NAME
+        alone = vocabulary is not None and digits_stand_alone(vocabulary)
+        return "smollm" if alone and not clean_up_spaces else _GPT2_NAME
     if kind == "Sequence":
         steps = pre_tokenizer.get("pretokenizers") or []
         if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
@@ -183,7 +207,7 @@ def pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
             raise ExportError(f"the tokenizer splits text with a regex llama.cpp has no name for ({regex!r}); "
                               "pass --tokenizer-pre NAME if you know llama.cpp's name for it")
         if len(steps) == 1:
-            return pre_tokenizer_name(steps[0])
+            return pre_tokenizer_name(steps[0], vocabulary, clean_up_spaces)
     raise ExportError(f"the tokenizer's pre-tokenizer ({kind}) is not a byte-level BPE rule llama.cpp knows; "
                       "pass --tokenizer-pre NAME if you know llama.cpp's name for it")
 
@@ -210,8 +234,9 @@ def byte_level_vocabulary(tokenizer, vocab_size: int, pre: str | None = None) ->
     if data.get("normalizer") is not None:
         raise ExportError(f"the tokenizer normalizes text ({data['normalizer'].get('type')}) before BPE, which a "
                           "GGUF byte-level vocabulary cannot express")
-    name = pre or pre_tokenizer_name(data.get("pre_tokenizer"))
     vocabulary = tokenizer.get_vocab()
+    name = pre or pre_tokenizer_name(data.get("pre_tokenizer"), model.get("vocab") or vocabulary,
+                                     bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)))
     if len(vocabulary) and max(vocabulary.values()) >= vocab_size:
         raise ExportError(f"the tokenizer has ids up to {max(vocabulary.values())} but the model's embedding has "
                           f"only {vocab_size} rows")
@@ -329,8 +354,7 @@ def write_gguf(model, tokenizer, path: str | Path, tensor_type: str = "f16", nam
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or getattr(config, "name_or_path", None) or "model")
         writer.add_file_type(file_type(tensor_type))
-        if tensor_type == "q8_0":
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         dimension = head_dimension(config)
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(int(config.hidden_size))
@@ -341,9 +365,8 @@ def write_gguf(model, tokenizer, path: str | Path, tensor_type: str = "f16", nam
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(vocab_size)
         writer.add_rope_dimension_count(dimension)
-        if dimension * int(config.num_attention_heads) != int(config.hidden_size):
-            writer.add_key_length(dimension)
-            writer.add_value_length(dimension)
+        writer.add_key_length(dimension)
+        writer.add_value_length(dimension)
         rope = rope_parameters(config)
         writer.add_rope_freq_base(float(rope["rope_theta"]))
         if rope.get("rope_type") == "linear":
@@ -367,6 +390,7 @@ def write_gguf(model, tokenizer, path: str | Path, tensor_type: str = "f16", nam
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        set_default_permissions(staging)
         os.replace(staging, path)
     finally:
         if os.path.exists(staging):

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from alignkit.data import tokenize_prompt_response
-from alignkit.export.source import ExportError, ExportSource
+from alignkit.export.source import ExportError, ExportSource, set_default_permissions
 from alignkit.model.heads import load_scalar_model
 from alignkit.model.load import load_model_and_tokenizer
 from alignkit.model.peft import merge_adapter, save_model, unwrap
@@ -184,6 +184,7 @@ def _save(model, tokenizer, out: str | Path) -> Path:
     except FileExistsError as error:
         raise ExportError(f"--out {out}: {error}") from error
     add_compatibility_keys(folder)
+    set_default_permissions(folder)
     return folder
 
 

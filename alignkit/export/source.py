@@ -50,6 +50,20 @@ class ExportSource:
         return self.kind in ("reward", "critic")
 
 
+def set_default_permissions(path: str | os.PathLike) -> None:
+    """Give a written file (or every file of a folder) the permissions the user's umask gives new files.
+
+    Temporary files (``mkstemp``, and transformers' own shard writer) are private (0600); an export is
+    meant to be read by servers and other users.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if item.is_file():
+            os.chmod(item, 0o666 & ~mask)
+
+
 def _is_run_dir(path: Path) -> bool:
     return (path / RUN_CONFIG).is_file()
 
