@@ -32,6 +32,8 @@ from typing import Any, Protocol
 
 import yaml
 
+from alignkit.errors import UsageError
+
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb", "trackio": "pip install trackio",
@@ -51,7 +53,7 @@ class Tracker(Protocol):
 def normalize_report_to(value: Any) -> list[str]:
     """``"wandb"``, ``"wandb,mlflow"``, ``["wandb"]``, ``"all"``, ``"none"`` -> a list of tracker names.
 
-    Raises ``ValueError`` naming an unknown tracker and the known ones.
+    Raises `UsageError` (a ValueError) naming an unknown tracker and the known ones.
     """
     if value is None:
         return []
@@ -59,13 +61,13 @@ def normalize_report_to(value: Any) -> list[str]:
     names = [str(item).strip().lower() for item in items if str(item).strip()]
     if "none" in names:
         if len(names) > 1:
-            raise ValueError(f"report_to {names}: 'none' cannot be combined with trackers")
+            raise UsageError(f"report_to {names}: 'none' cannot be combined with trackers")
         return []
     if "all" in names:
         return list(TRACKERS)
     unknown = [name for name in names if name not in TRACKERS]
     if unknown:
-        raise ValueError(f"report_to: unknown tracker {unknown[0]!r} (known: {', '.join(TRACKERS)}, all, none)")
+        raise UsageError(f"report_to: unknown tracker {unknown[0]!r} (known: {', '.join(TRACKERS)}, all, none)")
     return list(dict.fromkeys(names))
 
 

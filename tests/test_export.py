@@ -412,7 +412,7 @@ def test_run_card_records_settings_row_counts_metrics_and_command(sft_run):
     assert data["tags"] == ["alignkit", "sft", "lora"] and "base_model" not in data  # a local base: no hub link
     summary = json.loads((sft_run / "summary.json").read_text())
     assert f"{sft_run.parent / 'train.jsonl'}: read 4 rows, kept 4, skipped 0" in text
-    assert "validation: 1 rows split from train (seed 0)" in text
+    assert summary["notes"] and all(f"- {note}" in text for note in summary["notes"])  # every data note, verbatim
     assert f"optimizer steps: {summary['steps']} in {summary['seconds']} s" in text
     assert "| learning_rate | `0.05` |" in text and "LoRA rank 4, alpha 8.0" in text
     loss = summary["last_eval"]["eval/loss"]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import main
-from alignkit.config import ConfigError, load_job
+from alignkit.config import ConfigError
+from alignkit.methods import load_job
 from alignkit.model import save_model
 from alignkit.trackers import Trackers, finite_scalars, normalize_report_to
 from tests.helpers import make_tiny_model, make_tiny_tokenizer

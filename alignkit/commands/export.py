@@ -11,8 +11,17 @@ See docs/export.md for what each writes and what was verified.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+from huggingface_hub import HfApi
+from huggingface_hub.utils import filter_repo_objects
+
+from alignkit.errors import UsageError
+from alignkit.export import export_model
+from alignkit.export.card import (CARD_FILE, collect_run_facts, command_line, final_folder_card, hub_base_model,
+                                  is_alignkit_card, write_card)
 
 # what `push` never uploads: our temporary folders, lock files, caches
 PUSH_IGNORE = [".tmp-*", ".old-*", "**/.tmp-*", "*.lock", "__pycache__/*", "**/__pycache__/*"]
@@ -54,17 +63,9 @@ def register(subparsers) -> None:
     push.set_defaults(handler=run_push)
 
 
-def _command() -> str:
-    from alignkit.export.card import command_line
-
-    return command_line()
-
-
 def run_export(args) -> int:
-    from alignkit.export import export_model
-
     result = export_model(args.source, args.out, format=args.format, dtype=args.dtype, quant=args.quant,
-                          tokenizer_pre=args.tokenizer_pre, eval_reports=args.eval_report, command=_command())
+                          tokenizer_pre=args.tokenizer_pre, eval_reports=args.eval_report, command=command_line())
     for note in result.notes:
         print(f"[alignkit] {note}")
     print(f"[alignkit] exported {args.format}: {result.path}" + (f" (card: {result.card})" if result.card else ""))
@@ -72,8 +73,6 @@ def run_export(args) -> int:
 
 
 def run_card(args) -> int:
-    from alignkit.export.card import collect_run_facts, final_folder_card, write_card
-
     run_dir = Path(args.run)
     final = run_dir / "final"
     if not (run_dir / "config.yaml").is_file() or not final.is_dir():
@@ -95,17 +94,13 @@ def upload_plan(source: str | Path) -> tuple[Path, list[str] | None, list[str]]:
     and the README.md beside it. A run's ``final/`` without a card gets one first. ``files`` is the
     list huggingface_hub's own filter keeps (relative paths, sorted).
     """
-    from huggingface_hub.utils import filter_repo_objects
-
-    from alignkit.export.card import CARD_FILE, collect_run_facts, final_folder_card, write_card
-
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"push: {path} does not exist")
     allow = None
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ValueError(f"push: {path} is a file; give a folder (run, final/, export) or a .gguf file")
+            raise UsageError(f"push: {path} is a file; give a folder (run, final/, export) or a .gguf file")
         folder, allow = path.parent, [path.name, CARD_FILE]
     elif (path / "config.yaml").is_file() and (path / "final").is_dir():
         folder = path / "final"
@@ -119,7 +114,7 @@ def upload_plan(source: str | Path) -> tuple[Path, list[str] | None, list[str]]:
     every = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     files = sorted(filter_repo_objects(every, allow_patterns=allow, ignore_patterns=PUSH_IGNORE))
     if not files:
-        raise ValueError(f"push: nothing to upload in {folder}")
+        raise UsageError(f"push: nothing to upload in {folder}")
     if CARD_FILE not in files:
         print(f"[alignkit] push: {folder} has no {CARD_FILE}; the repository will have no model card", file=sys.stderr)
     return folder, allow, files
@@ -127,10 +122,6 @@ def upload_plan(source: str | Path) -> tuple[Path, list[str] | None, list[str]]:
 
 def adapter_base_warnings(folder: Path) -> list[str]:
     """An adapter whose base model is not a hub id cannot be loaded from the Hub by itself: say so."""
-    import json
-
-    from alignkit.export.card import hub_base_model
-
     config = folder / "adapter_config.json"
     if not config.is_file():
         return []
@@ -143,8 +134,6 @@ def adapter_base_warnings(folder: Path) -> list[str]:
 
 def name_repository_in_card(folder: Path, repo: str) -> None:
     """In an alignkit card, the local folder path in the usage code becomes the repository id."""
-    from alignkit.export.card import CARD_FILE, is_alignkit_card
-
     card = folder / CARD_FILE
     if card.is_file() and is_alignkit_card(card):
         card.write_text(card.read_text().replace(f'"{folder.resolve()}"', f'"{repo}"')
@@ -152,7 +141,6 @@ def name_repository_in_card(folder: Path, repo: str) -> None:
 
 
 def run_push(args) -> int:
-    from huggingface_hub import HfApi
 
     folder, allow, files = upload_plan(args.source)
     total = sum((folder / name).stat().st_size for name in files)
@@ -171,7 +159,7 @@ def run_push(args) -> int:
                                    revision=args.revision, allow_patterns=allow, ignore_patterns=PUSH_IGNORE,
                                    commit_message=args.commit_message or f"alignkit push of {folder.name}")
     except OSError as error:  # requests' connection errors and HfHubHTTPError are OSErrors
-        raise ValueError(f"push to {args.repo} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        raise UsageError(f"push to {args.repo} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                          " (log in with `hf auth login` or set HF_TOKEN; check the network)") from error
     print(f"[alignkit] pushed: {getattr(commit, 'commit_url', commit)}")
     return 0

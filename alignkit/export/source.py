@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignkit.errors import UsageError
 from alignkit.model.heads import HEAD_CONFIG
 from alignkit.model.load import EMBEDDED_ALIASES, EMBEDDED_MODEL, resolve_model
 
@@ -26,7 +27,7 @@ RUN_CONFIG = "config.yaml"
 FINAL_FOLDERS = ("final", "final-merged")
 
 
-class ExportError(ValueError):
+class ExportError(UsageError):
     """The source cannot be exported as asked; the message names the source and what to do."""
 
 
