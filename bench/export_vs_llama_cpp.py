@@ -63,7 +63,8 @@ def compare_files(ours: Path, theirs: Path) -> tuple[list[str], int, int]:
                          f"{str(b.fields[key].contents())[:40]!r}")
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     same = sum(1 for name, t in ta.items() if name in tb and t.tensor_type == tb[name].tensor_type
-               and list(t.shape) == list(tb[name].shape) and np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)))
+               and list(t.shape) == list(tb[name].shape)
+               and np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)))
     if set(ta) != set(tb):
         lines.append(f"tensor names differ: {sorted(set(ta) ^ set(tb))[:5]}")
     return lines, same, max(len(ta), len(tb))
@@ -141,7 +142,8 @@ def main() -> int:
             fidelity.append({"type": kind, "reader": "llama.cpp", "ids": same_ids,
                              **logit_stats(torch.cat(expected), torch.cat(got))})
     print(f"\nmodel {args.model}; files in {work}\n")
-    print("| type | alignkit export s | llama.cpp convert s | size MiB | tensors byte-identical | metadata differences |")
+    print("| type | alignkit export s | llama.cpp convert s | size MiB | tensors byte-identical "
+          "| metadata differences |")
     print("| --- | ---: | ---: | ---: | --- | --- |")
     for row in rows:
         same = f"{row['same']}/{row['tensors']}" if "same" in row else "—"

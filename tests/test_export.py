@@ -264,8 +264,8 @@ def test_gguf_refuses_what_it_cannot_write_with_one_line(tmp_path):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1, "a": 2, "▁": 3}, merges=[("▁", "a")], byte_fallback=True,
-                               unk_token="<unk>"))
+    spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1, "a": 2, "▁": 3}, merges=[("▁", "a")],
+                               byte_fallback=True, unk_token="<unk>"))
     spm.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback()])
     small = LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
@@ -367,6 +367,8 @@ def test_plain_transformers_loads_the_merged_and_reward_exports(sft_run, reward_
     assert json.loads((merged.path / "tokenizer_config.json").read_text())["tokenizer_class"] == \
         "PreTrainedTokenizerFast"
     assert any("bias +0.375" in note for note in reward.notes)
+    card = (reward.path / "README.md").read_text()  # a model folder, not a run: the card names where it came from
+    assert f"| base model | `{reward_folder}` |" in card and "alignkit_score_bias" in card
     reference, tokenizer = merged_reference(sft_run)
     ids = tokenizer(PROMPTS[0])["input_ids"]
     conversations = [CHATS[0], CHATS[2], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]]

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     export.add_argument("--out", "-o", required=True,
                         help="output folder (merged, gguf) or .gguf file path (gguf)")
     export.add_argument("--dtype", choices=["f32", "f16", "bf16"], default=None,
-                        help="weight type (merged: default keeps the model's; gguf: default f16)")
+                        help="weight type (merged: default f32; gguf: default f16)")
     export.add_argument("--quant", choices=["q8_0"], default=None, help="GGUF 8-bit weights (Q8_0)")
     export.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                         help="llama.cpp pre-tokenizer name, when alignkit cannot tell it from the tokenizer")
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     card.set_defaults(handler=run_card)
 
     push = subparsers.add_parser("push", help="upload a run's final/ folder or an export, with its card, to the Hub",
-                                 description="Upload through huggingface_hub (log in with `hf auth login` or HF_TOKEN).")
+                                 description="Upload through huggingface_hub (log in: `hf auth login` or HF_TOKEN).")
     push.add_argument("source", metavar="RUN_OR_FOLDER", help="run folder, final/ folder, export folder or .gguf file")
     push.add_argument("--repo", required=True, help="hub repository id, user/name")
     push.add_argument("--private", action="store_true", help="create the repository as private")
@@ -159,7 +159,8 @@ def run_push(args) -> int:
                                    revision=args.revision, allow_patterns=allow, ignore_patterns=PUSH_IGNORE,
                                    commit_message=args.commit_message or f"alignkit push of {folder.name}")
     except OSError as error:  # requests' connection errors and HfHubHTTPError are OSErrors
-        raise UsageError(f"push to {args.repo} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        raise UsageError(f"push to {args.repo} failed: {type(error).__name__}: {first_line}"
                          " (log in with `hf auth login` or set HF_TOKEN; check the network)") from error
     print(f"[alignkit] pushed: {getattr(commit, 'commit_url', commit)}")
     return 0

@@ -42,6 +42,8 @@ def export_model(source: str | Path | ExportSource, out: str | Path, format: str
     if not isinstance(source, ExportSource):
         source = resolve_source(source)
     facts = collect_run_facts(source.run_dir, list(eval_reports))
+    if source.run_dir is None:  # a model, not a run: the card still names what it came from
+        facts.config.setdefault("model", {"name_or_path": source.given})
     method = facts.method
     what = METHOD_NAMES.get(method, method) if method else None
     origin = f" trained by alignkit ({what})" if what else ""
@@ -86,5 +88,6 @@ def export_model(source: str | Path | ExportSource, out: str | Path, format: str
                        description=f"A GGUF file{origin} for llama.cpp, Ollama and LM Studio.",
                        export_lines=lines, export_command=command)
     card = write_card(folder, text)
-    notes = [] if card is not None else [f"{folder / CARD_FILE} exists and was not written by alignkit; card not written"]
+    notes = [] if card is not None else [
+        f"{folder / CARD_FILE} exists and was not written by alignkit; card not written"]
     return ExportResult(file, "gguf", card, notes, info)

@@ -205,7 +205,7 @@ def _settings_rows(facts: RunFacts) -> list[tuple[str, str]]:
         rows.append(("weights trained", f"LoRA rank {lora.get('rank')}, alpha {lora.get('alpha')}, dropout "
                      f"{lora.get('dropout')}, modules {lora.get('target_modules')}"
                      + (f", layers {layers}" if layers is not None else "")))
-    elif config:
+    elif facts.method:
         rows.append(("weights trained", "all (full fine-tuning)"))
     for key, value in config.items():  # the method's own settings: every top-level key that is not a section
         if key in SECTIONS or value is None or isinstance(value, (dict, list)) and not value:

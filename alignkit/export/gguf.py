@@ -229,8 +229,9 @@ def byte_level_vocabulary(tokenizer, vocab_size: int, pre: str | None = None) ->
     data = _tokenizer_json(tokenizer)
     model = data.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
+        fallback = " with byte fallback (SentencePiece)" if model.get("byte_fallback") else ""
         raise ExportError("GGUF export supports byte-level BPE tokenizers (GPT-2 style); this one is "
-                          f"{model.get('type')}{' with byte fallback (SentencePiece)' if model.get('byte_fallback') else ''}")
+                          f"{model.get('type')}{fallback}")
     if data.get("normalizer") is not None:
         raise ExportError(f"the tokenizer normalizes text ({data['normalizer'].get('type')}) before BPE, which a "
                           "GGUF byte-level vocabulary cannot express")

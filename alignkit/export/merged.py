@@ -1,8 +1,9 @@
 """Merged exports: a standard `transformers` folder that needs no alignkit to load.
 
 * A language model (a full model, or a LoRA adapter on its base): the adapter is merged into the
-  base weights in float32, the result is cast to the asked dtype and saved with ``save_pretrained``
-  (safetensors, ``config.json``, ``generation_config.json``, the tokenizer and its chat template).
+  base weights in float32, the result is cast to the asked dtype (float32 by default) and saved
+  with ``save_pretrained`` (safetensors, ``config.json``, ``generation_config.json``, the tokenizer
+  and its chat template).
   ``AutoModelForCausalLM.from_pretrained(folder)`` loads it; so do vLLM, TRL and llama.cpp's
   converter.
 * A reward model (a folder with ``head.json``): the backbone (adapter merged) becomes the decoder
@@ -62,13 +63,10 @@ class ExportResult:
     details: dict = field(default_factory=dict)
 
 
-def export_dtype(name: str | None, model=None) -> torch.dtype:
-    """``f32`` / ``f16`` / ``bf16``; None keeps the dtype the model's config names (float32 if none)."""
+def export_dtype(name: str | None) -> torch.dtype:
+    """``f32`` / ``f16`` / ``bf16``; None is float32 (the weights are merged in float32)."""
     if name is None:
-        stored = getattr(getattr(model, "config", None), "dtype", None) if model is not None else None
-        if isinstance(stored, str):
-            stored = getattr(torch, stored.removeprefix("torch."), None)
-        return stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
+        return torch.float32
     key = name.strip().lower()
     if key not in EXPORT_DTYPES:
         raise ExportError(f"--dtype {name!r}: use one of {', '.join(EXPORT_DTYPES)}")
@@ -91,7 +89,7 @@ def export_merged(source: ExportSource, out: str | Path, dtype: str | None = Non
     if source.is_scalar:
         return export_reward_model(source, out, dtype)
     model, tokenizer = load_merged_causal_lm(source)
-    target_dtype = export_dtype(dtype, model)
+    target_dtype = export_dtype(dtype)
     model.to(target_dtype)
     folder = _save(model, tokenizer, out)
     return ExportResult(folder, "merged", details={"dtype": _dtype_name(target_dtype),
@@ -154,7 +152,7 @@ def build_sequence_classifier(scalar_model, tokenizer, dtype: torch.dtype | None
 def export_reward_model(source: ExportSource, out: str | Path, dtype: str | None = None) -> ExportResult:
     """Write a reward model (``head.json`` folder) as ``AutoModelForSequenceClassification``."""
     scalar, tokenizer = load_scalar_model(source.model_path, device="cpu", dtype=torch.float32)
-    target_dtype = export_dtype(dtype, unwrap(scalar.backbone))
+    target_dtype = export_dtype(dtype)
     classifier, bias, pad_id = build_sequence_classifier(scalar, tokenizer, target_dtype)
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
     classifier.config.update({SCORE_BIAS_KEY: bias})
