@@ -209,7 +209,8 @@ HINTS: dict[str, str] = {
     "eval_strategy": "alignkit evaluates every training.eval_steps steps (and at the end)",
     "evaluation_strategy": "alignkit evaluates every training.eval_steps steps (and at the end)",
     "save_strategy": "alignkit checkpoints every training.save_steps steps",
-    "report_to": "alignkit writes metrics.jsonl and, with training.tensorboard: true, TensorBoard",
+    "report_to": "it is training.report_to (tensorboard, wandb, trackio, mlflow, none); metrics.jsonl is always "
+                 "written",
     "dataset_name": "data.train: hf://owner/name (with the 'data' extra) or a local file",
     "vllm_mode": "rollout_backend: vllm runs vLLM in the training process (no server mode)",
     "attn_implementation": "alignkit uses the model's default attention implementation",

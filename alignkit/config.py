@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from alignkit.errors import UserError
 
@@ -119,7 +119,16 @@ class TrainingConfig(Section):
     seed: int = 42
     resume: bool | str = Field(False, description="true: last checkpoint in output_dir; or a checkpoint path")
     tensorboard: bool = True
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"],
+                                 description="tensorboard, wandb, trackio, mlflow; all; none (alignkit.trackers)")
     progress: bool = True
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> list[str]:
+        from alignkit.trackers import normalize_report_to
+
+        return normalize_report_to(value)
 
 
 class Job(Section):

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from alignkit.config import TrainingConfig
 from alignkit.errors import UserError
+from alignkit.trackers import Trackers
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -133,33 +134,22 @@ def _is_finite(value: float) -> bool:
 
 
 class MetricsLogger:
-    """Writes metrics as JSON lines and, when available, to TensorBoard."""
+    """Writes metrics as JSON lines and to the trackers of ``report_to`` (`alignkit.trackers`)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, report_to: Iterable[str] = ("tensorboard",)):
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # tensorboard missing or broken: JSONL still has everything
-                self.writer = None
+        self.trackers = Trackers([name for name in report_to if tensorboard or name != "tensorboard"], run_dir)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and _is_finite(float(value)):
-                    self.writer.add_scalar(key, value, step)
+        self.trackers.log(step, metrics)
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.trackers.close()
 
 
 def _plain(value: Any) -> Any:
@@ -314,7 +304,7 @@ class Engine:
         if resume_from is not None:
             self.load_checkpoint(resume_from)
             print(f"[alignkit] resumed from {resume_from} at step {self.step}")
-        logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard)
+        logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard, report_to=self.config.report_to)
         self.model.train()
         if self.step == 0 and self.config.eval_at_start and self.config.eval_steps is not None:
             count = validation_count(self.recipe)

@@ -20,6 +20,7 @@ from alignkit.data.check import prepare_job_data
 from alignkit.data.mixing import load_training_data
 from alignkit.data.templates import apply_chat_template_setting
 from alignkit.engine import Engine
+from alignkit.export.card import write_run_card
 from alignkit.methods.registry import get_method
 from alignkit.model import (
     add_lora,
@@ -201,6 +202,7 @@ def run_job(job: Job) -> dict[str, Any]:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (run_dir / "report.md").write_text(render_report(summary))
+    write_run_card(job, summary)  # final/README.md: the model card (alignkit.export.card)
     return summary
 
 
