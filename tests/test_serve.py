@@ -441,3 +441,27 @@ def test_cli_refuses_bad_adapters_with_one_line(files, capsys):
     assert "--adapter foreign=" in message and "was trained on base model" in message
     assert main(["serve", "--model", str(files["base"]), "--adapter", f"x={files['rm']}"]) == 2
     assert "reward model" in capsys.readouterr().err
+
+
+def test_mixed_lora_kernel_equals_peft_adapter_names(files):
+    from peft import PeftModel
+
+    from alignkit.serve import mixed_lora
+
+    base, _ = load_model_and_tokenizer(str(files["base"]), device="cpu")
+    model = PeftModel.from_pretrained(base, str(files["one"]), adapter_name="one")
+    model.load_adapter(str(files["two"]), adapter_name="two")
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8]] * 4)
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=["one", "__base__", "two", "one"]).logits
+        assert mixed_lora.supports(model) and mixed_lora.install(model) > 0
+        with mixed_lora.mixed_batch(["one", None, "two", "one"], "cpu"):
+            mixed = model.get_base_model()(input_ids=ids).logits
+        with mixed_lora.mixed_batch(["two"] * 4, "cpu"):           # one adapter for every row
+            only_two = model.get_base_model()(input_ids=ids).logits
+        outside = model(input_ids=ids).logits                       # no batch active: PEFT's own forward
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(only_two[2], expected[2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)   # the adapters do change the logits
+    torch.testing.assert_close(outside[0], expected[0], atol=1e-5, rtol=1e-5)   # active adapter "one"

@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     policy.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     policy.add_argument("--default-max-tokens", type=int, default=512,
                         help="max_tokens of a chat request that gives none (default 512, within the context)")
+    policy.add_argument("--adapter-mode", choices=["mixed", "swap"], default="mixed",
+                        help="mixed: adapters share every forward (default); swap: merge one adapter at a time "
+                             "(the benchmark's comparison point)")
     parser.add_argument("--backend", choices=["alignkit", "vllm"], default="alignkit",
                         help="alignkit: this server (CPU or GPU); vllm: start vLLM's OpenAI server instead (GPU)")
     parser.add_argument("--print-command", action="store_true", help="with --backend vllm: print the command and exit")
@@ -57,6 +60,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import importlib.util
+
+    if args.backend == "alignkit" and not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
+        raise ValueError("alignkit serve needs fastapi and uvicorn: pip install 'alignkit[serve]'")
     from alignkit.serve.server import build_state, parse_named_paths, run_server
 
     adapters = parse_named_paths(args.adapter, "--adapter")
@@ -79,7 +86,7 @@ def run(args) -> int:
         return 0 if args.print_command else launch(argv, environment)
     state = build_state(args.model, adapters, rewards, args.served_model_name, args.device, args.dtype,
                         args.max_batch, args.max_wait_ms, args.max_queue, args.max_model_len, args.default_max_tokens,
-                        args.request_timeout, api_key, args.lora_root, args.allow_other_base)
+                        args.request_timeout, api_key, args.lora_root, args.allow_other_base, args.adapter_mode)
     names = ", ".join(state.registry.model_names() + list(state.reward_models))
     print(f"[alignkit] serving {names} at http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
           f"max wait {args.max_wait_ms:g} ms{', API key required' if api_key else ''}"

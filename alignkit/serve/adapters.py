@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.model import ModelLoadError, is_peft_model, resolve_model
+from alignkit.serve import mixed_lora
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 
@@ -82,6 +83,7 @@ class AdapterRegistry:
         self.adapters: dict[str, AdapterInfo] = {}
         self.draining: set[str] = set()     # being unloaded: no new requests
         self.lock = threading.Lock()
+        self.mixed_kernel = "none"           # "alignkit" (mixed_lora), "peft" (adapter_names=) or "none"
 
     # -------------------------------------------------------------- checks (any thread)
 
@@ -146,10 +148,20 @@ class AdapterRegistry:
                                f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}",
                                status=400) from None
         self.model.eval()
+        self._choose_kernel()
         info = AdapterInfo(name, str(folder), config.get("r"), created)
         with self.lock:
             self.adapters[name] = info
         return info
+
+    def _choose_kernel(self) -> None:
+        if not is_peft_model(self.model):
+            self.mixed_kernel = "none"
+        elif mixed_lora.supports(self.model):
+            mixed_lora.install(self.model)
+            self.mixed_kernel = "alignkit"
+        else:
+            self.mixed_kernel = "peft"
 
     def _roll_back(self, name: str, wrapped_here: bool) -> None:
         model = self.model
@@ -175,6 +187,7 @@ class AdapterRegistry:
             if name in model.active_adapters:
                 model.set_adapter(next(other for other in model.peft_config if other != name))
             model.delete_adapter(name)
+        self._choose_kernel()
         with self.lock:
             self.adapters.pop(name, None)
             self.draining.discard(name)

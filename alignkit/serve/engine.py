@@ -55,7 +55,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from alignkit.model.forward import left_pad
-from alignkit.model.peft import is_peft_model
+from alignkit.model.peft import is_peft_model, unwrap
+from alignkit.serve.mixed_lora import mixed_batch
 from alignkit.rollout.stops import cut_text_at_stop, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -400,6 +401,9 @@ class BatchScheduler:
                         output = model(**inputs, use_cache=True, logits_to_keep=1)
                 else:
                     output = model(**inputs, use_cache=True, logits_to_keep=1)
+            elif self.registry.mixed_kernel == "alignkit":
+                with mixed_batch([row.adapter for row in rows], self._device):
+                    output = unwrap(model)(**inputs, use_cache=True, logits_to_keep=1)
             else:
                 output = model(**inputs, use_cache=True, logits_to_keep=1, adapter_names=names)
         else:

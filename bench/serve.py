@@ -1,0 +1,211 @@
+"""Multi-adapter serving: mixed-adapter batches against swapping one adapter in at a time.
+
+Two `alignkit serve` processes on 127.0.0.1 hold the same base model and the same 16 LoRA adapters:
+
+* **mixed** (the default server): requests for different adapters share every forward pass (PEFT
+  mixed-adapter batches), new requests join the running batch at the next step;
+* **swap** (``--adapter-mode swap``, the comparison point): the adapter of the oldest waiting request
+  is merged into the base weights, that adapter's requests run (batched together, new ones of the
+  same adapter join), the adapter is unmerged, and the next adapter gets its turn.
+
+The same requests go to both: greedy, ``ignore_eos`` so every request decodes exactly
+``--max-tokens`` tokens, adapters assigned round-robin over 1, 4 or 16 distinct adapters, sent by
+``concurrency`` client threads (httpx, one request at a time each). Per cell: requests/s, generated
+tokens/s (``completion_tokens`` summed / wall seconds), and p50/p95 request latency. One warm-up
+request per adapter before timing.
+
+    python bench/serve.py --tiny                     # tiny random Llama (4 layers, hidden 256): the full grid
+    python bench/serve.py --concurrency 1,8 --requests-per-client 2      # the embedded SmolLM2-135M
+    python bench/serve.py --device cuda              # a GPU (the static-cache engine is not used by serve)
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Name three prime numbers greater than 20.",
+    "What is 17 times 23?", "How do I reverse a list in Python?", "Describe a cat to someone who has never seen one.",
+    "What are the three states of matter?", "Why do leaves change colour in autumn?",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="base model (default: the embedded one)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of --model")
+    parser.add_argument("--adapters", default="1,4,16", help="distinct adapters in the mix (comma separated)")
+    parser.add_argument("--concurrency", default="1,8,32", help="client threads (comma separated)")
+    parser.add_argument("--requests-per-client", type=int, default=2, help="requests per client thread per cell")
+    parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per cell")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the adapters (all linear layers)")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", default="mixed,swap")
+    parser.add_argument("--output", help="also write the rows as JSON here")
+    return parser.parse_args(argv)
+
+
+def make_models(args, folder: Path) -> tuple[str, list[tuple[str, str]], str]:
+    """The base model folder (or name) and 16 random adapters saved under ``folder``."""
+    import torch
+
+    from alignkit.model import add_lora, load_model_and_tokenizer, save_model
+
+    count = max(int(x) for x in args.adapters.split(","))
+    if args.tiny:
+        from tests.helpers import make_tiny_model, make_tiny_tokenizer
+
+        tokenizer = make_tiny_tokenizer()
+        base = str(save_model(make_tiny_model(tokenizer, hidden_size=256, layers=4), tokenizer, folder / "base"))
+        label = "tiny random Llama (4 layers, hidden 256, vocab 400)"
+    else:
+        base, label = args.model, args.model
+    adapters = []
+    for index in range(count):
+        model, tokenizer = load_model_and_tokenizer(base, device="cpu")
+        model = add_lora(model, rank=args.rank, dropout=0.0)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+        adapters.append((f"adapter{index}", str(save_model(model, tokenizer, folder / f"adapter{index}"))))
+        del model
+    return base, adapters, label
+
+
+def start_server(args, base: str, adapters, mode: str, port: int):
+    command = [sys.executable, "-m", "alignkit.cli", "serve", "--model", base, "--served-model-name", "base",
+               "--port", str(port), "--device", args.device, "--max-batch", str(args.max_batch),
+               "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024", "--log-level", "warning",
+               "--adapter-mode", mode] + [item for name, path in adapters for item in ("--adapter", f"{name}={path}")]
+    environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the {mode} server exited: {process.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"the {mode} server did not start")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cell(url: str, adapters: list[str], concurrency: int, total: int, max_tokens: int) -> dict:
+    jobs = [(adapters[i % len(adapters)], QUESTIONS[i % len(QUESTIONS)]) for i in range(total)]
+    latencies, tokens = [], 0
+
+    def one(job):
+        model, question = job
+        started = time.perf_counter()
+        reply = httpx.post(f"{url}/v1/chat/completions", timeout=3600, json={
+            "model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": max_tokens, "ignore_eos": True})
+        reply.raise_for_status()
+        return time.perf_counter() - started, reply.json()["usage"]["completion_tokens"]
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for latency, count in pool.map(one, jobs):
+            latencies.append(latency)
+            tokens += count
+    seconds = time.perf_counter() - started
+    latencies.sort()
+    return {"requests": total, "seconds": seconds, "requests_per_s": total / seconds, "tokens_per_s": tokens / seconds,
+            "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    counts = [int(x) for x in args.adapters.split(",")]
+    levels = [int(x) for x in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="alignkit-bench-serve-") as folder:
+        made = time.perf_counter()
+        base, adapters, label = make_models(args, Path(folder))
+        print(f"# {label}; {len(adapters)} LoRA adapters r{args.rank} on all linear layers "
+              f"(made in {time.perf_counter() - made:.0f} s); {args.max_tokens} new tokens per request, greedy, "
+              f"ignore_eos; max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms; "
+              f"{args.threads} torch thread(s) per server; device {args.device}", flush=True)
+        for mode in modes:
+            process, url = start_server(args, base, adapters, mode, free_port())
+            try:
+                for name, _ in adapters:  # warm-up: one request per adapter
+                    run_cell(url, [name], 1, 1, 2)
+                for count in counts:
+                    names = [name for name, _ in adapters[:count]]
+                    for concurrency in levels:
+                        total = max(args.min_requests, concurrency * args.requests_per_client)
+                        row = {"mode": mode, "adapters": count, "concurrency": concurrency,
+                               **run_cell(url, names, concurrency, total, args.max_tokens)}
+                        rows.append(row)
+                        print(f"  {mode:5} adapters {count:2} concurrency {concurrency:2}: "
+                              f"{row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.1f} tok/s, "
+                              f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
+                stats = httpx.get(f"{url}/stats").json()
+                print(f"  {mode} server: {stats.get('mixed_adapter_forwards', 0)} mixed-adapter forwards, at most "
+                      f"{stats['max_adapters_in_forward']} adapters and {stats['max_rows_in_forward']} rows in one "
+                      f"forward, {stats.get('adapter_merges', 0)} merges", flush=True)
+            finally:
+                process.terminate()
+                process.wait(30)
+    print_table(rows, counts, levels)
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def print_table(rows: list[dict], counts: list[int], levels: list[int]) -> None:
+    table = {(r["mode"], r["adapters"], r["concurrency"]): r for r in rows}
+    print("\n| adapters | concurrency | mixed req/s | mixed tok/s | mixed p50 / p95 s | swap req/s | swap tok/s "
+          "| swap p50 / p95 s | mixed / swap | mixed / mixed with 1 adapter |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for count in counts:
+        for level in levels:
+            mixed, swap = table.get(("mixed", count, level)), table.get(("swap", count, level))
+            single = table.get(("mixed", counts[0], level))
+
+            def cells(row):
+                if row is None:
+                    return ["", "", ""]
+                return [f"{row['requests_per_s']:.2f}", f"{row['tokens_per_s']:.1f}",
+                        f"{row['p50_s']:.2f} / {row['p95_s']:.2f}"]
+
+            ratio = f"{mixed['tokens_per_s'] / swap['tokens_per_s']:.2f}x" if mixed and swap else ""
+            own = f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f}x" if mixed and single else ""
+            print(f"| {count} | {level} | " + " | ".join(cells(mixed) + cells(swap) + [ratio, own]) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
