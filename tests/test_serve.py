@@ -455,13 +455,49 @@ def test_mixed_lora_kernel_equals_peft_adapter_names(files):
     ids = torch.tensor([[5, 6, 7, 8]] * 4)
     with torch.no_grad():
         expected = model(input_ids=ids, adapter_names=["one", "__base__", "two", "one"]).logits
-        assert mixed_lora.supports(model) and mixed_lora.install(model) > 0
-        with mixed_lora.mixed_batch(["one", None, "two", "one"], "cpu"):
+        slots = {"one": 2, "two": 1}
+        assert mixed_lora.supports(model) and mixed_lora.install(model, slots) > 0
+        with mixed_lora.mixed_batch(["one", None, "two", "one"], slots, "cpu"):
             mixed = model.get_base_model()(input_ids=ids).logits
-        with mixed_lora.mixed_batch(["two"] * 4, "cpu"):           # one adapter for every row
+        with mixed_lora.mixed_batch(["two"] * 4, slots, "cpu"):    # one adapter for every row
             only_two = model.get_base_model()(input_ids=ids).logits
         outside = model(input_ids=ids).logits                       # no batch active: PEFT's own forward
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(only_two[2], expected[2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected[0], expected[1], atol=1e-3)   # the adapters do change the logits
     torch.testing.assert_close(outside[0], expected[0], atol=1e-5, rtol=1e-5)   # active adapter "one"
+
+
+def test_requests_joining_a_running_batch_still_equal_offline(files):
+    """Rows that join mid-decode (other prompt lengths, other adapters) get their cache appended to the
+    running batch's; each reply must still be what offline generation gives."""
+    conversations = {"one": [{"role": "user", "content": "please answer the question about the capital city of "
+                                                         "france and then say thanks"}],
+                     "two": [{"role": "user", "content": "hi"}],
+                     None: [{"role": "user", "content": "what is two plus two"}]}
+    state = build_state(str(files["base"]), adapters=[("one", str(files["one"])), ("two", str(files["two"]))],
+                        device="cpu", max_wait_ms=0, served_model_name="base")
+    with BackgroundServer(state) as running:
+        client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
+        first = client.chat.completions.create(model="one", messages=conversations["one"], temperature=0,
+                                               max_tokens=300, stream=True, logprobs=True,
+                                               extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        chunks = iter(first)
+        received = [next(chunks), next(chunks)]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            later = {name: pool.submit(client.chat.completions.create, model=name or "base",
+                                       messages=conversations[name], temperature=0, max_tokens=24)
+                     for name in ("two", None)}
+            received += list(chunks)
+            replies = {name: future.result().choices[0].message.content for name, future in later.items()}
+        served_ids = [int(item.token.removeprefix("token_id:")) for chunk in received if chunk.choices
+                      and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+        stats = _stats(running)
+    assert stats.get("rows_joined_running_batch", 0) >= 1 and stats["max_adapters_in_forward"] >= 2
+    model, tokenizer = load_model_and_tokenizer(str(files["base"]), device="cpu", adapter=str(files["one"]))
+    from alignkit.generation import render_prompts
+
+    expected = generate_ids(model, tokenizer, render_prompts(tokenizer, [conversations["one"]]), max_new_tokens=300)[0]
+    assert len(served_ids) == 300 and served_ids[:len(expected)] == expected  # offline stops at its first EOS
+    for name in ("two", None):
+        assert replies[name].strip() == _offline(files, name, conversations[name])[1], name

@@ -84,6 +84,7 @@ class AdapterRegistry:
         self.draining: set[str] = set()     # being unloaded: no new requests
         self.lock = threading.Lock()
         self.mixed_kernel = "none"           # "alignkit" (mixed_lora), "peft" (adapter_names=) or "none"
+        self.slots: dict[str, int] = {}      # adapter -> its index in mixed_lora's stacked weights (0 = none)
 
     # -------------------------------------------------------------- checks (any thread)
 
@@ -158,7 +159,12 @@ class AdapterRegistry:
         if not is_peft_model(self.model):
             self.mixed_kernel = "none"
         elif mixed_lora.supports(self.model):
-            mixed_lora.install(self.model)
+            names = list(self.model.peft_config)
+            self.slots = {name: self.slots[name] for name in names if name in self.slots}
+            for name in names:
+                if name not in self.slots:
+                    self.slots[name] = min(set(range(1, len(names) + 2)) - set(self.slots.values()))
+            mixed_lora.install(self.model, self.slots)
             self.mixed_kernel = "alignkit"
         else:
             self.mixed_kernel = "peft"

@@ -336,7 +336,7 @@ async def _serve(state: ServerState, request: Request, body, kind: str, adapter:
             pass
 
     deadline = time.monotonic() + state.request_timeout
-    rows = [Row(index * body.n + choice, adapter, prompt, _row_options(options, choice), sink, deadline)
+    rows = [Row(index * body.n + choice, adapter, prompt, _row_options(options, choice), sink, deadline, body.stream)
             for index, prompt in enumerate(prompts) for choice in range(body.n)]
     try:
         state.scheduler.submit(rows)
@@ -378,6 +378,7 @@ async def _whole(state, request, body, kind, rows, events, identifier, created, 
                 tokens[event.choice].append(event)
             else:
                 finished[event.choice] = event
+                tokens[event.choice].extend(event.events or [])
                 if event.reason == "timeout":
                     scheduler.cancel_rows(rows)
                     raise APIError(408, f"the request ran past --request-timeout {state.request_timeout:g} s")

@@ -97,18 +97,22 @@ class FinishEvent:
     tokens: list[int]    # every sampled token, the final EOS token included
     text: str            # the reply: special tokens removed, cut before the first stop string
     message: str = ""
+    events: list[TokenEvent] | None = None   # the row's token events, for rows that do not stream
 
 
 class Row:
     """One sequence being generated: a prompt, an adapter, options, and where its events go."""
 
     __slots__ = ("choice", "adapter", "prompt", "options", "sink", "deadline", "cancelled", "tokens",
-                 "generator", "arrived", "started", "finished")
+                 "generator", "arrived", "started", "finished", "stream", "events")
 
     def __init__(self, choice: int, adapter: str | None, prompt: list[int], options: SamplingOptions,
-                 sink: Callable[[object], None], deadline: float | None = None):
+                 sink: Callable[[object], None], deadline: float | None = None, stream: bool = True):
+        """``stream=False``: token events are kept on the row and handed over with its `FinishEvent`
+        (one wake-up of the HTTP side per row instead of one per token)."""
         self.choice, self.adapter, self.prompt, self.options = choice, adapter, list(prompt), options
-        self.sink, self.deadline = sink, deadline
+        self.sink, self.deadline, self.stream = sink, deadline, stream
+        self.events: list[TokenEvent] = []
         self.cancelled = False
         self.tokens: list[int] = []
         self.generator: torch.Generator | None = None
@@ -402,7 +406,7 @@ class BatchScheduler:
                 else:
                     output = model(**inputs, use_cache=True, logits_to_keep=1)
             elif self.registry.mixed_kernel == "alignkit":
-                with mixed_batch([row.adapter for row in rows], self._device):
+                with mixed_batch([row.adapter for row in rows], self.registry.slots, self._device):
                     output = unwrap(model)(**inputs, use_cache=True, logits_to_keep=1)
             else:
                 output = model(**inputs, use_cache=True, logits_to_keep=1, adapter_names=names)
@@ -436,9 +440,11 @@ class BatchScheduler:
             index = torch.tensor(owner, device=self._device)
             cache.batch_select_indices(index)
             attention, logits = attention[index], logits[index]
-        if self._running.rows and not (_mergeable(cache) and _mergeable(self._running.cache)):
-            raise RuntimeError("this model's cache layers cannot be joined (sliding-window or other layer types); "
-                               "serve it with --max-batch 1")
+        if self._running.rows:
+            if not (_mergeable(cache) and _mergeable(self._running.cache)):
+                raise RuntimeError("this model's cache layers cannot be joined (sliding-window or other layer "
+                                   "types); serve it with --max-batch 1")
+            self.stats.add("rows_joined_running_batch", len(rows))
         join_caches(self._running, rows, cache, attention)
         offset = len(self._running) - len(rows)
         self._emit(logits, list(range(offset, len(self._running))))
@@ -478,7 +484,10 @@ class BatchScheduler:
             elif row.deadline is not None and now > row.deadline:
                 self._finish(row, "timeout")
             else:
-                row.sink(event)
+                if row.stream:
+                    row.sink(event)
+                else:
+                    row.events.append(event)
                 reason = self._stop_reason(row, token)
                 if reason:
                     self._finish(row, reason)
@@ -509,7 +518,8 @@ class BatchScheduler:
         row.finished = True
         text = cut_text_at_stop(self._text(row), row.options.stop) if reason in ("stop", "length") else ""
         self.stats.add(f"finished_{reason}")
-        row.sink(FinishEvent(row.choice, reason, list(row.tokens), text, message))
+        row.sink(FinishEvent(row.choice, reason, list(row.tokens), text, message,
+                             None if row.stream else row.events))
 
     def _fail_running(self, message: str) -> None:
         for row in self._running.rows:
