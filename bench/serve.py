@@ -6,7 +6,9 @@ Two `alignkit serve` processes on 127.0.0.1 hold the same base model and the sam
   mixed-adapter batches), new requests join the running batch at the next step;
 * **swap** (``--adapter-mode swap``, the comparison point): the adapter of the oldest waiting request
   is merged into the base weights, that adapter's requests run (batched together, new ones of the
-  same adapter join), the adapter is unmerged, and the next adapter gets its turn.
+  same adapter join), the adapter is unmerged, and the next adapter gets its turn;
+* **swap-per-request** (``--modes swap-per-request``): the same with ``--max-batch 1``, i.e. merge,
+  serve one request, unmerge (requests of the same adapter in a row keep it merged).
 
 The same requests go to both: greedy, ``ignore_eos`` so every request decodes exactly
 ``--max-tokens`` tokens, adapters assigned round-robin over 1, 4 or 16 distinct adapters, sent by
@@ -58,7 +60,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--modes", default="mixed,swap")
+    parser.add_argument("--modes", default="mixed,swap",
+                        help="mixed, swap (merge one adapter, batch its requests), swap-per-request (merge per request)")
     parser.add_argument("--output", help="also write the rows as JSON here")
     return parser.parse_args(argv)
 
@@ -93,10 +96,12 @@ def make_models(args, folder: Path) -> tuple[str, list[tuple[str, str]], str]:
 
 
 def start_server(args, base: str, adapters, mode: str, port: int):
+    """``mode``: mixed, swap, or swap-per-request (swap with --max-batch 1: merge, one request, unmerge)."""
+    max_batch = 1 if mode == "swap-per-request" else args.max_batch
     command = [sys.executable, "-m", "alignkit.cli", "serve", "--model", base, "--served-model-name", "base",
-               "--port", str(port), "--device", args.device, "--max-batch", str(args.max_batch),
+               "--port", str(port), "--device", args.device, "--max-batch", str(max_batch),
                "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024", "--log-level", "warning",
-               "--adapter-mode", mode] + [item for name, path in adapters for item in ("--adapter", f"{name}={path}")]
+               "--adapter-mode", "mixed" if mode == "mixed" else "swap"] + [item for name, path in adapters for item in ("--adapter", f"{name}={path}")]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -188,23 +193,29 @@ def main(argv=None) -> int:
 
 def print_table(rows: list[dict], counts: list[int], levels: list[int]) -> None:
     table = {(r["mode"], r["adapters"], r["concurrency"]): r for r in rows}
-    print("\n| adapters | concurrency | mixed req/s | mixed tok/s | mixed p50 / p95 s | swap req/s | swap tok/s "
-          "| swap p50 / p95 s | mixed / swap | mixed / mixed with 1 adapter |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    others = [m for m in modes if m != "mixed"]
+    header = ["adapters", "concurrency"]
+    for mode in modes:
+        header += [f"{mode} req/s", f"{mode} tok/s", f"{mode} p50 / p95 s"]
+    header += [f"mixed / {m}" for m in others] + (["mixed / mixed with 1 adapter"] if "mixed" in modes else [])
+    print("\n| " + " | ".join(header) + " |")
+    print("|" + " ---: |" * len(header))
     for count in counts:
         for level in levels:
-            mixed, swap = table.get(("mixed", count, level)), table.get(("swap", count, level))
-            single = table.get(("mixed", counts[0], level))
-
-            def cells(row):
-                if row is None:
-                    return ["", "", ""]
-                return [f"{row['requests_per_s']:.2f}", f"{row['tokens_per_s']:.1f}",
-                        f"{row['p50_s']:.2f} / {row['p95_s']:.2f}"]
-
-            ratio = f"{mixed['tokens_per_s'] / swap['tokens_per_s']:.2f}x" if mixed and swap else ""
-            own = f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f}x" if mixed and single else ""
-            print(f"| {count} | {level} | " + " | ".join(cells(mixed) + cells(swap) + [ratio, own]) + " |")
+            cells = [str(count), str(level)]
+            for mode in modes:
+                row = table.get((mode, count, level))
+                cells += ["", "", ""] if row is None else [
+                    f"{row['requests_per_s']:.2f}", f"{row['tokens_per_s']:.1f}", f"{row['p50_s']:.2f} / {row['p95_s']:.2f}"]
+            mixed = table.get(("mixed", count, level))
+            for mode in others:
+                other = table.get((mode, count, level))
+                cells.append(f"{mixed['tokens_per_s'] / other['tokens_per_s']:.2f}x" if mixed and other else "")
+            if "mixed" in modes:
+                single = table.get(("mixed", 1, level))
+                cells.append(f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f}x" if mixed and single else "")
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

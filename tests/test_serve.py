@@ -336,8 +336,13 @@ JUDGE_ANSWER = "Verdict: A\nScore: 7"
 def _train_judge(tokenizer, steps: int = 60, hidden: int = 64, lr: float = 3e-3):
     """A tiny model trained to answer every judge prompt with ``JUDGE_ANSWER`` (long context)."""
     from alignkit.data import tokenize_chat
-    from alignkit.judges import (DEFAULT_CRITERIA, DEFAULT_RUBRIC, PAIRWISE_TEMPLATE_FILE, POINTWISE_TEMPLATE_FILE,
-                                 load_template)
+    from alignkit.judges import (
+        DEFAULT_CRITERIA,
+        DEFAULT_RUBRIC,
+        PAIRWISE_TEMPLATE_FILE,
+        POINTWISE_TEMPLATE_FILE,
+        load_template,
+    )
 
     model = _long_context_model(tokenizer, hidden)
     words = ["cat", "dog", "hello", "two plus two", "the capital of france", "acme refund policy"]
@@ -404,14 +409,15 @@ def test_judge_best_of_n_and_win_rate_against_the_served_judge(judge_server, fil
 
 
 def test_text_stream_holds_back_a_possible_stop_string(tiny_tokenizer):
-    from alignkit.serve.protocol import TextStream, final_text, held_back
+    from alignkit.rollout.stops import cut_text_at_stop
+    from alignkit.serve.protocol import TextStream, held_back
 
     assert held_back("the ca", ["cab"]) == 2 and held_back("the cat", ["dog"]) == 0
     assert held_back("ab", ["abc", "b"]) == 2
     tokens = tiny_tokenizer.encode("the cat is on the red apple")
     stream = TextStream(tiny_tokenizer, ["red"])
     pieces = [stream.push(token, set()) for token in tokens]
-    text = final_text(tiny_tokenizer, tokens, ["red"])
+    text = cut_text_at_stop(tiny_tokenizer.decode(tokens), ["red"])
     assert text == "the cat is on the "
     assert "".join(pieces) + stream.finish(text) == text
     assert "red" not in "".join(pieces)
@@ -501,3 +507,25 @@ def test_requests_joining_a_running_batch_still_equal_offline(files):
     assert len(served_ids) == 300 and served_ids[:len(expected)] == expected  # offline stops at its first EOS
     for name in ("two", None):
         assert replies[name].strip() == _offline(files, name, conversations[name])[1], name
+
+
+def test_swap_mode_merges_one_adapter_at_a_time_and_gives_the_same_replies(files):
+    state = build_state(str(files["base"]), adapters=[("one", str(files["one"])), ("two", str(files["two"]))],
+                        device="cpu", max_wait_ms=100, served_model_name="base", mode="swap")
+    with BackgroundServer(state) as running:
+        client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            replies = dict(zip(["base", "one", "two"], pool.map(
+                lambda name: client.chat.completions.create(model=name, messages=CONVERSATION, temperature=0,
+                                                            max_tokens=24).choices[0].message.content,
+                ["base", "one", "two"])))
+        stats = _stats(running)
+    assert stats["max_adapters_in_forward"] == 1 and stats["adapter_merges"] >= 2
+    for name, text in replies.items():
+        assert text.strip() == _offline(files, None if name == "base" else name)[1], name
+    # every merge was undone: the base weights are the base's again
+    base, _ = load_model_and_tokenizer(str(files["base"]), device="cpu")
+    served = state.registry.model.get_base_model()
+    for (name, expected), (_, parameter) in zip(base.named_parameters(),
+                                                ((n, p) for n, p in served.named_parameters() if "lora_" not in n)):
+        torch.testing.assert_close(parameter, expected, atol=1e-6, rtol=0, msg=name)

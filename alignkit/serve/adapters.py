@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from peft import PeftModel
+
 from alignkit.model import ModelLoadError, is_peft_model, resolve_model
 from alignkit.serve import mixed_lora
 
@@ -133,8 +135,6 @@ class AdapterRegistry:
     # -------------------------------------------------------------- mutations (worker thread)
 
     def load(self, name: str, path: str | os.PathLike, created: int = 0) -> AdapterInfo:
-        from peft import PeftModel
-
         folder, config = self.check_adapter(name, path)
         wrapped_here = not is_peft_model(self.model)
         try:

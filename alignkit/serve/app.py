@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -30,9 +29,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from alignkit.commands.score import score_rows
 from alignkit.data import tokenize_prompt
 from alignkit.serve.adapters import AdapterError, AdapterRegistry
-from alignkit.serve.engine import BatchScheduler, FinishEvent, QueueFull, Row, SamplingOptions, TokenEvent
+from alignkit.serve.engine import (
+    BatchScheduler,
+    FinishEvent,
+    QueueFull,
+    Row,
+    SamplingOptions,
+    TokenEvent,
+)
 from alignkit.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,8 +49,6 @@ from alignkit.serve.protocol import (
     UnloadAdapterRequest,
     chat_logprob_entry,
     completion_logprobs,
-    final_text,
-    reply_body,
 )
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -203,8 +208,6 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(error), "input") from None
         if not items:
             raise APIError(400, "nothing to score", "input")
-        from alignkit.commands.score import score_rows
-
         def run():
             with reward.lock:
                 return score_rows(reward.model, reward.tokenizer, items, state.score_batch_size,

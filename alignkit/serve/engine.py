@@ -47,8 +47,8 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -56,8 +56,8 @@ from transformers.cache_utils import DynamicLayer
 
 from alignkit.model.forward import left_pad
 from alignkit.model.peft import is_peft_model, unwrap
-from alignkit.serve.mixed_lora import mixed_batch
 from alignkit.rollout.stops import cut_text_at_stop, stop_token_ids
+from alignkit.serve.mixed_lora import mixed_batch
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ class FinishEvent:
 class Row:
     """One sequence being generated: a prompt, an adapter, options, and where its events go."""
 
-    __slots__ = ("choice", "adapter", "prompt", "options", "sink", "deadline", "cancelled", "tokens",
-                 "generator", "arrived", "started", "finished", "stream", "events")
+    __slots__ = ("adapter", "arrived", "cancelled", "choice", "deadline", "events", "finished", "generator",
+                 "options", "prompt", "sink", "started", "stream", "tokens")
 
     def __init__(self, choice: int, adapter: str | None, prompt: list[int], options: SamplingOptions,
                  sink: Callable[[object], None], deadline: float | None = None, stream: bool = True):
@@ -131,6 +131,7 @@ class SchedulerStats:
     def __init__(self):
         self.lock = threading.Lock()
         self.values = collections.Counter()
+        self.seconds = collections.Counter()
         self.max_rows_in_forward = 0
         self.max_adapters_in_forward = 0
 
@@ -148,9 +149,14 @@ class SchedulerStats:
         with self.lock:
             self.values[name] += amount
 
+    def add_seconds(self, name: str, seconds: float) -> None:
+        with self.lock:
+            self.seconds[name] += seconds
+
     def snapshot(self) -> dict:
         with self.lock:
-            return {**self.values, "max_rows_in_forward": self.max_rows_in_forward,
+            return {**self.values, **{f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()},
+                    "max_rows_in_forward": self.max_rows_in_forward,
                     "max_adapters_in_forward": self.max_adapters_in_forward}
 
 
@@ -267,7 +273,7 @@ class BatchScheduler:
 
     # ------------------------------------------------------------------ public, any thread
 
-    def start(self) -> "BatchScheduler":
+    def start(self) -> BatchScheduler:
         self._thread = threading.Thread(target=self._loop, name="alignkit-serve-worker", daemon=True)
         self._thread.start()
         return self
@@ -398,6 +404,13 @@ class BatchScheduler:
         model = self.registry.model
         names = [row.adapter_name for row in rows]
         self.stats.forward(kind, names)
+        started = time.perf_counter()
+        try:
+            return self._model_forward(model, rows, names, **inputs)
+        finally:
+            self.stats.add_seconds(kind, time.perf_counter() - started)
+
+    def _model_forward(self, model, rows: list[Row], names: list[str], **inputs) -> torch.Tensor:
         if is_peft_model(model):
             if self.mode == "swap":
                 if self._merged is None:
@@ -461,6 +474,7 @@ class BatchScheduler:
     def _emit(self, logits: torch.Tensor, indices: list[int]) -> None:
         """Sample for the running rows at ``indices`` (``logits`` aligned with them), send the tokens,
         finish and drop the rows that are done."""
+        started = time.perf_counter()
         rows = [self._running.rows[i] for i in indices]
         for i, row in enumerate(rows):
             if not row.options.ignore_eos and len(row.tokens) < row.options.min_tokens:
@@ -497,6 +511,7 @@ class BatchScheduler:
             keep = [i for i in range(len(self._running)) if i not in done]
             keep_rows(self._running, keep)
         self.stats.add("tokens_generated", len(tokens))
+        self.stats.add_seconds("sample", time.perf_counter() - started)
 
     def _stop_reason(self, row: Row, token: int) -> str | None:
         if token in self.eos_ids and not row.options.ignore_eos:

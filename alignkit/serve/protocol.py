@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from alignkit.rollout.stops import cut_text_at_stop
-
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 8
 
@@ -198,13 +196,6 @@ class ScoreRequest(BaseModel):
 # ------------------------------------------------------------------------------------- text helpers
 
 
-def reply_body(tokens: list[int], eos_ids: set[int], ignore_eos: bool = False) -> list[int]:
-    """The tokens that make up the reply's text: without a final end-of-sequence token."""
-    if tokens and tokens[-1] in eos_ids and not ignore_eos:
-        return tokens[:-1]
-    return tokens
-
-
 def held_back(text: str, stops: list[str]) -> int:
     """How many characters at the end of ``text`` could be the start of a stop string."""
     longest = 0
@@ -248,10 +239,6 @@ class TextStream:
         delta = final_text[self.sent:]
         self.sent = len(final_text)
         return delta
-
-
-def final_text(tokenizer, tokens: list[int], stops: list[str]) -> str:
-    return cut_text_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
 
 
 def token_text(tokenizer, token: int, as_ids: bool) -> str:

@@ -7,10 +7,11 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from alignkit.model import ModelLoadError, load_model_and_tokenizer, resolve_model
+from alignkit.model.heads import load_scalar_model
 from alignkit.serve.adapters import NAME_PATTERN, AdapterError, AdapterRegistry
 from alignkit.serve.app import RewardModel, ServerState, create_app
 from alignkit.serve.engine import BatchScheduler
@@ -74,8 +75,6 @@ def build_state(model: str = "smollm2-135m-instruct", adapters: Iterable[tuple[s
     for name, path in reward_models:
         if not NAME_PATTERN.match(name) or name in registry.model_names() or name in rewards:
             raise ValueError(f"--reward-model {name}={path}: the name is not allowed or already taken")
-        from alignkit.model.heads import load_scalar_model
-
         try:
             reward, reward_tokenizer = load_scalar_model(path, device=device, dtype=dtype)
         except (FileNotFoundError, ModelLoadError) as error:
@@ -135,7 +134,7 @@ class BackgroundServer:
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
-    def start(self) -> "BackgroundServer":
+    def start(self) -> BackgroundServer:
         self.state.scheduler.start()
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -151,7 +150,7 @@ class BackgroundServer:
         self.state.scheduler.stop()
         self.socket.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

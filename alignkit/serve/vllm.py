@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def vllm_command(model: str, adapters: list[tuple[str, str]], host: str, port: i
 
 def launch(argv: list[str], environment: dict[str, str]) -> int:
     """Run vLLM's server in the foreground until it exits; returns its exit code."""
-    import subprocess
-
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("--backend vllm needs the vllm package (pip install 'alignkit[vllm]'; a CUDA GPU is "
                          "required); or serve with the built-in backend (--backend alignkit)")
