@@ -486,7 +486,7 @@ def test_requests_joining_a_running_batch_still_equal_offline(files):
     with BackgroundServer(state) as running:
         client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
         first = client.chat.completions.create(model="one", messages=conversations["one"], temperature=0,
-                                               max_tokens=300, stream=True, logprobs=True,
+                                               max_tokens=120, stream=True, logprobs=True,
                                                extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
         chunks = iter(first)
         received = [next(chunks), next(chunks)]
@@ -503,8 +503,8 @@ def test_requests_joining_a_running_batch_still_equal_offline(files):
     model, tokenizer = load_model_and_tokenizer(str(files["base"]), device="cpu", adapter=str(files["one"]))
     from alignkit.generation import render_prompts
 
-    expected = generate_ids(model, tokenizer, render_prompts(tokenizer, [conversations["one"]]), max_new_tokens=300)[0]
-    assert len(served_ids) == 300 and served_ids[:len(expected)] == expected  # offline stops at its first EOS
+    expected = generate_ids(model, tokenizer, render_prompts(tokenizer, [conversations["one"]]), max_new_tokens=120)[0]
+    assert len(served_ids) == 120 and served_ids[:len(expected)] == expected  # offline stops at its first EOS
     for name in ("two", None):
         assert replies[name].strip() == _offline(files, name, conversations[name])[1], name
 

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from alignkit.errors import UsageError
+
 API_KEY_ENV = "ALIGNKIT_API_KEY"
 
 
@@ -63,7 +65,7 @@ def run(args) -> int:
     import importlib.util
 
     if args.backend == "alignkit" and not all(importlib.util.find_spec(name) for name in ("fastapi", "uvicorn")):
-        raise ValueError("alignkit serve needs fastapi and uvicorn: pip install 'alignkit[serve]'")
+        raise UsageError("alignkit serve needs fastapi and uvicorn: pip install 'alignkit[serve]'")
     from alignkit.serve.server import build_state, parse_named_paths, run_server
 
     adapters = parse_named_paths(args.adapter, "--adapter")
@@ -76,7 +78,7 @@ def run(args) -> int:
         from alignkit.serve.vllm import launch, vllm_command
 
         if rewards:
-            raise ValueError("--reward-model is served by the built-in backend only (vLLM has no /v1/score for "
+            raise UsageError("--reward-model is served by the built-in backend only (vLLM has no /v1/score for "
                              "alignkit reward models); drop --backend vllm or start a second server for it")
         argv, environment = vllm_command(args.model, adapters, args.host, args.port, args.served_model_name, api_key,
                                          args.lora_root, args.max_model_len, args.dtype)

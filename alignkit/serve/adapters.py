@@ -26,13 +26,14 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from alignkit.errors import UserError
 from alignkit.model import ModelLoadError, is_peft_model, resolve_model
 from alignkit.serve import mixed_lora
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 
 
-class AdapterError(Exception):
+class AdapterError(UserError):
     """A request about adapters that cannot be honoured; ``status`` is the HTTP status to answer."""
 
     def __init__(self, message: str, status: int = 400):

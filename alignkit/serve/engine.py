@@ -54,6 +54,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from alignkit.errors import UsageError
 from alignkit.model.forward import left_pad
 from alignkit.model.peft import is_peft_model, unwrap
 from alignkit.rollout.stops import cut_text_at_stop, stop_token_ids
@@ -249,13 +250,13 @@ class BatchScheduler:
     def __init__(self, registry, max_batch: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256,
                  mode: str = "mixed"):
         if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+            raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+            raise UsageError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
         if max_queue < 1:
-            raise ValueError(f"max_queue must be at least 1, got {max_queue}")
+            raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
         if mode not in ("mixed", "swap"):
-            raise ValueError(f"mode must be 'mixed' or 'swap', got {mode!r}")
+            raise UsageError(f"--adapter-mode must be 'mixed' or 'swap', got {mode!r}")
         self.registry = registry
         self.tokenizer = registry.tokenizer
         self.max_batch, self.max_wait_s, self.max_queue, self.mode = max_batch, max_wait_ms / 1000.0, max_queue, mode

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from alignkit.errors import UsageError
 from alignkit.model import ModelLoadError, load_model_and_tokenizer, resolve_model
 from alignkit.model.heads import load_scalar_model
 from alignkit.serve.adapters import NAME_PATTERN, AdapterError, AdapterRegistry
@@ -29,7 +30,7 @@ def parse_named_paths(items: Iterable[str], option: str) -> list[tuple[str, str]
             folder = Path(item).expanduser()
             name = folder.parent.name if folder.name == "final" else folder.name
         if not path:
-            raise ValueError(f"{option} expects NAME=PATH, got {item!r}")
+            raise UsageError(f"{option} expects NAME=PATH, got {item!r}")
         pairs.append((name.strip(), path.strip()))
     return pairs
 
@@ -64,24 +65,24 @@ def build_state(model: str = "smollm2-135m-instruct", adapters: Iterable[tuple[s
         try:
             registry.load(name, path, int(time.time()))
         except AdapterError as error:
-            raise ValueError(f"--adapter {name}={path}: {error}") from None
+            raise UsageError(f"--adapter {name}={path}: {error}") from None
     context = getattr(base.config, "max_position_embeddings", None) or 2048
     if max_model_len is not None:
         if max_model_len < 2:
-            raise ValueError(f"--max-model-len must be at least 2, got {max_model_len}")
+            raise UsageError(f"--max-model-len must be at least 2, got {max_model_len}")
         context = min(context, max_model_len)
     scheduler = BatchScheduler(registry, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, mode=mode)
     rewards = {}
     for name, path in reward_models:
         if not NAME_PATTERN.match(name) or name in registry.model_names() or name in rewards:
-            raise ValueError(f"--reward-model {name}={path}: the name is not allowed or already taken")
+            raise UsageError(f"--reward-model {name}={path}: the name is not allowed or already taken")
         try:
             reward, reward_tokenizer = load_scalar_model(path, device=device, dtype=dtype)
         except (FileNotFoundError, ModelLoadError) as error:
-            raise ValueError(f"--reward-model {name}={path}: {error}") from None
+            raise UsageError(f"--reward-model {name}={path}: {error}") from None
         rewards[name] = RewardModel(name, str(Path(path).resolve()), reward, reward_tokenizer)
     if lora_root is not None and not Path(lora_root).is_dir():
-        raise ValueError(f"--lora-root {lora_root}: no such folder")
+        raise UsageError(f"--lora-root {lora_root}: no such folder")
     return ServerState(registry=registry, scheduler=scheduler, max_model_len=int(context),
                        default_max_tokens=default_max_tokens, request_timeout=request_timeout, api_key=api_key,
                        lora_root=str(Path(lora_root).resolve()) if lora_root else None, reward_models=rewards)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from alignkit.errors import UsageError
 from alignkit.model import ensure_embedded_model, resolve_model
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)   # the values vLLM's --max-lora-rank accepts
@@ -33,7 +34,7 @@ def model_location(model: str) -> str:
     if source.kind == "embedded":
         return str(ensure_embedded_model())
     if source.kind == "adapter":
-        raise ValueError(f"--model {model} is an adapter folder; pass its base as --model and the adapter as "
+        raise UsageError(f"--model {model} is an adapter folder; pass its base as --model and the adapter as "
                          f"--adapter NAME={model}")
     return source.location
 
@@ -43,7 +44,7 @@ def adapter_rank(path: str) -> int:
     try:
         return int(json.loads(config.read_text()).get("r") or 8)
     except (OSError, ValueError) as error:
-        raise ValueError(f"--adapter {path}: cannot read {config}: {error}") from None
+        raise UsageError(f"--adapter {path}: cannot read {config}: {error}") from None
 
 
 def vllm_command(model: str, adapters: list[tuple[str, str]], host: str, port: int,
@@ -77,7 +78,7 @@ def vllm_command(model: str, adapters: list[tuple[str, str]], host: str, port: i
 def launch(argv: list[str], environment: dict[str, str]) -> int:
     """Run vLLM's server in the foreground until it exits; returns its exit code."""
     if importlib.util.find_spec("vllm") is None:
-        raise ValueError("--backend vllm needs the vllm package (pip install 'alignkit[vllm]'; a CUDA GPU is "
+        raise UsageError("--backend vllm needs the vllm package (pip install 'alignkit[vllm]'; a CUDA GPU is "
                          "required); or serve with the built-in backend (--backend alignkit)")
     process = subprocess.Popen(argv, env={**os.environ, **environment})
     try:
