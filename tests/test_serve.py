@@ -376,7 +376,6 @@ def judge_server(files):
 
 
 def test_judge_best_of_n_and_win_rate_against_the_served_judge(judge_server, files, tmp_path):
-    from alignkit.best_of_n import JudgeScorer, select_best_of_n
     from alignkit.judges import OpenAICompatibleBackend, PairwiseJudge, PointwiseJudge
 
     backend = OpenAICompatibleBackend(judge_server.base_url, "judge", max_retries=0)
@@ -386,14 +385,17 @@ def test_judge_best_of_n_and_win_rate_against_the_served_judge(judge_server, fil
     pointwise = PointwiseJudge(backend, max_retries=0)
     assert pointwise.score(["hello", "what"], ["hi", "yes"]) == [7.0, 7.0]
 
-    prompts = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "two plus two"}]]
-    result = select_best_of_n(prompts, [["a cat", "a dog"], ["four", "five"]], JudgeScorer(pointwise))
-    assert result.summary["mean_best"] == 7.0 and result.summary["ties_skipped"] == 2 and not result.pairs
-
     from alignkit.cli import main
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p}) for p in ["hello", "the cat is", "two plus two"]) + "\n")
+    # best-of-N with the served judge as the scorer: every candidate scores 7, so no pair has a winner
+    assert main(["best-of-n", "--model", str(files["base"]), "--device", "cpu", "--data", str(data), "--n", "2",
+                 "--max-new-tokens", "4", "--scorer", "judge", "--judge-base-url", judge_server.base_url,
+                 "--judge-model", "judge", "--judge-max-retries", "0", "--no-cache", "--out", str(tmp_path / "bon")]) == 0
+    summary = json.loads((tmp_path / "bon" / "summary.json").read_text())
+    assert summary["mean_best"] == 7.0 and summary["unscored_completions"] == 0
+    assert summary["pairs"] == 0 and summary["sft_rows"] == summary["ties_skipped"] > 0
     report = tmp_path / "report"
     code = main(["eval", "--model", str(files["base"]), "--adapter", str(files["one"]), "--device", "cpu",
                  "--data", str(data), "--metrics", "win_rate", "--model-b", str(files["base"]),
@@ -402,7 +404,8 @@ def test_judge_best_of_n_and_win_rate_against_the_served_judge(judge_server, fil
     win_rate = json.loads((report / "report.json").read_text())["metrics"]["win_rate"]
     # a judge that always answers "A" in both orders cancels out: every item a tie, win rate one half
     assert win_rate["ties"] == 3 and win_rate["win_rate"] == 0.5 and win_rate["invalid"] == 0
-    assert httpx.get(f"{judge_server.url}/stats").json()["rows_submitted"] >= 1 + 2 + 2 * 3
+    judged = summary["candidates"] - summary["empty_completions"]
+    assert httpx.get(f"{judge_server.url}/stats").json()["rows_submitted"] == 1 + 2 + judged + 2 * 3
 
 
 # ------------------------------------------------------------------------------- pieces on their own
