@@ -10,8 +10,8 @@ Two `alignkit serve` processes on 127.0.0.1 hold the same base model and the sam
 * **swap-per-request** (``--modes swap-per-request``): the same with ``--max-batch 1``, i.e. merge,
   serve one request, unmerge (requests of the same adapter in a row keep it merged).
 
-The same requests go to both: greedy, ``ignore_eos`` so every request decodes exactly
-``--max-tokens`` tokens, adapters assigned round-robin over 1, 4 or 16 distinct adapters, sent by
+The same requests go to both: every prompt distinct, greedy, ``ignore_eos`` so every request decodes
+exactly ``--max-tokens`` tokens, adapters assigned round-robin over 1, 4 or 16 distinct adapters, sent by
 ``concurrency`` client threads (httpx, one request at a time each). Per cell: requests/s, generated
 tokens/s (``completion_tokens`` summed / wall seconds), and p50/p95 request latency. One warm-up
 request per adapter before timing.
@@ -127,7 +127,8 @@ def free_port() -> int:
 
 
 def run_cell(url: str, adapters: list[str], concurrency: int, total: int, max_tokens: int) -> dict:
-    jobs = [(adapters[i % len(adapters)], QUESTIONS[i % len(QUESTIONS)]) for i in range(total)]
+    # every prompt differs (the server computes a prompt shared by requests of one adapter only once)
+    jobs = [(adapters[i % len(adapters)], f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})") for i in range(total)]
     latencies, tokens = [], 0
 
     def one(job):
