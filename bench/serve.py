@@ -19,6 +19,7 @@ request per adapter before timing.
     python bench/serve.py --tiny                     # tiny random Llama (4 layers, hidden 256): the full grid
     python bench/serve.py --concurrency 1,8 --requests-per-client 2      # the embedded SmolLM2-135M
     python bench/serve.py --device cuda              # a GPU (the static-cache engine is not used by serve)
+    python bench/serve.py --tiny --kernels           # only the LoRA part: PEFT adapter_names vs stacked, in-process
 """
 from __future__ import annotations
 
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--modes", default="mixed,swap",
                         help="mixed, swap (merge one adapter, batch its requests), swap-per-request (merge per request)")
     parser.add_argument("--output", help="also write the rows as JSON here")
+    parser.add_argument("--kernels", action="store_true",
+                        help="instead: time one forward of 32 rows through PEFT's adapter_names path and the stacked path")
     return parser.parse_args(argv)
 
 
@@ -151,8 +154,72 @@ def run_cell(url: str, adapters: list[str], concurrency: int, total: int, max_to
             "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]}
 
 
+def time_kernels(args) -> int:
+    """ms per forward of a batch of 32 rows (one new token each, over a 32-token cache) with 1, 4 and 16
+    adapters: PEFT's ``adapter_names=`` path against `alignkit.serve.mixed_lora`'s stacked path."""
+    import torch
+    from peft import LoraConfig, PeftModel
+
+    from alignkit.model import add_lora, load_model_and_tokenizer
+    from alignkit.serve import mixed_lora
+
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    if args.tiny:
+        from tests.helpers import make_tiny_model, make_tiny_tokenizer
+
+        tokenizer = make_tiny_tokenizer()
+        base, label = make_tiny_model(tokenizer, hidden_size=256, layers=4), "tiny random Llama (4 layers, hidden 256)"
+    else:
+        base, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+        label = args.model
+    model = add_lora(base, rank=args.rank, dropout=0.0)           # adapter "default"
+    count = max(int(x) for x in args.adapters.split(","))
+    for index in range(1, count):
+        model.add_adapter(f"adapter{index}", LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                        target_modules=model.peft_config["default"].target_modules))
+    names = list(model.peft_config)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.normal_(std=0.01)
+    model.eval()
+    assert isinstance(model, PeftModel)
+    slots = {name: i + 1 for i, name in enumerate(names)}
+    mixed_lora.install(model, slots)
+    prompt = torch.randint(5, len(tokenizer), (32, 32))
+    print(f"# {label}, LoRA r{args.rank} on all linear layers, 32 rows, {args.threads} thread(s): ms per decode forward")
+    print("| adapters in the batch | PEFT adapter_names | stacked (alignkit) | speed-up |")
+    print("| ---: | ---: | ---: | ---: |")
+    for adapters in (int(x) for x in args.adapters.split(",")):
+        rows = [names[i % adapters] for i in range(32)]
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        step = torch.randint(5, len(tokenizer), (32, 1))
+
+        def run(path):
+            import copy
+
+            past = copy.deepcopy(cache)
+            started = time.perf_counter()
+            if path == "peft":
+                model(input_ids=step, past_key_values=past, use_cache=True, adapter_names=rows)
+            else:
+                with mixed_lora.mixed_batch(rows, slots, "cpu"):
+                    model.get_base_model()(input_ids=step, past_key_values=past, use_cache=True)
+            return time.perf_counter() - started
+
+        timings = {}
+        for path in ("peft", "stacked"):
+            run(path)
+            timings[path] = statistics.median(run(path) for _ in range(7)) * 1000
+        print(f"| {adapters} | {timings['peft']:.1f} | {timings['stacked']:.1f} | "
+              f"{timings['peft'] / timings['stacked']:.2f}x |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.kernels:
+        return time_kernels(args)
     counts = [int(x) for x in args.adapters.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
     modes = args.modes.split(",")

@@ -85,7 +85,8 @@ def install(model, slots: dict[str, int]) -> int:
                 layer.forward = _mixed_forward.__get__(layer)
                 layer._alignkit_mixed = True
             base = layer.get_base_layer()
-            weight = base.weight
+            # the adapters' own dtype (PEFT keeps LoRA weights in float32 on a bf16 base), as PEFT computes
+            weight = next(iter(layer.lora_A.values())).weight if layer.lora_A else base.weight
             down = weight.new_zeros((size, rank, base.in_features))
             up = weight.new_zeros((size, base.out_features, rank))
             for name, module in layer.lora_A.items():
