@@ -532,3 +532,13 @@ def test_swap_mode_merges_one_adapter_at_a_time_and_gives_the_same_replies(files
     for (name, expected), (_, parameter) in zip(base.named_parameters(),
                                                 ((n, p) for n, p in served.named_parameters() if "lora_" not in n)):
         torch.testing.assert_close(parameter, expected, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_client_that_gives_up_on_a_whole_reply_frees_its_slot(files):
+    state = build_state(str(files["long"]), device="cpu", served_model_name="base")
+    with BackgroundServer(state) as running:
+        body = {"model": "base", "messages": CONVERSATION, "temperature": 0, "max_tokens": 4000, "ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{running.base_url}/chat/completions", json=body, timeout=1.0)
+        assert _wait_for(lambda: _stats(running).get("finished_cancelled", 0) == 1 and _stats(running)["running"] == 0)
+        assert _stats(running).get("finished_length", 0) == 0   # dropped, not run to its 4000 tokens
