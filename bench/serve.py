@@ -14,7 +14,9 @@ The same requests go to both: every prompt distinct, greedy, ``ignore_eos`` so e
 exactly ``--max-tokens`` tokens, adapters assigned round-robin over 1, 4 or 16 distinct adapters, sent by
 ``concurrency`` client threads (httpx, one request at a time each). Per cell: requests/s, generated
 tokens/s (``completion_tokens`` summed / wall seconds), and p50/p95 request latency. One warm-up
-request per adapter before timing.
+request per adapter before timing. All servers run at once and each cell is run on every server in
+turn (order alternating between repeats), ``--repeats`` times; the table shows medians, so a change
+in the machine's load hits both sides of a ratio alike.
 
     python bench/serve.py --tiny                     # tiny random Llama (4 layers, hidden 256): the full grid
     python bench/serve.py --concurrency 1,8 --requests-per-client 2      # the embedded SmolLM2-135M
@@ -53,7 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of --model")
     parser.add_argument("--adapters", default="1,4,16", help="distinct adapters in the mix (comma separated)")
     parser.add_argument("--concurrency", default="1,8,32", help="client threads (comma separated)")
-    parser.add_argument("--requests-per-client", type=int, default=2, help="requests per client thread per cell")
+    parser.add_argument("--requests-per-client", type=int, default=1, help="requests per client thread per cell")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median reported)")
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per cell")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank of the adapters (all linear layers)")
@@ -230,27 +233,38 @@ def main(argv=None) -> int:
         print(f"# {label}; {len(adapters)} LoRA adapters r{args.rank} on all linear layers "
               f"(made in {time.perf_counter() - made:.0f} s); {args.max_tokens} new tokens per request, greedy, "
               f"ignore_eos; max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms; "
-              f"{args.threads} torch thread(s) per server; device {args.device}", flush=True)
-        for mode in modes:
-            process, url = start_server(args, base, adapters, mode, free_port())
-            try:
+              f"{args.threads} torch thread(s) per server; device {args.device}; {args.repeats} repeats, "
+              "servers interleaved cell by cell, medians", flush=True)
+        servers = {}
+        try:
+            for mode in modes:  # all servers up at once, so every cell runs under the same machine load
+                servers[mode] = start_server(args, base, adapters, mode, free_port())
                 for name, _ in adapters:  # warm-up: one request per adapter
-                    run_cell(url, [name], 1, 1, 2)
+                    run_cell(servers[mode][1], [name], 1, 1, 2)
+            samples: dict[tuple, list[dict]] = {}
+            for repeat in range(args.repeats):
                 for count in counts:
                     names = [name for name, _ in adapters[:count]]
                     for concurrency in levels:
                         total = max(args.min_requests, concurrency * args.requests_per_client)
-                        row = {"mode": mode, "adapters": count, "concurrency": concurrency,
-                               **run_cell(url, names, concurrency, total, args.max_tokens)}
-                        rows.append(row)
-                        print(f"  {mode:5} adapters {count:2} concurrency {concurrency:2}: "
-                              f"{row['requests_per_s']:.2f} req/s, {row['tokens_per_s']:.1f} tok/s, "
-                              f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s", flush=True)
+                        for mode in (modes if repeat % 2 == 0 else modes[::-1]):
+                            result = run_cell(servers[mode][1], names, concurrency, total, args.max_tokens)
+                            samples.setdefault((mode, count, concurrency), []).append(result)
+                            print(f"  [{repeat + 1}/{args.repeats}] {mode:16} adapters {count:2} concurrency "
+                                  f"{concurrency:2}: {result['requests_per_s']:.2f} req/s, "
+                                  f"{result['tokens_per_s']:.1f} tok/s", flush=True)
+            for (mode, count, concurrency), results in samples.items():
+                row = {"mode": mode, "adapters": count, "concurrency": concurrency, "repeats": len(results)}
+                for key in results[0]:
+                    row[key] = statistics.median(result[key] for result in results)
+                rows.append(row)
+            for mode, (_, url) in servers.items():
                 stats = httpx.get(f"{url}/stats").json()
                 print(f"  {mode} server: {stats.get('mixed_adapter_forwards', 0)} mixed-adapter forwards, at most "
                       f"{stats['max_adapters_in_forward']} adapters and {stats['max_rows_in_forward']} rows in one "
                       f"forward, {stats.get('adapter_merges', 0)} merges", flush=True)
-            finally:
+        finally:
+            for process, _ in servers.values():
                 process.terminate()
                 process.wait(30)
     print_table(rows, counts, levels)
