@@ -453,27 +453,35 @@ def test_cli_refuses_bad_adapters_with_one_line(files, capsys):
 
 
 def test_mixed_lora_kernel_equals_peft_adapter_names(files):
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
 
     from alignkit.serve import mixed_lora
 
     base, _ = load_model_and_tokenizer(str(files["base"]), device="cpu")
     model = PeftModel.from_pretrained(base, str(files["one"]), adapter_name="one")
     model.load_adapter(str(files["two"]), adapter_name="two")
-    model.eval()
-    ids = torch.tensor([[5, 6, 7, 8]] * 4)
+    # another rank, on one layer's q/v only: its rows get zeros where it has no weights
+    model.add_adapter("small", LoraConfig(r=2, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                          layers_to_transform=[1]))
     with torch.no_grad():
-        expected = model(input_ids=ids, adapter_names=["one", "__base__", "two", "one"]).logits
-        slots = {"one": 2, "two": 1}
+        for name, parameter in model.named_parameters():
+            if "lora_B.small" in name:
+                parameter.normal_(std=0.5)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8]] * 5)
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=["one", "__base__", "two", "one", "small"]).logits
+        slots = {"one": 2, "two": 1, "small": 3}
         assert mixed_lora.supports(model) and mixed_lora.install(model, slots) > 0
-        with mixed_lora.mixed_batch(["one", None, "two", "one"], slots, "cpu"):
+        with mixed_lora.mixed_batch(["one", None, "two", "one", "small"], slots, "cpu"):
             mixed = model.get_base_model()(input_ids=ids).logits
-        with mixed_lora.mixed_batch(["two"] * 4, slots, "cpu"):    # one adapter for every row
+        with mixed_lora.mixed_batch(["two"] * 5, slots, "cpu"):    # one adapter for every row
             only_two = model.get_base_model()(input_ids=ids).logits
         outside = model(input_ids=ids).logits                       # no batch active: PEFT's own forward
     torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(only_two[2], expected[2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(expected[0], expected[1], atol=1e-3)   # the adapters do change the logits
+    assert not torch.allclose(expected[4], expected[1], atol=1e-3)
     torch.testing.assert_close(outside[0], expected[0], atol=1e-5, rtol=1e-5)   # active adapter "one"
 
 
