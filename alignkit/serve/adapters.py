@@ -7,8 +7,9 @@ with a message that says why:
 * a name that is not ``[A-Za-z0-9][A-Za-z0-9._-]*`` (at most 64 characters), that is taken, or that
   is the base model's name;
 * a folder without ``adapter_config.json``, or one that holds a reward model (``head.json``);
-* an adapter whose ``base_model_name_or_path`` is another model than the served base (compared
-  after resolving both: the embedded name, a local folder's real path, a hub id);
+* an adapter whose base is another model than the served base (the base alignkit recorded in the
+  adapter's ``alignkit.json``, else ``base_model_name_or_path``; compared after resolving both: the
+  embedded name, a local folder's real path, a hub id);
 * at run time, a path outside the allowed root folder (symlinks resolved first), or any path at
   all when run-time loading is off.
 
@@ -108,7 +109,10 @@ class AdapterRegistry:
         if not folder.is_dir():
             raise AdapterError(f"adapter {name!r}: no such folder: {folder}", status=404)
         config = adapter_config(folder)
-        declared = config.get("base_model_name_or_path") or ""
+        try:  # the base alignkit trained on (alignkit.json), else adapter_config's base_model_name_or_path
+            declared = resolve_model(str(folder)).base or ""
+        except ModelLoadError as error:
+            raise AdapterError(f"adapter {name!r}: {error}") from None
         if not self.allow_other_base and not same_base(declared, self.base_source):
             raise AdapterError(
                 f"adapter {name!r} ({folder}) was trained on base model {declared!r}, but this server serves "
