@@ -255,14 +255,14 @@ def test_bad_requests_get_openai_shaped_errors(client, server):
 
 
 def test_reward_model_scores_through_the_server(server, files):
-    from alignkit.commands.score import score_rows
+    from alignkit.model.heads import score_responses
     from alignkit.model.heads import load_scalar_model
     from alignkit.serve.client import remote_reward_model
 
     model, tokenizer = load_scalar_model(files["rm"])
     prompts, responses = ["hello", "what is two plus two"], ["hi there", "four"]
-    expected = score_rows(model, tokenizer, [([{"role": "user", "content": p}], r) for p, r in zip(prompts, responses)],
-                          8, 1024, None)
+    expected = score_responses(model, tokenizer, [([{"role": "user", "content": p}], r) for p, r in zip(prompts, responses)],
+                               8, 1024, None)
     reply = httpx.post(f"{server.base_url}/score", json={"model": "rm", "input": [
         {"prompt": p, "response": r} for p, r in zip(prompts, responses)]})
     assert [item["score"] for item in reply.json()["data"]] == pytest.approx(expected, abs=1e-5)

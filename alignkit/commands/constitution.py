@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from alignkit.best_of_n import write_jsonl
+from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.commands.judge import add_judge_arguments, judge_backend, pairwise_judge
 from alignkit.constitution import (
     critique_and_revise,
@@ -27,8 +28,6 @@ from alignkit.constitution import (
 from alignkit.data import load_examples
 from alignkit.judges import LocalChatBackend, make_backend
 from alignkit.model import load_model_and_tokenizer
-
-from alignkit.commands.common import add_columns_argument, parse_columns
 
 
 def _common(parser) -> None:

@@ -20,8 +20,15 @@ from huggingface_hub.utils import filter_repo_objects
 
 from alignkit.errors import UsageError
 from alignkit.export import export_model
-from alignkit.export.card import (CARD_FILE, collect_run_facts, command_line, final_folder_card, hub_base_model,
-                                  is_alignkit_card, write_card)
+from alignkit.export.card import (
+    CARD_FILE,
+    collect_run_facts,
+    command_line,
+    final_folder_card,
+    hub_base_model,
+    is_alignkit_card,
+    write_card,
+)
 
 # what `push` never uploads: our temporary folders, lock files, caches
 PUSH_IGNORE = [".tmp-*", ".old-*", "**/.tmp-*", "*.lock", "__pycache__/*", "**/__pycache__/*"]

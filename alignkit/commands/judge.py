@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from alignkit.best_of_n import write_jsonl
+from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.data import load_examples, read_rows, to_preference_examples
 from alignkit.errors import UsageError
 from alignkit.judges import PairwiseJudge, PointwiseJudge, agreement, make_backend
 from alignkit.model import alignkit_home
-from alignkit.commands.common import add_columns_argument, parse_columns
 
 
 def add_judge_arguments(parser, default_method: str = "generate") -> None:

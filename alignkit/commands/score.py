@@ -21,8 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.data import (
     DataError,
@@ -30,10 +28,9 @@ from alignkit.data import (
     iter_records,
     to_chat_example,
     to_preference_examples,
-    tokenize_prompt_response,
 )
 from alignkit.data.formats import PAIR_SHAPES
-from alignkit.model.heads import load_scalar_model
+from alignkit.model.heads import load_scalar_model, score_responses
 
 
 def register(subparsers) -> None:
@@ -69,32 +66,6 @@ def responses_of(row: dict, source: str, columns=None, system_prompt=None):
     return "single", messages[:last], [messages[last]["content"]]
 
 
-def score_rows(model, tokenizer, items, batch_size: int, max_length: int, max_prompt_length: int | None):
-    """Rewards for ``items`` = [(prompt messages, response)], batched by length."""
-
-
-    limit = max_prompt_length if max_prompt_length is not None else max(1, max_length // 2)
-    rows = [sum(tokenize_prompt_response(tokenizer, prompt, response, max_length, limit)[:2], [])
-            for prompt, response in items]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    scores = [0.0] * len(rows)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(rows[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, i in enumerate(chunk):
-                ids[j, :len(rows[i])] = torch.tensor(rows[i])
-                mask[j, :len(rows[i])] = 1
-            values = model.sequence_scores(ids.to(device), mask.to(device)).float().cpu().tolist()
-            for i, value in zip(chunk, values):
-                scores[i] = value
-    return scores
-
-
 def run(args) -> int:
     columns = parse_columns(args.columns) or {}
     model, tokenizer = load_scalar_model(args.model, device=args.device, dtype=args.dtype)
@@ -116,7 +87,7 @@ def run(args) -> int:
         positions = list(range(len(items), len(items) + len(responses)))
         items += [(prompt, response) for response in responses]
         records.append((row, kind, positions))
-    scores = score_rows(model, tokenizer, items, args.batch_size, args.max_length, args.max_prompt_length)
+    scores = score_responses(model, tokenizer, items, args.batch_size, args.max_length, args.max_prompt_length)
 
     output = args.output or f"{Path(args.data.split('://')[-1]).name.split('.')[0]}.scored.jsonl"
     stream = sys.stdout if output == "-" else open(output, "w")

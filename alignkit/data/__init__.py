@@ -37,14 +37,20 @@ from alignkit.data.tokenize import (
     check_tool_support,
     render_chat,
     render_fallback_template,
+    template_tool_support,
     tokenize_chat,
     tokenize_dataset,
     tokenize_prompt,
     tokenize_prompt_response,
     tokenize_text,
-    template_tool_support,
 )
-from alignkit.data.types import ChatExample, PreferenceExample, PromptExample, TextExample, UnpairedExample
+from alignkit.data.types import (
+    ChatExample,
+    PreferenceExample,
+    PromptExample,
+    TextExample,
+    UnpairedExample,
+)
 
 __all__ = [
     "ACCEPTED_EXTENSIONS", "answer_value", "block_diagonal_attention_mask", "ChatExample",

@@ -56,8 +56,14 @@ from typing import Any
 
 from alignkit.data.errors import DataError, FatalDataError
 from alignkit.data.read import iter_records
-from alignkit.data.types import (ROLES, ChatExample, PreferenceExample, PromptExample, TextExample,
-                                 UnpairedExample)
+from alignkit.data.types import (
+    ROLES,
+    ChatExample,
+    PreferenceExample,
+    PromptExample,
+    TextExample,
+    UnpairedExample,
+)
 
 KINDS = ("chat", "preference", "prompt", "unpaired")
 FORMATS = ("openai_preference", "gemini_preference", "gemini", "unpaired", "messages", "preference", "ranked",

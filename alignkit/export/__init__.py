@@ -11,8 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignkit.export.card import (CARD_FILE, METHOD_NAMES, causal_usage, collect_run_facts, gguf_usage, render_card,
-                                  reward_usage, write_card)
+from alignkit.export.card import (
+    CARD_FILE,
+    METHOD_NAMES,
+    causal_usage,
+    collect_run_facts,
+    gguf_usage,
+    render_card,
+    reward_usage,
+    write_card,
+)
 from alignkit.export.gguf import gguf_type_name, write_gguf
 from alignkit.export.merged import ExportResult, export_merged, load_merged_causal_lm
 from alignkit.export.source import ExportError, ExportSource, resolve_source

@@ -36,8 +36,13 @@ from alignkit import __version__
 from alignkit.evaluate.report import _fmt as format_number
 from alignkit.evaluate.report import _fmt_interval, headline_rows
 from alignkit.model.heads import HEAD_CONFIG
-from alignkit.model.load import (EMBEDDED_ALIASES, EMBEDDED_PUBLIC_ID, EMBEDDED_WEIGHTS_NOTE, SAVE_RECORD,
-                                 public_model_id)
+from alignkit.model.load import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_PUBLIC_ID,
+    EMBEDDED_WEIGHTS_NOTE,
+    SAVE_RECORD,
+    public_model_id,
+)
 
 COMMAND_FILE = "command.txt"
 CARD_FILE = "README.md"

@@ -147,7 +147,9 @@ def _tokenizer_json(tokenizer) -> dict:
 def _known_splits() -> dict[str, str]:
     """regex -> llama.cpp pre-tokenizer name, from transformers' GGUF reader (so the reader agrees)."""
     try:
-        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_PRE_TOKENIZER_SPLITS,
+        )
     except ImportError:  # an older transformers: only the plain GPT-2 rule is known
         return {}
     names: dict[str, str] = {}

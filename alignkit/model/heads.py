@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
+from alignkit.data.tokenize import tokenize_prompt_response
 from alignkit.model.forward import decoder_hidden_states
 from alignkit.model.load import load_model_and_tokenizer
 from alignkit.model.peft import save_model
@@ -147,3 +149,38 @@ def score_examples(model, tokenizer, examples, max_length: int | None = 1024, ba
     if not pairs:
         return torch.zeros(0), torch.zeros(0), pairs, report
     return torch.cat(chosen_all), torch.cat(rejected_all), pairs, report
+
+
+@torch.no_grad()
+def score_responses(model, tokenizer, items: Sequence[tuple[list[dict], str]], batch_size: int = 8,
+                    max_length: int = 1024, max_prompt_length: int | None = None) -> list[float]:
+    """The reward of each ``(prompt messages, response)``: the head's value at the last token of the
+    conversation ``prompt + [assistant: response]`` in the reward model's chat template.
+
+    The one way alignkit scores text with a reward model (`alignkit score`, the ``reward_model`` reward,
+    best-of-N, the reward-model judge, ``/v1/score``). Too-long conversations lose prompt tokens from the
+    left first (to ``max_prompt_length``, default ``max_length // 2``), so the response is always
+    scored; an empty response is scored as one space. Rows are batched by length, right-padded.
+    """
+    limit = max_prompt_length if max_prompt_length is not None else max(1, max_length // 2)
+    rows = []
+    for prompt, response in items:
+        prompt_ids, response_ids, _ = tokenize_prompt_response(tokenizer, list(prompt), str(response or "") or " ",
+                                                               max_length, limit)
+        rows.append(prompt_ids + response_ids)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    scores = [0.0] * len(rows)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), max(1, batch_size)):
+        chunk = order[start:start + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, i in enumerate(chunk):
+            ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            mask[j, :len(rows[i])] = 1
+        values = model.sequence_scores(ids.to(device), mask.to(device)).float().cpu().tolist()
+        for i, value in zip(chunk, values):
+            scores[i] = value
+    return scores

@@ -18,8 +18,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-from alignkit.model.load import (EMBEDDED_ALIASES, EMBEDDED_MODEL, EMBEDDED_WEIGHTS_NOTE, SAVE_RECORD,
-                                 public_model_id)
+from alignkit.model.load import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_MODEL,
+    EMBEDDED_WEIGHTS_NOTE,
+    SAVE_RECORD,
+    public_model_id,
+)
 
 
 def is_peft_model(model) -> bool:

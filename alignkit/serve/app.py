@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from alignkit.commands.score import score_rows
 from alignkit.data import tokenize_prompt
+from alignkit.model.heads import score_responses
 from alignkit.serve.adapters import AdapterError, AdapterRegistry
 from alignkit.serve.engine import (
     BatchScheduler,
@@ -210,7 +210,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "nothing to score", "input")
         def run():
             with reward.lock:
-                return score_rows(reward.model, reward.tokenizer, items, state.score_batch_size,
+                return score_responses(reward.model, reward.tokenizer, items, state.score_batch_size,
                                   state.score_max_length, None)
 
         values = await asyncio.to_thread(run)
