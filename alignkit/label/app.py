@@ -382,13 +382,13 @@ def create_app(store: LabelStore, guidelines: str | None = None, secure_cookies:
         annotator, from_cookie = authenticate(request)
         check_csrf(request, annotator, from_cookie)
         try:
-            result = store.submit(annotator, body.assignment_id, body.choice, body.ratings, body.reason, body.seconds)
+            result, following = store.submit_and_next(annotator, body.assignment_id, body.choice, body.ratings,
+                                                      body.reason, body.seconds)
         except NotFound as error:
             raise HTTPProblem(404, str(error)) from None
         except StoreError as error:
             raise HTTPProblem(400, str(error)) from None
-        return {"label_id": result.label_id, "duplicate": result.duplicate,
-                "next": assignment_json(store.next_assignment(annotator))}
+        return {"label_id": result.label_id, "duplicate": result.duplicate, "next": assignment_json(following)}
 
     @app.post("/api/skip")
     def api_skip(request: Request, body: SkipRequest):

@@ -391,34 +391,39 @@ class LabelStore:
             db.execute("UPDATE assignments SET status = 'expired' WHERE id = ?", (row["id"],))
             db.execute("UPDATE items SET claimed = claimed - 1 WHERE id = ?", (row["item_id"],))
 
+    def _claim_next(self, db: sqlite3.Connection, annotator: Annotator, now: float) -> int | None:
+        """Inside a write transaction: the id of the annotator's open assignment (lease renewed), or of a new
+        one on an item they have never been shown, or None when nothing is left for them."""
+        self._expire_leases(db, now)
+        row = db.execute("SELECT id FROM assignments WHERE annotator_id = ? AND status = 'open' "
+                         "ORDER BY id LIMIT 1", (annotator.id,)).fetchone()
+        if row is not None:
+            db.execute("UPDATE assignments SET expires_at = ? WHERE id = ?", (now + self.lease_seconds, row["id"]))
+            return row["id"]
+        pick = ("SELECT id, first_candidate, second_candidate FROM items WHERE claimed < target_labels {extra}"
+                " AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = items.id AND a.annotator_id = ?)"
+                " ORDER BY queue_position LIMIT 1")
+        item = db.execute(pick.format(extra="AND labels_done > 0"), (annotator.id,)).fetchone() \
+            or db.execute(pick.format(extra=""), (annotator.id,)).fetchone()
+        if item is None:
+            return None
+        first, second = item["first_candidate"], item["second_candidate"]
+        shown_a, shown_b = (first, second) if secrets.randbelow(2) == 0 else (second, first)
+        assignment_id = db.execute(
+            "INSERT INTO assignments (item_id, annotator_id, shown_a, shown_b, status, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, 'open', ?, ?)",
+            (item["id"], annotator.id, shown_a, shown_b, now, now + self.lease_seconds)).lastrowid
+        db.execute("UPDATE items SET claimed = claimed + 1 WHERE id = ?", (item["id"],))
+        return assignment_id
+
     def next_assignment(self, annotator: Annotator) -> Assignment | None:
         """The annotator's open assignment, or a new one on an item they have never been shown; None when
         nothing is left for them. Items that others have started labelling (overlap items still short of
-        their target) come first, so agreement data accumulates early."""
-        now = time.time()
+        their target) come first, so agreement data accumulates early. The A/B order is drawn at random
+        (`secrets`) and recorded."""
         with self.transaction() as db:
-            self._expire_leases(db, now)
-            row = db.execute("SELECT id FROM assignments WHERE annotator_id = ? AND status = 'open' "
-                             "ORDER BY id LIMIT 1", (annotator.id,)).fetchone()
-            if row is not None:
-                db.execute("UPDATE assignments SET expires_at = ? WHERE id = ?", (now + self.lease_seconds, row["id"]))
-                assignment_id = row["id"]
-            else:
-                pick = ("SELECT id, first_candidate, second_candidate FROM items WHERE claimed < target_labels {extra}"
-                        " AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.item_id = items.id AND a.annotator_id = ?)"
-                        " ORDER BY queue_position LIMIT 1")
-                item = db.execute(pick.format(extra="AND labels_done > 0"), (annotator.id,)).fetchone() \
-                    or db.execute(pick.format(extra=""), (annotator.id,)).fetchone()
-                if item is None:
-                    return None
-                first, second = item["first_candidate"], item["second_candidate"]
-                shown_a, shown_b = (first, second) if secrets.randbelow(2) == 0 else (second, first)
-                assignment_id = db.execute(
-                    "INSERT INTO assignments (item_id, annotator_id, shown_a, shown_b, status, created_at, expires_at)"
-                    " VALUES (?, ?, ?, ?, 'open', ?, ?)",
-                    (item["id"], annotator.id, shown_a, shown_b, now, now + self.lease_seconds)).lastrowid
-                db.execute("UPDATE items SET claimed = claimed + 1 WHERE id = ?", (item["id"],))
-        return self.assignment(annotator, assignment_id)
+            assignment_id = self._claim_next(db, annotator, time.time())
+        return None if assignment_id is None else self.assignment(annotator, assignment_id)
 
     def assignment(self, annotator: Annotator, assignment_id: int) -> Assignment:
         """One of the annotator's own assignments; `NotFound` for anyone else's."""
@@ -462,6 +467,13 @@ class LabelStore:
                reason: str = "", seconds: float | None = None) -> SubmitResult:
         """Store a judgement in one transaction. Submitting the same assignment again stores nothing and
         returns the first label (``duplicate=True``), so a retried request cannot double-count."""
+        return self.submit_and_next(annotator, assignment_id, choice, ratings, reason, seconds, claim_next=False)[0]
+
+    def submit_and_next(self, annotator: Annotator, assignment_id: int, choice: str,
+                        ratings: dict[str, Any] | None = None, reason: str = "", seconds: float | None = None,
+                        claim_next: bool = True) -> tuple[SubmitResult, Assignment | None]:
+        """`submit`, and (``claim_next``) the annotator's next assignment claimed in the same transaction:
+        one commit, so one disk sync, per label."""
         if choice not in CHOICES:
             raise StoreError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
         rating_values = self.validate_ratings(ratings)
@@ -473,6 +485,7 @@ class LabelStore:
             if not math.isfinite(seconds) or seconds < 0:
                 seconds = None
         now = time.time()
+        next_id = None
         with self.transaction() as db:
             row = db.execute("SELECT id, item_id, shown_a, shown_b, status FROM assignments WHERE id = ? "
                              "AND annotator_id = ?", (assignment_id, annotator.id)).fetchone()
@@ -480,20 +493,24 @@ class LabelStore:
                 raise NotFound(f"no assignment {assignment_id} for annotator {annotator.name!r}")
             existing = db.execute("SELECT id FROM labels WHERE assignment_id = ?", (assignment_id,)).fetchone()
             if existing is not None:
-                return SubmitResult(existing["id"], True)
-            winner = {"A": row["shown_a"], "B": row["shown_b"]}.get(choice)
-            label_id = db.execute(
-                "INSERT INTO labels (assignment_id, item_id, annotator_id, choice, winner, shown_a, shown_b,"
-                " helpfulness_a, harmlessness_a, helpfulness_b, harmlessness_b, reason, seconds, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (assignment_id, row["item_id"], annotator.id, choice, winner, row["shown_a"], row["shown_b"],
-                 rating_values["helpfulness_a"], rating_values["harmlessness_a"], rating_values["helpfulness_b"],
-                 rating_values["harmlessness_b"], reason, seconds, now)).lastrowid
-            db.execute("UPDATE assignments SET status = 'done' WHERE id = ?", (assignment_id,))
-            claim = 0 if row["status"] == "open" else 1  # a skipped or expired lease had released its claim
-            db.execute("UPDATE items SET labels_done = labels_done + 1, claimed = claimed + ? WHERE id = ?",
-                       (claim, row["item_id"]))
-        return SubmitResult(label_id, False)
+                result = SubmitResult(existing["id"], True)
+            else:
+                winner = {"A": row["shown_a"], "B": row["shown_b"]}.get(choice)
+                label_id = db.execute(
+                    "INSERT INTO labels (assignment_id, item_id, annotator_id, choice, winner, shown_a, shown_b,"
+                    " helpfulness_a, harmlessness_a, helpfulness_b, harmlessness_b, reason, seconds, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (assignment_id, row["item_id"], annotator.id, choice, winner, row["shown_a"], row["shown_b"],
+                     rating_values["helpfulness_a"], rating_values["harmlessness_a"],
+                     rating_values["helpfulness_b"], rating_values["harmlessness_b"], reason, seconds, now)).lastrowid
+                db.execute("UPDATE assignments SET status = 'done' WHERE id = ?", (assignment_id,))
+                claim = 0 if row["status"] == "open" else 1  # a skipped or expired lease had released its claim
+                db.execute("UPDATE items SET labels_done = labels_done + 1, claimed = claimed + ? WHERE id = ?",
+                           (claim, row["item_id"]))
+                result = SubmitResult(label_id, False)
+            if claim_next:
+                next_id = self._claim_next(db, annotator, now)
+        return result, (None if next_id is None else self.assignment(annotator, next_id))
 
     def skip(self, annotator: Annotator, assignment_id: int) -> None:
         """Give an open assignment back: the annotator will not see the item again; others may."""

@@ -81,8 +81,11 @@ def write_tasks(path: str | os.PathLike, tasks: Iterable[Task]) -> Path:
 
 def _candidate(value: Any, source: str, index: int) -> Candidate:
     where = f"candidates[{index}]"
+    text_field = where  # a plain string candidate is its own text
     if isinstance(value, str):
         value = {"text": value}
+    else:
+        text_field = f"{where}.text"
     if not isinstance(value, dict):
         raise DataError(f"wrong type: expected a string or an object with 'text', got {type(value).__name__}",
                         source, where)
@@ -91,7 +94,7 @@ def _candidate(value: Any, source: str, index: int) -> Candidate:
         raise DataError("missing field 'text' (a string)" if text is None else
                         f"wrong type: 'text' must be a string, got {type(text).__name__}", source, where)
     if not text.strip():
-        raise DataError("empty text", source, f"{where}.text")
+        raise DataError("empty text", source, text_field)
     model = value.get("model", UNKNOWN_MODEL)
     if not isinstance(model, str) or not model.strip():
         raise DataError("'model' must be a non-empty string", source, f"{where}.model")
