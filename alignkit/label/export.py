@@ -69,7 +69,7 @@ def verdicts(judgements: list[dict], aggregate: str = "majority") -> tuple[list[
     for record in judgements:
         items[record["item_id"]].append(record)
     out, left_out = [], Counter()
-    for records in items.values():
+    for _, records in sorted(items.items()):  # item order = the tasks files' order
         ranked = Counter(r["outcome"] for r in records).most_common()
         if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
             left_out["split votes"] += 1
