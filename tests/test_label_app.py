@@ -220,6 +220,8 @@ def test_admin_statistics_and_export_match_the_labels(tmp_path):
         assert agreement["krippendorff_alpha"] == pytest.approx(krippendorff_alpha(list(zip(ann_labels, bob_labels))))
         page = admin.get("/admin").text
         assert f"{100 * even / 12:.1f}%" in page and "model-x" in page and "<svg" in page
+        assert "<span>12 / 12</span>items complete" in page and "<built-in" not in page
+        assert re.search(r"ann · bob</td><td class=\"num\">12</td>", page)
         for format in ("dpo", "rm", "kto", "ratings"):
             response = admin.get(f"/admin/export?format={format}")
             assert response.status_code == 200 and 'filename="feedback-' in response.headers["content-disposition"]

@@ -240,7 +240,7 @@ def run_stats(args) -> int:
               f"{agreement['krippendorff_alpha']:.3f}, Fleiss' kappa {agreement['fleiss_kappa']:.3f} "
               f"({agreement['fleiss_items']} items x {agreement['fleiss_raters']} raters)")
         for pair in agreement["pairs"]:
-            print(f"  {pair['annotators'][0]} / {pair['annotators'][1]}: {pair['items']} items, "
+            print(f"  {pair['annotators'][0]} / {pair['annotators'][1]}: {pair['shared_items']} items, "
                   f"Cohen's kappa {pair['cohen_kappa']:.3f}")
     else:
         print("\nagreement: no item has two labels yet")

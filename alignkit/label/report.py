@@ -75,7 +75,7 @@ def agreement(judgements: list[dict], min_shared_items: int = 1) -> dict[str, An
         for (a, b), outcomes in sorted(shared.items()):
             if len(outcomes) >= min_shared_items:
                 first, second = zip(*outcomes)
-                result["pairs"].append({"annotators": [a, b], "items": len(outcomes),
+                result["pairs"].append({"annotators": [a, b], "shared_items": len(outcomes),
                                         "percent_agreement": percent_agreement(first, second),
                                         "cohen_kappa": cohen_kappa(first, second)})
     for name in RATING_NAMES:
