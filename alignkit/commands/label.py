@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--max-new-tokens", type=int, default=256)
-    generate.add_argument("--context-chars", type=int, default=600, help="nc: earlier candidates are clipped to this")
+    generate.add_argument("--context-chars", type=int, default=300, help="nc: earlier candidates are clipped to this")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--batch-size", type=int, default=16)
     generate.add_argument("--limit", type=int, help="use at most this many prompts")

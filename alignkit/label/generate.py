@@ -6,17 +6,15 @@ candidate ``j`` comes from model ``j mod M``):
 * ``independent``: every candidate is an ordinary sample of the prompt (temperature ``T``, top-p).
   Samples from one model tend to share the model's favourite answer, so the pair an annotator sees
   often differs only in wording, and a preference between near-copies teaches little.
-* ``nc`` (negatively-correlated sampling): candidate ``j`` is sampled from the conversation
-
-      user: <prompt>            assistant: <candidate 1>
-      user: <NC_FOLLOW_UP>      assistant: <candidate 2>
-      ...                       user: <NC_FOLLOW_UP>      assistant: -> candidate j
-
-  i.e. the model sees the earlier candidates as its own previous answers and is asked for a
-  different approach or viewpoint; the reply is stored as a response to the *original* prompt.
-  Earlier candidates are clipped to ``context_chars`` characters each to bound the context. This is
-  the sequential form of the idea in Community Alignment (each new candidate is conditioned on the
-  earlier ones and asked to differ); one prompt per step is batched across all prompts.
+* ``nc`` (negatively-correlated sampling): candidate ``j`` is sampled from the original prompt with a
+  system message that lists the earlier candidates ``1..j-1`` (each clipped to ``context_chars``
+  characters) and asks for a clearly different approach or viewpoint (`NC_INSTRUCTION`); a prompt that
+  already has a system message keeps it, with the request appended. The reply is stored as a response
+  to the original prompt. This is the sequential form of the idea in Community Alignment (each new
+  candidate is conditioned on the earlier ones and asked to differ); each step is one batch over all
+  prompts. Putting the earlier answers in the system message rather than as earlier assistant turns
+  was chosen on the embedded 135M model, which, shown its "previous answers", tends to talk about them
+  ("Here's a different way to look at your previous answer...") or copy them.
 
 Diversity of a candidate set (each prompt's K candidates, averaged over prompts; `candidate_diversity`):
 ``distinct-1``/``distinct-2`` (unique n-grams / all n-grams within the set, `alignkit.evaluate.drift.distinct_n`),
@@ -43,9 +41,9 @@ from alignkit.label.tasks import Candidate, Task
 from alignkit.model.forward import decoder_hidden_states, left_pad
 
 DIVERSITY_MODES = ("nc", "independent")
-NC_FOLLOW_UP = ("Answer my request again, but take a clearly different approach or viewpoint from your "
-                "previous answers: different ideas, structure or angle, not just different wording. "
-                "Give only the new answer.")
+NC_INSTRUCTION = ("Answers to the next request have already been written:\n{answers}\n"
+                  "Write an answer that takes a clearly different approach or viewpoint from all of them: "
+                  "different ideas, structure or angle, not just different wording. Do not mention the other answers.")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -66,14 +64,18 @@ def clip_text(text: str, max_chars: int) -> str:
     return cut.rstrip() + " ..."
 
 
-def nc_conversation(prompt: list[dict], earlier: Sequence[str], context_chars: int = 600,
-                    follow_up: str = NC_FOLLOW_UP) -> list[dict]:
+def nc_conversation(prompt: list[dict], earlier: Sequence[str], context_chars: int = 300,
+                    instruction: str = NC_INSTRUCTION) -> list[dict]:
     """The conversation that asks for a candidate unlike ``earlier`` (see the module docstring)."""
     messages = [dict(m) for m in prompt]
-    for text in earlier:
-        messages.append({"role": "assistant", "content": clip_text(text, context_chars)})
-        messages.append({"role": "user", "content": follow_up})
-    return messages
+    if not earlier:
+        return messages
+    answers = "\n".join(f"- {clip_text(' '.join(text.split()), context_chars)}" for text in earlier)
+    request = instruction.format(answers=answers)
+    if messages[0]["role"] == "system":
+        messages[0]["content"] = messages[0]["content"].rstrip() + "\n\n" + request
+        return messages
+    return [{"role": "system", "content": request}] + messages
 
 
 def _sample(candidate_model: CandidateModel, conversations: list[list[dict]], settings: dict) -> list[str]:
@@ -86,7 +88,7 @@ def _sample(candidate_model: CandidateModel, conversations: list[list[dict]], se
 def generate_candidates(models: Sequence[CandidateModel], prompts: Sequence[PromptExample], candidates: int = 4,
                         diversity: str = "nc", temperature: float = 0.8, top_p: float = 0.95,
                         max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16,
-                        context_chars: int = 600, retries: int = 1) -> tuple[list[Task], dict[str, Any]]:
+                        context_chars: int = 300, retries: int = 1) -> tuple[list[Task], dict[str, Any]]:
     """``candidates`` responses per prompt (see the module docstring); returns the tasks and a report
     (``seconds``, ``empty_dropped``: empty samples left after ``retries`` fresh draws, ``tasks_dropped``:
     prompts left with fewer than two candidates)."""
@@ -209,6 +211,7 @@ def diversity_table(results: dict[str, dict[str, float]]) -> str:
     lines = ["| sampling | prompts | candidates | " + " | ".join(title for _, title in columns) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     for mode, r in results.items():
-        cells = [f"{r[key]:.1f}" if key == "mean_words" else f"{r[key]:.3f}" for key, _ in columns]
+        cells = ["n/a" if key not in r else f"{r[key]:.1f}" if key == "mean_words" else f"{r[key]:.3f}"
+                 for key, _ in columns]
         lines.append(f"| {mode} | {r['prompts']} | {r['candidates']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
