@@ -101,6 +101,11 @@ def run_browser_session(browser, base_url, annotator_token, admin_token, store, 
     page.click("label[for=helpfulness_a-4]")
     page.click("label[for=harmlessness_a-5]")
     page.click("label[for=helpfulness_b-2]")
+    assert page.inner_text("#rubric-helpfulness_a") == "4: Complete and accurate; the person could act on it."
+    page.dispatch_event("label[for=helpfulness_b-5]", "mouseenter")  # hovering previews a score's rubric line
+    assert page.inner_text("#rubric-helpfulness_b").startswith("5: Excellent")
+    page.dispatch_event("label[for=helpfulness_b-5]", "mouseleave")  # leaving shows the chosen one again
+    assert page.inner_text("#rubric-helpfulness_b").startswith("2: Addresses the request only in part")
     page.click("label[for=choice-A]")
     page.fill("#reason", "A is concrete and kind")
     save_screenshot(page, tmp_path, "label_annotator.png")

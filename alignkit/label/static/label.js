@@ -9,6 +9,22 @@ document.addEventListener("DOMContentLoaded", function () {
   var skipButton = document.getElementById("skip-button");
   var hint = document.getElementById("hint");
 
+  // the rubric line under each rating scale follows the chosen (or hovered) score
+  Array.prototype.forEach.call(form.querySelectorAll(".scale"), function (scale) {
+    var line = scale.nextElementSibling;
+    function show(text) { line.textContent = text || ""; }
+    function chosen() {
+      var input = scale.querySelector("input:checked");
+      var label = input ? scale.querySelector("label[for='" + input.id + "']") : null;
+      return label ? label.getAttribute("data-rubric") : "";
+    }
+    scale.addEventListener("change", function () { show(chosen()); });
+    Array.prototype.forEach.call(scale.querySelectorAll("label[data-rubric]"), function (label) {
+      label.addEventListener("mouseenter", function () { show(label.getAttribute("data-rubric")); });
+      label.addEventListener("mouseleave", function () { show(chosen()); });
+    });
+  });
+
   form.addEventListener("submit", function () {
     form.elements.seconds.value = ((Date.now() - started) / 1000).toFixed(1);
   });
