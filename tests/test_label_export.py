@@ -184,3 +184,14 @@ training: {{output_dir: {tmp_path / f'run-{method}'}, max_steps: 2, batch_size: 
         assert all(m["loss"] == m["loss"] for m in metrics if "loss" in m)  # finite, not NaN
         accuracy = summary["last_eval"]["eval/accuracy" if method == "rm" else "eval/reward_accuracy"]
         assert 0.0 <= accuracy <= 1.0  # evaluated on the held-out share of the exported pairs
+
+
+def test_example_job_files_read_the_exported_file_names():
+    from pathlib import Path
+
+    from alignkit.config import load_job
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for method in ("dpo", "rm"):
+        job = load_job(method, str(examples / f"{method}_feedback.yaml"))
+        assert job.data.train == f"feedback-{method}.jsonl" and job.data.validation_fraction == 0.1

@@ -76,6 +76,28 @@ def test_nc_conditions_each_candidate_on_the_earlier_ones_round_robin_over_model
     assert report["tasks"] == 2 and report["empty_dropped"] == 0
 
 
+def test_nc_pool_keeps_the_draw_least_like_the_earlier_candidates(monkeypatch):
+    scripts = {0: ["red apples are sweet"],  # the first candidate: one draw, nothing to compare with
+               1: ["red apples are tasty", "blue sky over the sea", "red apples and pears"],
+               2: ["blue sky over the sea today", "green grass grows", "red apples are sweet sweet"]}
+    steps = []
+
+    def reply(name, conversation):
+        system = conversation[0]["content"] if conversation[0]["role"] == "system" else ""
+        step = sum(line.startswith("- ") for line in system.splitlines())
+        steps.append(step)
+        return scripts[step][steps.count(step) - 1]
+
+    monkeypatch.setattr(generate_module, "_sample", Scripted(reply))
+    tasks, report = generate_candidates([CandidateModel("m1", None, None)], examples(1), candidates=3,
+                                        diversity="nc", nc_pool=3)
+    assert steps == [0, 1, 1, 1, 2, 2, 2]  # one draw for the first candidate, three for each later one
+    assert [c.text for c in tasks[0].candidates] == ["red apples are sweet", "blue sky over the sea", "green grass grows"]
+    assert report["nc_pool"] == 3
+    with pytest.raises(ValueError, match="applies to --diversity nc only"):
+        generate_candidates([CandidateModel("m1", None, None)], examples(1), diversity="independent", nc_pool=2)
+
+
 def test_independent_samples_see_only_the_prompt_and_empty_samples_are_redrawn_then_dropped(monkeypatch):
     attempts = {}
 

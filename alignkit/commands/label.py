@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--max-new-tokens", type=int, default=256)
     generate.add_argument("--context-chars", type=int, default=300, help="nc: earlier candidates are clipped to this")
+    generate.add_argument("--nc-pool", type=int, default=1,
+                          help="nc: draw this many samples per candidate and keep the least similar to the earlier ones")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--batch-size", type=int, default=16)
     generate.add_argument("--limit", type=int, help="use at most this many prompts")
@@ -119,12 +121,15 @@ def run_generate(args) -> int:
     settings = dict(candidates=args.candidates, temperature=args.temperature, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                     context_chars=args.context_chars)
+    if args.nc_pool != 1 and args.diversity != "nc":
+        raise ValueError("--nc-pool applies to --diversity nc only")
     modes = [args.diversity] + ([m for m in ("nc", "independent") if m != args.diversity] if args.compare else [])
     embedder = None if args.no_embedding_similarity else models[0]
     results, reports = {}, {}
     for mode in modes:
         print(f"[alignkit] sampling {args.candidates} candidates x {len(examples)} prompts ({mode})", file=sys.stderr)
-        tasks, reports[mode] = generate_candidates(models, examples, diversity=mode, **settings)
+        tasks, reports[mode] = generate_candidates(models, examples, diversity=mode,
+                                                   nc_pool=args.nc_pool if mode == "nc" else 1, **settings)
         if mode == args.diversity:
             write_tasks(args.out, tasks)
             written = len(tasks)

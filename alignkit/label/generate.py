@@ -15,6 +15,9 @@ candidate ``j`` comes from model ``j mod M``):
   prompts. Putting the earlier answers in the system message rather than as earlier assistant turns
   was chosen on the embedded 135M model, which, shown its "previous answers", tends to talk about them
   ("Here's a different way to look at your previous answer...") or copy them.
+  ``nc_pool > 1`` adds a selection step: each candidate after the first is drawn ``nc_pool`` times and
+  the draw least similar (bag-of-words) to the earlier candidates is kept. It costs ``nc_pool`` times
+  the sampling and makes the set more diverse even when the model follows the request poorly.
 
 Diversity of a candidate set (each prompt's K candidates, averaged over prompts; `candidate_diversity`):
 ``distinct-1``/``distinct-2`` (unique n-grams / all n-grams within the set, `alignkit.evaluate.drift.distinct_n`),
@@ -88,10 +91,15 @@ def _sample(candidate_model: CandidateModel, conversations: list[list[dict]], se
 def generate_candidates(models: Sequence[CandidateModel], prompts: Sequence[PromptExample], candidates: int = 4,
                         diversity: str = "nc", temperature: float = 0.8, top_p: float = 0.95,
                         max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16,
-                        context_chars: int = 300, retries: int = 1) -> tuple[list[Task], dict[str, Any]]:
+                        context_chars: int = 300, retries: int = 1, nc_pool: int = 1) -> tuple[list[Task], dict[str, Any]]:
     """``candidates`` responses per prompt (see the module docstring); returns the tasks and a report
     (``seconds``, ``empty_dropped``: empty samples left after ``retries`` fresh draws, ``tasks_dropped``:
-    prompts left with fewer than two candidates)."""
+    prompts left with fewer than two candidates).
+
+    ``nc_pool`` (nc only): draw that many conditioned samples for each candidate after the first and keep
+    the one whose largest `lexical_similarity` to the earlier candidates is smallest; a selection step
+    that makes the set more diverse even when the model follows the "be different" request poorly.
+    """
     if diversity not in DIVERSITY_MODES:
         raise ValueError(f"diversity must be one of {DIVERSITY_MODES}, got {diversity!r}")
     if candidates < 2:
@@ -100,32 +108,44 @@ def generate_candidates(models: Sequence[CandidateModel], prompts: Sequence[Prom
         raise ValueError("need at least one model")
     if temperature <= 0:
         raise ValueError("temperature must be > 0: candidates drawn greedily are all the same answer")
+    if nc_pool < 1 or (nc_pool > 1 and diversity != "nc"):
+        raise ValueError(f"nc_pool must be >= 1 and applies to --diversity nc only, got {nc_pool} with {diversity}")
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     started = time.time()
     torch.manual_seed(seed)
     texts: list[list[str | None]] = [[None] * candidates for _ in prompts]
     owner = [models[j % len(models)] for j in range(candidates)]
 
-    def fill(slots: list[tuple[int, int]], conversations_of) -> None:
-        """Sample every (prompt index, candidate index) slot with its model; redraw empty ones."""
+    def draw(slots: list[tuple[int, int, int]], conversation_of) -> dict[tuple[int, int, int], str]:
+        """Sample every (prompt, candidate, draw) slot with the candidate's model; redraw empty ones."""
+        drawn: dict[tuple[int, int, int], str] = {}
         pending = slots
         for _ in range(1 + retries):
-            if not pending:
-                return
             for candidate_model in models:
                 mine = [slot for slot in pending if owner[slot[1]] is candidate_model]
                 if mine:
-                    outputs = _sample(candidate_model, [conversations_of(p, j) for p, j in mine], settings)
-                    for (p, j), text in zip(mine, outputs):
-                        texts[p][j] = text or None
-            pending = [slot for slot in pending if texts[slot[0]][slot[1]] is None]
+                    outputs = _sample(candidate_model, [conversation_of(p, j) for p, j, _ in mine], settings)
+                    drawn.update((slot, text) for slot, text in zip(mine, outputs) if text)
+            pending = [slot for slot in pending if slot not in drawn]
+            if not pending:
+                break
+        return drawn
 
     if diversity == "independent":
-        fill([(p, j) for p in range(len(prompts)) for j in range(candidates)], lambda p, j: prompts[p].prompt)
+        drawn = draw([(p, j, 0) for p in range(len(prompts)) for j in range(candidates)], lambda p, j: prompts[p].prompt)
+        for (p, j, _), text in drawn.items():
+            texts[p][j] = text
     else:
         for j in range(candidates):
-            fill([(p, j) for p in range(len(prompts))],
-                 lambda p, j: nc_conversation(prompts[p].prompt, [t for t in texts[p][:j] if t], context_chars))
+            pool = 1 if j == 0 else nc_pool
+            earlier = [[t for t in texts[p][:j] if t] for p in range(len(prompts))]
+            drawn = draw([(p, j, r) for p in range(len(prompts)) for r in range(pool)],
+                         lambda p, j: nc_conversation(prompts[p].prompt, earlier[p], context_chars))
+            for p in range(len(prompts)):
+                options = [drawn[(p, j, r)] for r in range(pool) if (p, j, r) in drawn]
+                if options:
+                    texts[p][j] = min(options, key=lambda text: max(
+                        (lexical_similarity(text, other) for other in earlier[p]), default=0.0))
     tasks, empty, dropped = [], 0, 0
     for example, row in zip(prompts, texts):
         kept = [Candidate(text=text, model=owner[j].name, metadata={"order": j})
@@ -142,7 +162,7 @@ def generate_candidates(models: Sequence[CandidateModel], prompts: Sequence[Prom
     report = {"diversity": diversity, "prompts": len(prompts), "candidates": candidates, "tasks": len(tasks),
               "empty_dropped": empty, "tasks_dropped": dropped, "seconds": round(time.time() - started, 1),
               "models": [m.name for m in models], "temperature": temperature, "top_p": top_p,
-              "max_new_tokens": max_new_tokens, "seed": seed}
+              "max_new_tokens": max_new_tokens, "seed": seed, "nc_pool": nc_pool if diversity == "nc" else None}
     return tasks, report
 
 
