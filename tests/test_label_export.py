@@ -189,7 +189,7 @@ training: {{output_dir: {tmp_path / f'run-{method}'}, max_steps: 2, batch_size: 
 def test_example_job_files_read_the_exported_file_names():
     from pathlib import Path
 
-    from alignkit.config import load_job
+    from alignkit import load_job
 
     examples = Path(__file__).resolve().parents[1] / "examples"
     for method in ("dpo", "rm"):
