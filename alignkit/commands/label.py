@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from alignkit.errors import UsageError
+
 DEFAULT_DB = "feedback.sqlite"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -110,9 +112,9 @@ def run_generate(args) -> int:
 
     specs = [spec.strip() for spec in args.models.split(",") if spec.strip()]
     if not specs:
-        raise ValueError("--models is empty; give one or more models or adapter folders, comma-separated")
+        raise UsageError("--models is empty; give one or more models or adapter folders, comma-separated")
     if len(set(specs)) != len(specs):
-        raise ValueError(f"--models names a model twice: {args.models}")
+        raise UsageError(f"--models names a model twice: {args.models}")
     examples, report = load_examples(args.prompts, kind="prompt", limit=args.limit)
     models = []
     for spec in specs:
@@ -122,7 +124,7 @@ def run_generate(args) -> int:
                     max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
                     context_chars=args.context_chars)
     if args.nc_pool != 1 and args.diversity != "nc":
-        raise ValueError("--nc-pool applies to --diversity nc only")
+        raise UsageError("--nc-pool applies to --diversity nc only")
     modes = [args.diversity] + ([m for m in ("nc", "independent") if m != args.diversity] if args.compare else [])
     embedder = None if args.no_embedding_similarity else models[0]
     results, reports = {}, {}
@@ -155,10 +157,10 @@ def run_serve(args) -> int:
 
         from alignkit.label.app import create_app
     except ImportError as error:
-        raise ValueError(f"the labelling app needs FastAPI and uvicorn ({error.name} is missing): "
+        raise UsageError(f"the labelling app needs FastAPI and uvicorn ({error.name} is missing): "
                          "pip install 'alignkit[label]'") from None
     if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be 1-65535, got {args.port}")
+        raise UsageError(f"--port must be 1-65535, got {args.port}")
     tasks = [task for path in args.tasks for task in read_tasks(path)]  # every file checked before any import
     guidelines = Path(args.guidelines).read_text(encoding="utf-8") if args.guidelines else None
     store = LabelStore(args.db, synchronous=args.synchronous, lease_seconds=args.lease_minutes * 60)
@@ -171,7 +173,7 @@ def run_serve(args) -> int:
                  if added["identical_pairs_skipped"] else ""), file=sys.stderr)
     counts = store.counts()
     if counts["items"] == 0:
-        raise ValueError(f"{args.db} has no items to label; pass --tasks FILE (written by `alignkit label generate`)")
+        raise UsageError(f"{args.db} has no items to label; pass --tasks FILE (written by `alignkit label generate`)")
     host_in_url = f"[{args.host}]" if ":" in args.host else args.host
     base_url = (args.public_url or f"http://{host_in_url}:{args.port}").rstrip("/")
     if not store.has_admin():

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.best_of_n import write_jsonl
+from alignkit.errors import UsageError
 from alignkit.label.store import RATING_NAMES
 from alignkit.label.tasks import prompt_value
 
@@ -62,7 +63,7 @@ class ExportReport:
 def verdicts(judgements: list[dict], aggregate: str = "majority") -> tuple[list[tuple[str, list[dict]]], Counter]:
     """``[(outcome, the item's labels)]`` one per verdict, and the count of items left out as split."""
     if aggregate not in AGGREGATES:
-        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        raise UsageError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
     if aggregate == "each":
         return [(record["outcome"], [record]) for record in judgements], Counter()
     items: dict[int, list[dict]] = defaultdict(list)
@@ -100,9 +101,9 @@ def export_rows(judgements: list[dict], format: str, aggregate: str = "majority"
                 margin_scale: float = 1.0) -> tuple[list[dict], ExportReport]:
     """Rows of ``format`` from `LabelStore.judgements()`, and a report of what was left out and why."""
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+        raise UsageError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
     if margin_scale < 0:
-        raise ValueError(f"margin_scale must be >= 0, got {margin_scale}")
+        raise UsageError(f"margin_scale must be >= 0, got {margin_scale}")
     report = ExportReport(format=format, labels=len(judgements), items=len({r["item_id"] for r in judgements}))
     rows: list[dict] = []
     if format == "ratings":

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 import torch
 
 from alignkit.data import PromptExample, tokenize_prompt
+from alignkit.errors import UsageError
 from alignkit.evaluate.drift import distinct_n
 from alignkit.generation import generate_ids
 from alignkit.label.tasks import Candidate, Task
@@ -101,15 +102,15 @@ def generate_candidates(models: Sequence[CandidateModel], prompts: Sequence[Prom
     that makes the set more diverse even when the model follows the "be different" request poorly.
     """
     if diversity not in DIVERSITY_MODES:
-        raise ValueError(f"diversity must be one of {DIVERSITY_MODES}, got {diversity!r}")
+        raise UsageError(f"diversity must be one of {DIVERSITY_MODES}, got {diversity!r}")
     if candidates < 2:
-        raise ValueError(f"--candidates must be at least 2 (a pair to compare), got {candidates}")
+        raise UsageError(f"--candidates must be at least 2 (a pair to compare), got {candidates}")
     if not models:
-        raise ValueError("need at least one model")
+        raise UsageError("need at least one model")
     if temperature <= 0:
-        raise ValueError("temperature must be > 0: candidates drawn greedily are all the same answer")
+        raise UsageError("temperature must be > 0: candidates drawn greedily are all the same answer")
     if nc_pool < 1 or (nc_pool > 1 and diversity != "nc"):
-        raise ValueError(f"nc_pool must be >= 1 and applies to --diversity nc only, got {nc_pool} with {diversity}")
+        raise UsageError(f"nc_pool must be >= 1 and applies to --diversity nc only, got {nc_pool} with {diversity}")
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     started = time.time()
     torch.manual_seed(seed)
@@ -202,7 +203,7 @@ def candidate_diversity(candidate_sets: Sequence[Sequence[str]], embedder: Candi
     """Diversity of each prompt's candidate set, averaged over prompts (see the module docstring)."""
     sets = [list(texts) for texts in candidate_sets if len(texts) >= 2]
     if not sets:
-        raise ValueError("diversity needs at least one prompt with two or more candidates")
+        raise UsageError("diversity needs at least one prompt with two or more candidates")
     result = {"prompts": len(sets), "candidates": sum(map(len, sets)),
               "distinct_1": _mean_pairwise([distinct_n(texts, 1) for texts in sets]),
               "distinct_2": _mean_pairwise([distinct_n(texts, 2) for texts in sets]),

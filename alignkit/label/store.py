@@ -38,6 +38,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from alignkit.errors import UsageError
 from alignkit.label.tasks import Task
 
 SCHEMA_VERSION = 1
@@ -124,7 +125,7 @@ CREATE INDEX labels_by_annotator ON labels (annotator_id, id);
 _MIGRATIONS: dict[int, str] = {}
 
 
-class StoreError(ValueError):
+class StoreError(UsageError):
     """A request the store refuses (bad choice or rating, someone else's assignment, ...)."""
 
 
@@ -177,10 +178,10 @@ class LabelStore:
                  busy_timeout_s: float = 30.0):
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
-            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
+            raise UsageError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
         self.path = Path(path)
         if self.path.is_dir():
-            raise ValueError(f"{self.path} is a directory; --db takes a database file, e.g. feedback.sqlite")
+            raise UsageError(f"{self.path} is a directory; --db takes a database file, e.g. feedback.sqlite")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.synchronous = synchronous
         self.lease_seconds = float(lease_seconds)
@@ -198,7 +199,7 @@ class LabelStore:
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             connection.close()
-            raise ValueError(f"{self.path}: cannot switch the database to WAL mode (got {mode!r}); "
+            raise UsageError(f"{self.path}: cannot switch the database to WAL mode (got {mode!r}); "
                              "is it on a network file system?")
         connection.execute(f"PRAGMA synchronous={self.synchronous}")
         connection.execute("PRAGMA foreign_keys=ON")
@@ -249,9 +250,9 @@ class LabelStore:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 has_tables = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
                 if version == 0 and has_tables:
-                    raise ValueError(f"{self.path} is an SQLite database but not an alignkit label database")
+                    raise UsageError(f"{self.path} is an SQLite database but not an alignkit label database")
                 if version > SCHEMA_VERSION:
-                    raise ValueError(f"{self.path}: schema version {version} was written by a newer alignkit "
+                    raise UsageError(f"{self.path}: schema version {version} was written by a newer alignkit "
                                      f"(this one reads up to {SCHEMA_VERSION}); upgrade alignkit")
                 if version == 0:
                     for statement in _SCHEMA.split(";"):
@@ -268,7 +269,7 @@ class LabelStore:
                     db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as error:
-            raise ValueError(f"{self.path}: not a usable SQLite database ({error})") from None
+            raise UsageError(f"{self.path}: not a usable SQLite database ({error})") from None
         self.secret = self.meta("secret")
 
     def meta(self, key: str) -> str | None:
@@ -290,11 +291,11 @@ class LabelStore:
         already stored with different content is refused (rename it, or use a new database).
         """
         if not 0.0 <= overlap <= 1.0:
-            raise ValueError(f"overlap must be between 0 and 1, got {overlap}")
+            raise UsageError(f"overlap must be between 0 and 1, got {overlap}")
         if raters_per_overlap < 2:
-            raise ValueError(f"raters_per_overlap must be at least 2, got {raters_per_overlap}")
+            raise UsageError(f"raters_per_overlap must be at least 2, got {raters_per_overlap}")
         if max_pairs_per_task is not None and max_pairs_per_task < 1:
-            raise ValueError(f"max_pairs_per_task must be at least 1, got {max_pairs_per_task}")
+            raise UsageError(f"max_pairs_per_task must be at least 1, got {max_pairs_per_task}")
         added = {"tasks": 0, "items": 0, "existing_tasks": 0, "identical_pairs_skipped": 0}
         now = time.time()
         with self.transaction() as db:
@@ -303,7 +304,7 @@ class LabelStore:
                 row = db.execute("SELECT fingerprint FROM tasks WHERE task_key = ?", (task.id,)).fetchone()
                 if row is not None:
                     if row["fingerprint"] != fingerprint:
-                        raise ValueError(f"{task.source or 'task'}: task id {task.id!r} is already in the database "
+                        raise UsageError(f"{task.source or 'task'}: task id {task.id!r} is already in the database "
                                          "with a different prompt or candidates; give the changed task a new id")
                     added["existing_tasks"] += 1
                     continue
@@ -346,12 +347,12 @@ class LabelStore:
         """
         name = name.strip()
         if not name or len(name) > 100 or any(ch in name for ch in "\r\n\t"):
-            raise ValueError(f"annotator name must be 1-100 characters on one line, got {name!r}")
+            raise UsageError(f"annotator name must be 1-100 characters on one line, got {name!r}")
         token = secrets.token_urlsafe(24)
         with self.transaction() as db:
             existing = db.execute("SELECT id FROM annotators WHERE name = ?", (name,)).fetchone()
             if existing is not None and not rotate:
-                raise ValueError(f"annotator {name!r} already exists; use --rotate to issue a new token "
+                raise UsageError(f"annotator {name!r} already exists; use --rotate to issue a new token "
                                  "(the old one stops working)")
             if existing is None:
                 db.execute("INSERT INTO annotators (name, token_hash, is_admin, created_at) VALUES (?, ?, ?, ?)",
