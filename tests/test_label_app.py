@@ -228,3 +228,21 @@ def test_admin_statistics_and_export_match_the_labels(tmp_path):
             rows = [json.loads(line) for line in response.text.splitlines()]
             assert rows == export_rows(store.judgements(), format)[0]
         assert admin.get("/admin/export?format=csv").status_code == 400
+
+
+def test_admin_leaderboard_bootstrap_is_recomputed_only_after_new_labels(store, monkeypatch):
+    import alignkit.label.report as report
+
+    calls = []
+    real = report.leaderboard
+    monkeypatch.setattr(report, "leaderboard", lambda judgements, **options: calls.append(len(judgements))
+                        or real(judgements, **options))
+    person = store.annotator_for_token(store.add_annotator("ann"))
+    store.submit(person, store.next_assignment(person).id, "A")
+    cache: dict = {}
+    first = report.summary(store, n_resamples=20, cache=cache)
+    second = report.summary(store, n_resamples=20, cache=cache)
+    assert calls == [1] and first["leaderboard"] == second["leaderboard"] and len(first["leaderboard"]) == 2
+    store.submit(person, store.next_assignment(person).id, "B")
+    report.summary(store, n_resamples=20, cache=cache)
+    assert calls == [1, 2]

@@ -178,6 +178,7 @@ def create_app(store: LabelStore, guidelines: str | None = None, secure_cookies:
     templates.globals.update(rubric=RUBRIC, rating_names=RATING_NAMES, rating_range=range(RATING_RANGE[0],
                              RATING_RANGE[1] + 1), choices=CHOICES, choice_text=CHOICE_TEXT, choice_keys=CHOICE_KEYS)
     guideline_paragraphs = [p.strip() for p in (guidelines or "").split("\n\n") if p.strip()]
+    leaderboard_cache: dict = {}  # the bootstrap is recomputed only when labels were added
 
     def render(name: str, status: int = 200, **context) -> HTMLResponse:
         response = HTMLResponse(templates.get_template(name).render(**context), status_code=status)
@@ -328,7 +329,7 @@ def create_app(store: LabelStore, guidelines: str | None = None, secure_cookies:
 
     # ---------------------------------------------------------------- admin
     def admin_page(annotator: Annotator, new_link: dict | None = None) -> HTMLResponse:
-        stats = summary(store, n_resamples=leaderboard_resamples)
+        stats = summary(store, n_resamples=leaderboard_resamples, cache=leaderboard_cache)
         return render("admin.html", stats=stats, charts=chart_geometry(stats), new_link=new_link, formats=FORMATS,
                       **common(annotator))
 
@@ -368,7 +369,7 @@ def create_app(store: LabelStore, guidelines: str | None = None, secure_cookies:
     @app.get("/api/admin/summary")
     def admin_summary(request: Request):
         require_admin(request)
-        return summary(store, n_resamples=leaderboard_resamples)
+        return summary(store, n_resamples=leaderboard_resamples, cache=leaderboard_cache)
 
     # ---------------------------------------------------------------- JSON API
     @app.get("/api/next")

@@ -148,9 +148,20 @@ def outcome_counts(judgements: list[dict]) -> dict[str, int]:
     return {"decisive": counts["first"] + counts["second"], "tie": counts["tie"], "both_bad": counts["both_bad"]}
 
 
-def summary(store, n_resamples: int = 1000) -> dict[str, Any]:
-    """Everything the admin page and ``alignkit label stats`` show, from one read of the database."""
+def summary(store, n_resamples: int = 1000, cache: dict | None = None) -> dict[str, Any]:
+    """Everything the admin page and ``alignkit label stats`` show, from one read of the database.
+
+    The bootstrap behind the leaderboard is the slow part (seconds for thousands of labels); with a
+    ``cache`` dict it is recomputed only when labels were added since the last call.
+    """
     judgements = store.judgements()
+    key = (len(judgements), judgements[-1]["label_id"] if judgements else 0, n_resamples)
+    if cache is not None and cache.get("key") == key:
+        board = cache["leaderboard"]
+    else:
+        board = leaderboard(judgements, n_resamples=n_resamples)
+        if cache is not None:
+            cache.update(key=key, leaderboard=board)
     return {"counts": store.counts(), "annotators": store.annotator_progress(), "outcomes": outcome_counts(judgements),
-            "agreement": agreement(judgements), "leaderboard": leaderboard(judgements, n_resamples=n_resamples),
+            "agreement": agreement(judgements), "leaderboard": board,
             "position_bias": position_bias(judgements), "ratings": rating_distributions(judgements)}
