@@ -52,7 +52,7 @@ def test_sign_in_pages_and_unknown_tokens(app, store):
     assert client.get("/annotate").headers["location"] == "/"  # no cookie: to the sign-in form
     refused = client.get("/login?token=not-a-token")
     assert refused.status_code == 403 and "unknown token" in refused.text and "Traceback" not in refused.text
-    assert "set-cookie" not in refused.headers
+    assert "set-cookie" not in refused.headers and "script-src 'self'" in refused.headers["content-security-policy"]
     client.cookies.set("alignkit_label", "forged")
     page = client.get("/annotate")
     assert page.status_code == 403 and "unknown or revoked token" in page.text
