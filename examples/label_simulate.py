@@ -1,9 +1,10 @@
 """Fill a feedback database with SIMULATED annotators, to try the admin page, `label stats` and exports.
 
 No person is involved: each simulated annotator judges every pair by a hidden quality per candidate
-(fixed by a hash of the candidate, plus a per-model offset so the leaderboard has something to find)
-and their own noise, rates what they see from that quality, and sometimes calls a tie or "both bad".
-Nothing here measures a model; it exercises the tool.
+(fixed by a hash of the candidate's text, plus ``--model-effect`` times the model's index, 0 by
+default) and their own noise, rates what they see from that quality, and sometimes calls a tie or
+"both bad". Nothing here measures a model: with the default the leaderboard can only find chance
+differences; a non-zero ``--model-effect`` plants one, to see how many labels reveal it.
 
     python examples/label_simulate.py --tasks tasks.jsonl --db demo.sqlite --annotators 4 --overlap 0.5
     alignkit label serve --db demo.sqlite          # the admin link was printed by this script
@@ -31,10 +32,10 @@ def hidden_quality(text: str, model: str, model_offsets: dict[str, float]) -> fl
     return int.from_bytes(digest[:4], "big") / 2 ** 32 + model_offsets.get(model, 0.0)
 
 
-def simulate(store: LabelStore, annotators: int, noise: float, seed: int) -> int:
+def simulate(store: LabelStore, annotators: int, noise: float, seed: int, model_effect: float = 0.0) -> int:
     rng = random.Random(seed)
     models = [row[0] for row in store.connection.execute("SELECT DISTINCT model FROM candidates ORDER BY model")]
-    offsets = {model: 0.25 * index for index, model in enumerate(models)}
+    offsets = {model: model_effect * index for index, model in enumerate(models)}
     model_of = dict(store.connection.execute("SELECT text, model FROM candidates").fetchall())
     people = []
     for index in range(annotators):
@@ -60,7 +61,7 @@ def simulate(store: LabelStore, annotators: int, noise: float, seed: int) -> int
                 choice = "A" if seen_a > seen_b else "B"
 
             def score(seen: float) -> int:
-                return max(1, min(5, round(1 + 4 * seen / (1 + 0.25 * (len(models) - 1)))))
+                return max(1, min(5, round(1 + 4 * seen / (1 + model_effect * (len(models) - 1)))))
 
             ratings = {"helpfulness_a": score(seen_a), "helpfulness_b": score(seen_b)}
             if rng.random() < 0.5:
@@ -106,6 +107,8 @@ def main() -> int:
     parser.add_argument("--annotators", type=int, default=4)
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--noise", type=float, default=0.15, help="each judgement's noise on the hidden quality")
+    parser.add_argument("--model-effect", type=float, default=0.0,
+                        help="hidden quality added per model index (0: no model is better than another)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--screenshot", help="save the admin page here (PNG)")
     args = parser.parse_args()
@@ -113,7 +116,7 @@ def main() -> int:
         store.import_tasks(read_tasks(args.tasks), overlap=args.overlap)
         if not store.has_admin():
             print(f"admin link: http://127.0.0.1:8080/login?token={store.add_annotator('admin', is_admin=True)}")
-        print(f"{simulate(store, args.annotators, args.noise, args.seed)} simulated labels in {args.db}", file=sys.stderr)
+        print(f"{simulate(store, args.annotators, args.noise, args.seed, args.model_effect)} simulated labels in {args.db}", file=sys.stderr)
         if args.screenshot:
             screenshot(store, Path(args.screenshot))
     return 0

@@ -4,7 +4,8 @@ The annotator signs in with the personal link, labels one item with the mouse (r
 Submit) and two with the keyboard (``b`` Enter; ``r`` to type a reason, Esc, ``t`` Enter), after an Enter
 with no choice made is refused on the page. The admin then opens the admin page and downloads the DPO
 export, which must hold exactly the two decisive judgements. Screenshots go to the test's folder, and to
-``docs/img/`` when ``ALIGNKIT_DOCS_SCREENSHOTS=1``.
+``docs/img/label_annotator.png`` when ``ALIGNKIT_DOCS_SCREENSHOTS=1`` (the admin picture in the docs
+comes from examples/label_simulate.py, with more labels).
 
 Needs ``playwright`` (the Python package; no downloaded browsers) and the ``chromium`` executable
 (``apt-get install chromium``; ``scripts/test.sh`` installs it when it can). Without them the test is
@@ -60,11 +61,11 @@ def playwright_module():
     return sync_api
 
 
-def save_screenshot(page, tmp_path: Path, name: str) -> Path:
+def save_screenshot(page, tmp_path: Path, name: str, for_docs: bool = False) -> Path:
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000  # a rendered page, not an empty image
-    if os.environ.get("ALIGNKIT_DOCS_SCREENSHOTS") == "1":
+    if for_docs and os.environ.get("ALIGNKIT_DOCS_SCREENSHOTS") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DOCS_IMAGES / name)
     return path
@@ -108,7 +109,7 @@ def run_browser_session(browser, base_url, annotator_token, admin_token, store, 
     assert page.inner_text("#rubric-helpfulness_b").startswith("2: Addresses the request only in part")
     page.click("label[for=choice-A]")
     page.fill("#reason", "A is concrete and kind")
-    save_screenshot(page, tmp_path, "label_annotator.png")
+    save_screenshot(page, tmp_path, "label_annotator.png", for_docs=True)
     with page.expect_navigation():
         page.click("#submit-button")
 

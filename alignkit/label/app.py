@@ -154,7 +154,7 @@ def chart_geometry(stats: dict) -> dict:
     charts: dict[str, Any] = {"ratings": {}}
     rows = stats["leaderboard"]
     if rows:
-        label_width, plot_width, row_height = 200, 460, 30
+        label_width, plot_width, row_height = 300, 420, 30
         low = min(r["low"] for r in rows)
         high = max(r["high"] for r in rows)
         span = max(high - low, 50.0)
