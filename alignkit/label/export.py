@@ -31,7 +31,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignkit.best_of_n import write_jsonl
+from alignkit.data.write import write_jsonl
 from alignkit.errors import UsageError
 from alignkit.label.store import RATING_NAMES
 from alignkit.label.tasks import prompt_value

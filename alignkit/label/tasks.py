@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from alignkit.best_of_n import write_jsonl
 from alignkit.data import DataError, iter_records, to_prompt_example
+from alignkit.data.write import write_jsonl
 
 UNKNOWN_MODEL = "unknown"
 _TASK_KEYS = {"id", "prompt", "candidates", "metadata"}
