@@ -151,7 +151,7 @@ def test_serve_refuses_a_bad_tasks_file_with_file_and_line_and_binds_loopback_by
 
 
 def test_round_trip_export_then_train_rm_and_dpo_two_steps(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
-    """Labels -> `alignkit label export` -> `alignkit rm` and `alignkit dpo` read the files as they are."""
+    """Labels -> `alignkit label export` -> `alignkit rm`, `alignkit dpo` and `alignkit kto` read the files as they are."""
     from alignkit.cli import main
 
     monkeypatch.setenv("ALIGNKIT_HOME", str(tmp_path / "home"))
@@ -165,11 +165,14 @@ def test_round_trip_export_then_train_rm_and_dpo_two_steps(tmp_path, tiny_model,
         store.import_tasks(tasks, overlap=0.0)
         judge(store, store.annotator_for_token(store.add_annotator("ann")),
               {t.id: ("first", ((4, 5), (2, 5))) for t in tasks})
-    for format in ("rm", "dpo"):
+    for format in ("rm", "dpo", "kto"):
         assert main(["label", "export", "--db", str(db), "--format", format, "--out", str(tmp_path / f"{format}.jsonl")]) == 0
     rm_rows = [json.loads(line) for line in (tmp_path / "rm.jsonl").read_text().splitlines()]
     assert len(rm_rows) == 10 and all(r["margin"] == 1.0 for r in rm_rows) and rm_rows[0]["chosen"].endswith("yes")
-    for method in ("rm", "dpo"):
+    unpaired, report = load_examples(tmp_path / "kto.jsonl", kind="unpaired")
+    assert report.skipped == 0 and sorted(e.label for e in unpaired) == [False] * 10 + [True] * 10
+    assert all(e.completion.endswith("yes") == e.label for e in unpaired)
+    for method in ("rm", "dpo", "kto"):
         config = tmp_path / f"{method}.yaml"
         config.write_text(f"""method: {method}
 model: {{name_or_path: {tmp_path / 'base'}, dtype: float32, device: cpu}}

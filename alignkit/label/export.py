@@ -1,4 +1,4 @@
-"""Judgements -> training data that `alignkit rm`, `alignkit dpo` (and TRL's KTO) read as they are.
+"""Judgements -> training data that `alignkit rm`, `alignkit dpo` and `alignkit kto` read as they are.
 
 Formats (one JSON object per line):
 
@@ -9,8 +9,8 @@ Formats (one JSON object per line):
   of the item that rated both and over the rating scales rated for both, of ``rating(chosen) -
   rating(rejected)``, floored at 0 and times ``margin_scale``. `alignkit rm` subtracts it inside the
   Bradley-Terry sigmoid (a clearly better response must win by more). Without ratings, no margin key.
-* ``kto``: unpaired ``{"prompt", "completion", "label"}``: the winner ``true``, the loser ``false``; an
-  item judged "both bad" gives both responses ``false``.
+* ``kto``: unpaired ``{"prompt", "completion", "label"}`` (`alignkit kto`): the winner ``true``, the
+  loser ``false``; an item judged "both bad" gives both responses ``false``.
 * ``ratings``: one row per label and rated response: ``{"prompt", "completion", "model", "annotator",
   "helpfulness", "harmlessness", "choice", "item_id", "task_id"}`` (rows of ``prompt``/``completion`` are
   also readable as SFT data).
