@@ -1,7 +1,7 @@
 """`alignkit label`: collect human preferences and turn them into reward-model and DPO data.
 
     alignkit label generate --prompts examples/label_prompts.jsonl --models smollm2-135m-instruct \
-        --candidates 4 --diversity nc --compare --out tasks.jsonl
+        --candidates 4 --diversity independent --compare --out tasks.jsonl
     alignkit label add-annotator alice --db feedback.sqlite          prints alice's personal login link
     alignkit label serve --db feedback.sqlite --tasks tasks.jsonl    http://127.0.0.1:8080
     alignkit label stats --db feedback.sqlite                        agreement and leaderboard in the terminal
