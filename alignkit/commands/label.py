@@ -32,8 +32,9 @@ def register(subparsers) -> None:
     generate.add_argument("--models", default="smollm2-135m-instruct",
                           help="comma-separated models or adapter folders (runs' final/); candidates go round robin")
     generate.add_argument("--candidates", type=int, default=4, help="responses per prompt (default 4)")
-    generate.add_argument("--diversity", choices=["nc", "independent"], default="nc",
-                          help="nc: each candidate sees the earlier ones and is asked to differ; independent: plain samples")
+    generate.add_argument("--diversity", choices=["nc", "independent"], default="independent",
+                          help="independent (default): plain samples; nc: each candidate sees the earlier ones and is "
+                               "asked to differ (needs a model that follows instructions; see docs/feedback.md)")
     generate.add_argument("--compare", action="store_true",
                           help="also sample the other mode on the same prompts and print both modes' diversity")
     generate.add_argument("--out", required=True, help="tasks file to write (JSONL), the input of `label serve`")

@@ -90,7 +90,7 @@ def _sample(candidate_model: CandidateModel, conversations: list[list[dict]], se
 
 
 def generate_candidates(models: Sequence[CandidateModel], prompts: Sequence[PromptExample], candidates: int = 4,
-                        diversity: str = "nc", temperature: float = 0.8, top_p: float = 0.95,
+                        diversity: str = "independent", temperature: float = 0.8, top_p: float = 0.95,
                         max_new_tokens: int = 256, seed: int = 0, batch_size: int = 16,
                         context_chars: int = 300, retries: int = 1, nc_pool: int = 1) -> tuple[list[Task], dict[str, Any]]:
     """``candidates`` responses per prompt (see the module docstring); returns the tasks and a report
