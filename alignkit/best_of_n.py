@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from alignkit.data import PromptExample, normalize_text
+from alignkit.data.write import write_jsonl  # re-exported: commands import it from here
 from alignkit.errors import UsageError
 from alignkit.generation import chat_generate
 from alignkit.model.heads import load_scalar_model, score_responses
@@ -219,17 +220,6 @@ def best_of_n(model, tokenizer, examples: Sequence, scorer, n: int = 4, temperat
     if judge is not None:
         result.summary["judge"] = judge.stats.as_dict()
     return result
-
-
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    temporary.replace(path)
-    return path
 
 
 def write_result(result: BestOfNResult, out_dir: str | Path) -> dict[str, Path]:
