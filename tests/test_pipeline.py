@@ -237,8 +237,8 @@ def test_command_stage_outputs_feed_a_training_stage_and_eval_compares_models(wo
     for name, spec in (("base", "tiny"), ("sft", "out/sft/final")):
         model, tokenizer = load_model_and_tokenizer(spec, device="cpu", dtype="float32")
         direct = METRICS["perplexity"](model, tokenizer, data="out/data/rows.jsonl")
-        assert report["results"][name]["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-5)
-    assert report["results"]["sft"]["perplexity"] < report["results"]["base"]["perplexity"]
+        assert report["results"][name]["perplexity"]["perplexity"] == pytest.approx(direct["perplexity"], rel=1e-5)
+    assert report["results"]["sft"]["perplexity"]["perplexity"] < report["results"]["base"]["perplexity"]["perplexity"]
     # default pairing: sft started from the model the 'base' column names
     [comparison] = report["comparisons"]
     assert (comparison["model"], comparison["against"], comparison["judge"]) == ("sft", "base", "longer-wins")
