@@ -223,8 +223,11 @@ def build_factual_pairs(model, tokenizer, examples, checker: FactChecker, helpfu
                         temperature: float = 0.8, top_p: float = 1.0, max_new_tokens: int = 128, seed: int = 0,
                         batch_size: int = 8, reference_field: str | None = None, sampler: Callable | None = None,
                         **rule) -> tuple[list[dict], PairReport]:
-    """Sample ``n`` answers per prompt, score helpfulness (a reward function ``fn(prompts, completions,
-    **fields)``: a reward model, an LLM judge...) and factuality (``checker``), then `factual_pairs`."""
+    """Sample ``n`` answers per prompt, score helpfulness and factuality (``checker``), then `factual_pairs`.
+
+    ``helpfulness`` is a best-of-n scorer (`alignkit.best_of_n`: ``RewardModelScorer``,
+    ``RewardFunctionScorer``, ``JudgeScorer``): ``scorer(prompt messages, completions, row fields) ->
+    scores``. An answer the scorer could not score (None) is left out of its prompt's candidates."""
     from alignkit.evaluate.metrics import prompt_text, sample_completions
 
     if sampler is not None:
@@ -235,11 +238,14 @@ def build_factual_pairs(model, tokenizer, examples, checker: FactChecker, helpfu
         answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     prompts = [prompt_text(e.prompt) for e in examples for _ in range(n)]
     references = [reference_of(e.fields, e.source, reference_field) for e in examples for _ in range(n)]
-    scores = [float(s) for s in helpfulness(prompts, answers)]
+    scores = list(helpfulness([e.prompt for e in examples for _ in range(n)], answers,
+                              [e.fields for e in examples for _ in range(n)]))
     checked = checker.check(prompts, answers, references)
-    factual = [c.score for c in checked]
-    group = lambda values: [values[i * n:(i + 1) * n] for i in range(len(examples))]  # noqa: E731
-    return factual_pairs([e.prompt for e in examples], group(answers), group(scores), group(factual), **rule)
+    groups = []
+    for i in range(len(examples)):
+        kept = [k for k in range(i * n, (i + 1) * n) if scores[k] is not None]
+        groups.append(([answers[k] for k in kept], [float(scores[k]) for k in kept], [checked[k].score for k in kept]))
+    return factual_pairs([e.prompt for e in examples], *[[g[part] for g in groups] for part in range(3)], **rule)
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> Path:

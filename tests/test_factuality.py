@@ -152,7 +152,7 @@ def test_pairs_from_a_length_loving_reward_keep_the_factual_reply_chosen():
     examples = _examples([("What is the capital of France?", {"answer": "Paris"})])
     answers = ["Paris.", "The capital of France is Lyon, a large and historic city on the Rhone.", "I don't know."]
 
-    def longer_is_better(prompts, completions, **_):  # a reward model's length bias, scripted
+    def longer_is_better(prompts, completions, fields):  # a reward model's length bias, scripted
         return [len(c) / 10 for c in completions]
 
     rows, report = build_factual_pairs(None, None, examples, RuleChecker(CAPITALS), longer_is_better, n=3,
