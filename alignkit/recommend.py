@@ -113,13 +113,13 @@ def _answer(row: dict) -> tuple[str | None, Any]:
     return None, None
 
 
-def _is_number(value: Any) -> bool:
-    from alignkit.rewards.builtin import parse_number
+_NUMBER = re.compile(r"^\s*[-+]?[$€£]?\s?\d[\d,]*(\.\d+)?\s*%?\s*$")
 
+
+def _is_number(value: Any) -> bool:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return True
-    return isinstance(value, str) and ("####" in value or parse_number(value.strip()) is not None
-                                       and len(value.split()) <= 2)
+    return isinstance(value, str) and ("####" in value or bool(_NUMBER.match(value)))
 
 
 def _is_short(value: Any) -> bool:
