@@ -126,14 +126,18 @@ def load_any_model(spec: str, device=None, dtype=None):
     return load_model_and_tokenizer(spec, device=device, dtype=dtype, is_trainable=False)
 
 
-def _greedy_answers(model, tokenizer, prompts_path: str, options: dict, seed: int) -> tuple[list[str], list[str]]:
+def _greedy_answers(model, tokenizer, prompts_path: str, options: dict, seed: int,
+                    cache: dict | None = None) -> tuple[list[str], list[str]]:
+    """Greedy answers to the judge's prompts; ``cache`` is the metrics' generation cache, so answers a
+    metric already generated with the same settings (accuracy, win_rate) are not generated again."""
     from alignkit.data import load_examples
     from alignkit.evaluate.metrics import prompt_text, sample_completions
 
     examples, _ = load_examples(prompts_path, kind="prompt", limit=options.get("limit"))
     _, ids = sample_completions(model, tokenizer, examples, samples=1, temperature=0.0,
+                                top_p=float(options.get("top_p", 1.0)),
                                 max_new_tokens=int(options.get("max_new_tokens", 256)), seed=seed,
-                                batch_size=int(options.get("batch_size", 8)))
+                                batch_size=int(options.get("batch_size", 8)), cache=cache)
     return ([prompt_text(e.prompt) for e in examples],
             [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids])
 
@@ -173,13 +177,14 @@ def run_eval_stage(config: EvalStageConfig, folder: str | Path, cache_dir: str |
             model, tokenizer = load_any_model(spec, config.device, config.dtype)
             scalar = is_scalar_model(spec)
             metrics = [m for m in config.metrics if not scalar or m == "reward_accuracy"]
+            generations: dict = {}
             entry = {"spec": spec, "metrics": run_metrics(model, tokenizer, metrics, data=config.data,
                                                           seed=config.seed, confidence=config.confidence,
                                                           device=config.device, dtype=config.dtype,
-                                                          model_name=spec, **config.options)}
+                                                          model_name=spec, _cache=generations, **config.options)}
             if name in needs_answers and not scalar:
                 entry["prompts"], entry["answers"] = _greedy_answers(model, tokenizer, judge_prompts_file,
-                                                                     config.options, config.seed)
+                                                                     config.options, config.seed, generations)
             entry["seconds"] = round(time.time() - started, 1)
             del model, tokenizer
             gc.collect()
