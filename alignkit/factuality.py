@@ -32,7 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from alignkit.errors import UsageError
 from alignkit.evaluate.factuality import FactChecker, is_abstention, reference_of
+from alignkit.evaluate.metrics import sample_completions
+from alignkit.judges import conversation_text
 
 FALLBACKS = ("skip", "abstain", "reference")
 DEFAULT_ABSTENTION = "I'm not sure about that, so I'd rather not guess."
@@ -81,10 +84,8 @@ def factual_sft_rows(model, tokenizer, examples, checker: FactChecker, *, sample
     ``sampler(examples, samples) -> list[str]`` (``samples`` consecutive answers per example) replaces
     sampling from ``model``: tests and other generators plug in there.
     """
-    from alignkit.evaluate.metrics import prompt_text, sample_completions
-
     if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+        raise UsageError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
     report = SFTDataReport(prompts=len(examples), fallback={name: 0 for name in FALLBACKS})
     rows: list[dict] = []
     facts, references = [], []
@@ -113,7 +114,7 @@ def factual_sft_rows(model, tokenizer, examples, checker: FactChecker, *, sample
         answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
     if len(answers) != len(facts) * samples:
         raise ValueError(f"expected {len(facts) * samples} sampled answers, got {len(answers)}")
-    prompts = [prompt_text(e.prompt) for e in facts for _ in range(samples)]
+    prompts = [conversation_text(e.prompt) for e in facts for _ in range(samples)]
     checked = checker.check(prompts, answers, [r for r in references for _ in range(samples)])
     report.samples = len(answers)
     for index, example in enumerate(facts):
@@ -228,15 +229,13 @@ def build_factual_pairs(model, tokenizer, examples, checker: FactChecker, helpfu
     ``helpfulness`` is a best-of-n scorer (`alignkit.best_of_n`: ``RewardModelScorer``,
     ``RewardFunctionScorer``, ``JudgeScorer``): ``scorer(prompt messages, completions, row fields) ->
     scores``. An answer the scorer could not score (None) is left out of its prompt's candidates."""
-    from alignkit.evaluate.metrics import prompt_text, sample_completions
-
     if sampler is not None:
         answers = list(sampler(examples, n))
     else:
         _, ids = sample_completions(model, tokenizer, examples, samples=n, temperature=temperature, top_p=top_p,
                                     max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
         answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
-    prompts = [prompt_text(e.prompt) for e in examples for _ in range(n)]
+    prompts = [conversation_text(e.prompt) for e in examples for _ in range(n)]
     references = [reference_of(e.fields, e.source, reference_field) for e in examples for _ in range(n)]
     scores = list(helpfulness([e.prompt for e in examples for _ in range(n)], answers,
                               [e.fields for e in examples for _ in range(n)]))

@@ -70,7 +70,12 @@ from typing import Any, Callable
 
 import yaml
 
-from alignkit.config import ConfigError, JOBS, _load_method_modules, apply_overrides, build_job, parse_override
+from pydantic import ValidationError
+
+from alignkit.config import ConfigError, apply_overrides, format_validation_error, parse_override
+from alignkit.evaluate.side_by_side import EvalStageConfig, run_eval_stage
+from alignkit.methods.base import run_job
+from alignkit.methods.registry import build_job, methods
 
 KEY_FORMAT = 1
 TRAINING_OUTPUTS = ("final", "dir")
@@ -211,7 +216,6 @@ def _split_overrides(overrides: list[str], stage_names: set[str], source: str) -
 
 def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> Pipeline:
     """Read and check a pipeline file: stages, references, order, and every training stage's job."""
-    _load_method_modules()
     path = Path(path)
     raw = _read_yaml(path, "pipeline file")
     source = str(path)
@@ -283,9 +287,10 @@ def _make_stage(name: str, config: dict, defaults: dict, overrides: list[str], p
         merged = _deep_merge({}, config)   # defaults are training keys: not for the eval stage
         merged = apply_overrides(merged, overrides)
         return Stage(name, "eval", "eval", merged)
-    if method not in JOBS:
-        raise PipelineError(f"{where}: unknown method '{method}'{_close(method, [*JOBS, 'eval'])} "
-                            f"(known: {', '.join(sorted([*JOBS, 'eval']))}, or 'run:' for a command)")
+    known = methods()
+    if method not in known:
+        raise PipelineError(f"{where}: unknown method '{method}'{_close(method, [*known, 'eval'])} "
+                            f"(known: {', '.join(sorted([*known, 'eval']))}, or 'run:' for a command)")
     merged = apply_overrides(merged, overrides)
     return Stage(name, "training", method, merged)
 
@@ -380,10 +385,6 @@ def _training_job(pipeline: Pipeline, stage: Stage, resolve=None):
 
 
 def _eval_config(pipeline: Pipeline, stage: Stage, resolve=None):
-    from alignkit.evaluate.side_by_side import EvalStageConfig
-    from pydantic import ValidationError
-
-    from alignkit.config import format_validation_error
 
     raw = _resolved(pipeline, stage, resolve)
     where = f"{pipeline.path}: stage '{stage.name}'"
@@ -632,8 +633,6 @@ def plan(pipeline: Pipeline, state: State, only: list[str] | None = None, start:
 # ------------------------------------------------------------------------------------------------ running
 
 def _run_training(pipeline: Pipeline, stage: Stage, resume: bool) -> dict:
-    from alignkit.methods.base import run_job
-
     job = _training_job(pipeline, stage)
     job.training.resume = bool(resume)
     summary = run_job(job)
@@ -661,13 +660,14 @@ def _run_command(pipeline: Pipeline, stage: Stage) -> dict:
 
 
 def _run_eval(pipeline: Pipeline, stage: Stage) -> dict:
-    from alignkit.evaluate.side_by_side import run_eval_stage
-
     config = _eval_config(pipeline, stage)
     if config.judge and config.against is None:
         config = config.model_copy(update={"against": default_against(pipeline, stage)})
+    memo = DigestMemo()
+    paths = list(config.data.values()) if isinstance(config.data, dict) else [config.data]
+    digests = {path: memo.path(Path(path)) for path in [*paths, config.judge_data] if path and Path(path).exists()}
     return run_eval_stage(config, pipeline.stage_dir(stage.name), pipeline.output_dir / ".cache" / "eval",
-                          model_keys=_model_keys(pipeline, stage, config))
+                          model_keys=_model_keys(pipeline, stage, config), data_digests=digests)
 
 
 def default_against(pipeline: Pipeline, stage: Stage) -> dict[str, str]:

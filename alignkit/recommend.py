@@ -36,6 +36,8 @@ from typing import Any
 import yaml
 
 from alignkit.data import DataError, detect_format, read_rows
+from alignkit.errors import UsageError
+from alignkit.model.heads import is_scalar_model
 
 CHECKABLE_FIELDS = ("answer_value", "answer", "answers", "solution", "reference_answer", "ground_truth", "target",
                     "expected", "label")
@@ -145,8 +147,6 @@ def _prompt_text(row: dict) -> str:
 
 def inspect_input(path: str) -> Found:
     """Classify one input (a data file, a text rubric, a model or reward-model folder)."""
-    from alignkit.model.heads import is_scalar_model
-
     location = Path(path)
     if not location.exists():
         raise FileNotFoundError(f"recommend: {path}: no such file or folder")
@@ -155,12 +155,12 @@ def inspect_input(path: str) -> Found:
             return Found(path, ["reward_model"])
         if (location / "config.json").is_file() or (location / "adapter_config.json").is_file():
             return Found(path, ["model"])
-        raise ValueError(f"recommend: {path}: a folder that is neither a model (config.json / adapter_config.json) "
+        raise UsageError(f"recommend: {path}: a folder that is neither a model (config.json / adapter_config.json) "
                          "nor a reward model (head.json)")
     if location.suffix.lower() in RUBRIC_SUFFIXES:
         text = location.read_text().strip()
         if not text:
-            raise ValueError(f"recommend: {path}: the rubric file is empty")
+            raise UsageError(f"recommend: {path}: the rubric file is empty")
         return Found(path, ["rubric"], rubric_text=text)
     shapes: Counter = Counter()
     answer_fields: Counter = Counter()
@@ -221,7 +221,7 @@ def _files(found: list[Found], kind: str) -> list[Found]:
 def recommend(paths: list[str]) -> Recommendation:
     """Inspect ``paths`` and walk the decision tree (module docstring; docs/choosing.md)."""
     if not paths:
-        raise ValueError("recommend: give at least one --data FILE (data, rubric, model or reward-model folder)")
+        raise UsageError("recommend: give at least one --data FILE (data, rubric, model or reward-model folder)")
     found = [inspect_input(p) for p in paths]
     demos, pairs = _files(found, "demonstrations"), _files(found, "pairs") + _files(found, "rankings")
     checkable, prompts = _files(found, "checkable"), _files(found, "prompts")

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def pair_logprobs(spec: str, pairs_path: str, max_length: int, limit: int, batch_size: int = 8):
     """(chosen sums, rejected sums, chosen token counts, rejected token counts) for held-out pairs."""
     from alignkit.data import load_examples
-    from alignkit.methods.preference import collate_pairs, response_logprob_sums, split_pairs, tokenize_pairs
+    from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
+    from alignkit.model.forward import response_logprob_sums
     from alignkit.model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(spec, device="cpu", dtype="float32")

@@ -201,7 +201,7 @@ def test_a_bad_key_in_a_later_stage_fails_before_anything_runs(tmp_path):
 
 def test_command_stage_outputs_feed_a_training_stage_and_eval_compares_models(workspace, monkeypatch):
     """A command stage writes data, SFT trains on it, the eval stage puts base and SFT side by side."""
-    from alignkit.evaluate import pairwise
+    from alignkit.evaluate import side_by_side
     from alignkit.evaluate.metrics import METRICS
     from alignkit.model import load_model_and_tokenizer
 
@@ -229,7 +229,7 @@ def test_command_stage_outputs_feed_a_training_stage_and_eval_compares_models(wo
         def compare(self, prompts, a, b):
             return ["A" if len(x) > len(y) else "B" if len(y) > len(x) else "tie" for x, y in zip(a, b)]
 
-    monkeypatch.setattr(pairwise, "load_judge", lambda spec, **_: LongerWins())
+    monkeypatch.setattr(side_by_side, "load_judge", lambda spec, **_: LongerWins())
     result = run_pipeline(load_pipeline(path), log=lambda _: None)
     assert actions(result) == {"data": "run", "sft": "run", "eval": "run"}
     report = json.loads((workspace / "out/eval/report.json").read_text())

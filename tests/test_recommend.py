@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from alignkit.config import build_job
+from alignkit.methods.registry import build_job
 from alignkit.recommend import inspect_input, recommend
 
 DEMOS = [{"messages": [{"role": "user", "content": f"How do I reset my password, take {i}?"},

@@ -19,6 +19,15 @@ import argparse
 import json
 from pathlib import Path
 
+from alignkit.commands.best_of_n import make_scorer
+from alignkit.commands.judge import add_judge_arguments
+from alignkit.data import load_examples
+from alignkit.errors import UsageError
+from alignkit.evaluate.factuality import make_checker
+from alignkit.factuality import (DEFAULT_ABSTENTION, build_factual_pairs, factual_sft_rows, report_dict,
+                                 write_jsonl)
+from alignkit.model import load_model_and_tokenizer
+
 
 def _common(parser) -> None:
     parser.add_argument("--model", "-m", default="smollm2-135m-instruct", help="the model whose answers are sampled")
@@ -58,17 +67,11 @@ def register(subparsers) -> None:
     pairs.add_argument("--tolerance", type=float, default=0.5, help="helpfulness scores this close are 'similar'")
     pairs.add_argument("--min-factuality-gap", type=float, default=0.25)
     pairs.add_argument("--min-helpfulness-gap", type=float, default=0.0)
-    from alignkit.commands.judge import add_judge_arguments
-
     add_judge_arguments(pairs)
     pairs.set_defaults(handler=run_pairs)
 
 
 def _load(args):
-    from alignkit.data import load_examples
-    from alignkit.evaluate.factuality import make_checker
-    from alignkit.model import load_model_and_tokenizer
-
     examples, report = load_examples(args.data, kind="prompt", limit=args.limit)
     print(f"[alignkit] {report.summary()}")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
@@ -77,8 +80,6 @@ def _load(args):
 
 
 def _write(rows, report, out: str) -> None:
-    from alignkit.factuality import report_dict, write_jsonl
-
     path = write_jsonl(rows, out)
     Path(f"{out}.report.json").write_text(json.dumps(report_dict(report), indent=1))
     print(f"[alignkit] {report.summary()}")
@@ -86,8 +87,6 @@ def _write(rows, report, out: str) -> None:
 
 
 def run_sft_data(args) -> int:
-    from alignkit.factuality import DEFAULT_ABSTENTION, factual_sft_rows
-
     examples, model, tokenizer, checker = _load(args)
     rows, report = factual_sft_rows(model, tokenizer, examples, checker, samples=args.samples,
                                     temperature=args.temperature, top_p=args.top_p,
@@ -99,11 +98,8 @@ def run_sft_data(args) -> int:
 
 
 def run_pairs(args) -> int:
-    from alignkit.commands.best_of_n import make_scorer
-    from alignkit.factuality import build_factual_pairs
-
     if args.scorer_arg and not args.scorer.startswith("reward:"):
-        raise ValueError("--scorer-arg is for reward:SPEC scorers")
+        raise UsageError("--scorer-arg is for reward:SPEC scorers")
     examples, model, tokenizer, checker = _load(args)
     scorer = make_scorer(args, (model, tokenizer))
     rows, report = build_factual_pairs(model, tokenizer, examples, checker, scorer, n=args.n,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from alignkit.pipeline import load_pipeline, run_pipeline
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("pipeline", help="run a multi-stage pipeline (sft -> rm -> ppo | dpo -> eval)",
@@ -30,8 +32,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from alignkit.pipeline import load_pipeline, run_pipeline
-
     pipeline = load_pipeline(args.pipeline_file, args.overrides)
     run_pipeline(pipeline, only=args.only, start=args.start, force=args.force, dry_run=args.dry_run)
     return 0

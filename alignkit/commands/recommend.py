@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from alignkit.recommend import recommend
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("recommend", help="which method fits your data, why, and a starter job",
@@ -24,8 +26,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from alignkit.recommend import recommend
-
     answer = recommend(args.data)
     print(answer.render(), end="")
     if args.write and answer.starter:

@@ -29,6 +29,7 @@ What the code does:
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import unicodedata
@@ -36,7 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from alignkit.evaluate.metrics import metric
+import numpy as np
+
+from alignkit.errors import UsageError
+from alignkit.evaluate.metrics import _load_prompts, _temperature, metric, sample_completions
+from alignkit.evaluate.stats import bootstrap_interval, wilson_interval
+from alignkit.judges import PointwiseJudge, conversation_text, load_template, make_backend
+from alignkit.rewards.registry import register
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ABSTENTION = re.compile(
@@ -139,7 +146,7 @@ class RuleChecker:
     def check_one(self, prompt: str, response: str, reference: Any) -> ResponseFactuality:
         accepted = accepted_answers(reference)
         if not accepted:
-            raise ValueError("the rule check needs a reference answer for every prompt")
+            raise UsageError("the rule check needs a reference answer for every prompt")
         hit = next((a for a in accepted if mentions(response, a)), None)
         rest = f" {normalize(response)} "
         for answer in accepted:   # an accepted answer's words can't also count as a wrong candidate
@@ -170,11 +177,9 @@ def load_candidates(candidates: Sequence[str] | str | Path | None) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"candidates file not found: {path}")
         if path.suffix == ".json":
-            import json
-
             values = json.loads(path.read_text())
             if not isinstance(values, list):
-                raise ValueError(f"{path}: expected a JSON list of candidate answers")
+                raise UsageError(f"{path}: expected a JSON list of candidate answers")
             return [str(v) for v in values]
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return [str(c) for c in candidates]
@@ -184,8 +189,6 @@ class ClaimExtractor:
     """Atomic claims by an LLM (`ChatBackend`): the reply is rewritten as "- fact" lines."""
 
     def __init__(self, backend, template: str | Path | None = None, max_tokens: int = 512):
-        from alignkit.judges import load_template
-
         self.backend = backend
         self.template = load_template(template if template is not None else None, ASSETS / "factuality_claims.txt")
         self.max_tokens = max_tokens
@@ -209,8 +212,6 @@ class JudgeChecker:
 
     def __init__(self, backend, *, extractor: ClaimExtractor | None = None, method: str = "generate",
                  template: str | Path | None = None, cache=None, max_retries: int = 2):
-        from alignkit.judges import PointwiseJudge
-
         self.judge = PointwiseJudge(backend, template if template is not None else ASSETS / "judge_factuality.txt",
                                     scale=(0, 1), method=method, cache=cache, max_retries=max_retries)
         self.extractor = extractor
@@ -244,13 +245,11 @@ def make_checker(spec: Any = None, candidates=None, device=None, dtype=None) -> 
         return RuleChecker(candidates)
     text = str(spec)
     if text.startswith("llm:"):
-        from alignkit.judges import make_backend
-
         model, _, url = text[4:].partition("@")
         if url:
             return JudgeChecker(make_backend(model=model, base_url=url), method="generate")
         return JudgeChecker(make_backend(model=model or None, device=device, dtype=dtype), method="logprobs")
-    raise ValueError(f"factuality checker {text!r}: expected 'rule', 'llm:MODEL' or 'llm:MODEL@URL'")
+    raise UsageError(f"factuality checker {text!r}: expected 'rule', 'llm:MODEL' or 'llm:MODEL@URL'")
 
 
 def reference_of(fields: dict, source: str, reference_field: str | None = None) -> Any:
@@ -258,16 +257,12 @@ def reference_of(fields: dict, source: str, reference_field: str | None = None) 
     for name in names:
         if name in fields and accepted_answers(fields[name]):
             return fields[name]
-    raise ValueError(f"{source}: no reference answer (a field {' / '.join(names)}); the factuality check "
+    raise UsageError(f"{source}: no reference answer (a field {' / '.join(names)}); the factuality check "
                      "needs one per prompt")
 
 
 def summarize_factuality(checked: list[ResponseFactuality], confidence: float = 0.95, seed: int = 0) -> dict:
     """The metric's numbers from checked responses (see the module docstring)."""
-    import numpy as np
-
-    from alignkit.evaluate.stats import bootstrap_interval, wilson_interval
-
     n = len(checked)
     supported = sum(r.supported for r in checked)
     unsupported = sum(r.unsupported for r in checked)
@@ -307,8 +302,6 @@ def factuality(model, tokenizer, data: str, judge=None, candidates=None, referen
     ``judge``: ``rule`` (default; short answers), ``llm:MODEL`` / ``llm:MODEL@URL`` (claims graded by
     an LLM), or a checker object. ``candidates``: the answer set for the rule (a list or a file).
     """
-    from alignkit.evaluate.metrics import _load_prompts, _temperature, prompt_text, sample_completions
-
     examples, report = _load_prompts(data, limit)
     references = [reference_of(e.fields, e.source, reference_field) for e in examples]
     checker = make_checker(judge if judge not in (None, "") else "rule", candidates, device, dtype)
@@ -316,7 +309,7 @@ def factuality(model, tokenizer, data: str, judge=None, candidates=None, referen
     _, ids = sample_completions(model, tokenizer, examples, samples=1, temperature=temperature, top_p=top_p,
                                 max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, cache=_cache)
     responses = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
-    prompts = [prompt_text(e.prompt) for e in examples]
+    prompts = [conversation_text(e.prompt) for e in examples]
     checked = checker.check(prompts, responses, references)
     result = summarize_factuality(checked, confidence, seed)
     result.update({"checker": getattr(checker, "name", type(checker).__name__), "temperature": temperature,
@@ -342,8 +335,6 @@ def factual_answer(prompts: list[str], completions: list[str], *, field: str | N
 
 
 def _register() -> None:
-    from alignkit.rewards.registry import register
-
     register("factual_answer", factual_answer)   # the same object again is a no-op
 
 

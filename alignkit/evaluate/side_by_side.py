@@ -32,7 +32,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from alignkit.data import load_examples
+from alignkit.errors import UsageError
+from alignkit.evaluate.metrics import METRICS, run_metrics, sample_completions
+from alignkit.evaluate.pairwise import judge_both_orders, judge_name, load_judge, summarize
 from alignkit.evaluate.report import _fmt, _fmt_interval, headline_rows, write_report
+from alignkit.judges import conversation_text
+from alignkit.model import load_model_and_tokenizer
+from alignkit.model.heads import is_scalar_model, load_scalar_model
 
 CACHE_FORMAT = 1
 RESERVED_OPTIONS = {"model", "tokenizer", "data", "_cache", "_", "model_name", "device", "dtype", "seed",
@@ -67,8 +74,6 @@ class EvalStageConfig(BaseModel):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, value):
-        from alignkit.evaluate.metrics import METRICS
-
         for name in value:
             if name not in METRICS:
                 close = difflib.get_close_matches(name, list(METRICS), n=1)
@@ -78,8 +83,6 @@ class EvalStageConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        from alignkit.evaluate.metrics import METRICS
-
         allowed = set()
         for name in self.metrics:
             allowed |= set(inspect.signature(METRICS[name]).parameters)
@@ -105,22 +108,8 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _data_digests(config: EvalStageConfig) -> dict[str, str]:
-    from alignkit.pipeline import DigestMemo
-
-    memo, digests = DigestMemo(), {}
-    paths = list(config.data.values()) if isinstance(config.data, dict) else [config.data]
-    for path in [*paths, *([config.judge_data] if config.judge_data else [])]:
-        if Path(path).exists():
-            digests[path] = memo.path(Path(path))
-    return digests
-
-
 def load_any_model(spec: str, device=None, dtype=None):
     """A causal LM (embedded, folder, adapter folder) or a reward model folder (scalar head)."""
-    from alignkit.model import load_model_and_tokenizer
-    from alignkit.model.heads import is_scalar_model, load_scalar_model
-
     if is_scalar_model(spec):
         return load_scalar_model(spec, device=device, dtype=dtype)
     return load_model_and_tokenizer(spec, device=device, dtype=dtype, is_trainable=False)
@@ -130,25 +119,22 @@ def _greedy_answers(model, tokenizer, prompts_path: str, options: dict, seed: in
                     cache: dict | None = None) -> tuple[list[str], list[str]]:
     """Greedy answers to the judge's prompts; ``cache`` is the metrics' generation cache, so answers a
     metric already generated with the same settings (accuracy, win_rate) are not generated again."""
-    from alignkit.data import load_examples
-    from alignkit.evaluate.metrics import prompt_text, sample_completions
-
     examples, _ = load_examples(prompts_path, kind="prompt", limit=options.get("limit"))
     _, ids = sample_completions(model, tokenizer, examples, samples=1, temperature=0.0,
                                 top_p=float(options.get("top_p", 1.0)),
                                 max_new_tokens=int(options.get("max_new_tokens", 256)), seed=seed,
                                 batch_size=int(options.get("batch_size", 8)), cache=cache)
-    return ([prompt_text(e.prompt) for e in examples],
+    return ([conversation_text(e.prompt) for e in examples],
             [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids])
 
 
 def run_eval_stage(config: EvalStageConfig, folder: str | Path, cache_dir: str | Path | None = None,
-                   model_keys: dict[str, str] | None = None, log=print) -> dict[str, Any]:
-    """Evaluate every model, compare each with its predecessor, write ``report.md`` / ``report.json``."""
-    from alignkit.evaluate.metrics import run_metrics
-    from alignkit.evaluate.pairwise import judge_both_orders, judge_name, load_judge, summarize
-    from alignkit.model.heads import is_scalar_model
+                   model_keys: dict[str, str] | None = None, data_digests: dict[str, str] | None = None,
+                   log=print) -> dict[str, Any]:
+    """Evaluate every model, compare each with its predecessor, write ``report.md`` / ``report.json``.
 
+    ``cache_dir`` reuses earlier results of a model when its identity (``model_keys``, else its spec),
+    the settings and ``data_digests`` (the data files' contents) are unchanged."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else None
@@ -157,7 +143,7 @@ def run_eval_stage(config: EvalStageConfig, folder: str | Path, cache_dir: str |
     against = config.against or {}
     judge_prompts_file = config.judge_data or (config.data.get("*") if isinstance(config.data, dict) else config.data)
     needs_answers = {name for pair in against.items() for name in pair} if config.judge else set()
-    data_digests = _data_digests(config)
+    data_digests = data_digests or {}
     results: dict[str, dict] = {}
     answers: dict[str, list[str]] = {}
     prompts: list[str] = []
@@ -201,7 +187,7 @@ def run_eval_stage(config: EvalStageConfig, folder: str | Path, cache_dir: str |
         judge = load_judge(config.judge, device=config.device, dtype=config.dtype)
         for model, previous in against.items():
             if model not in answers or previous not in answers:
-                raise ValueError(f"win rate {model} vs {previous}: a reward model cannot answer prompts; "
+                raise UsageError(f"win rate {model} vs {previous}: a reward model cannot answer prompts; "
                                  "compare policies only")
             outcome = judge_both_orders(judge, prompts, answers[model], answers[previous])
             comparisons.append({"model": model, "against": previous, **summarize(outcome, config.confidence)})
