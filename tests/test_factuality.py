@@ -168,3 +168,35 @@ def test_pairs_from_a_length_loving_reward_keep_the_factual_reply_chosen():
     plain, _ = factual_pairs([e.prompt for e in examples], [answers], [[0.6, 7.2, 1.3]], [[1.0, 0.0, None]],
                              use_factuality=False)
     assert plain[0]["chosen"].startswith("The capital of France is Lyon")   # what the plain builder teaches
+
+
+def test_the_metric_checks_the_models_greedy_answers(tmp_path, tiny_model, tiny_tokenizer):
+    """`alignkit eval --metrics factuality`: the checker sees exactly the greedy answers, the numbers are its verdicts."""
+    import json
+
+    from alignkit.evaluate.factuality import ResponseFactuality
+    from alignkit.evaluate.metrics import METRICS, sample_completions
+    from alignkit.data import load_examples
+
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"what is the capital of {c}?", "answer": a}) + "\n"
+                            for c, a in (("france", "paris"), ("italy", "rome"), ("spain", "madrid"))))
+
+    class Scripted:
+        name = "scripted"
+        seen = None
+
+        def check(self, prompts, responses, references):
+            Scripted.seen = (list(prompts), list(responses), list(references))
+            return [ResponseFactuality(["a"], [True]), ResponseFactuality(["b", "c"], [True, False]),
+                    ResponseFactuality([], [], abstained=True)]
+
+    result = METRICS["factuality"](tiny_model, tiny_tokenizer, data=str(data), judge=Scripted(), max_new_tokens=5)
+    examples, _ = load_examples(str(data), kind="prompt")
+    _, ids = sample_completions(tiny_model, tiny_tokenizer, examples, max_new_tokens=5)
+    assert Scripted.seen[1] == [tiny_tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+    assert Scripted.seen[2] == ["paris", "rome", "madrid"]
+    assert result["factuality"] == pytest.approx(2 / 3)
+    assert (result["hallucination_rate"], result["correct_rate"], result["abstention_rate"]) == \
+        pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    assert result["checker"] == "scripted" and result["n"] == 3
