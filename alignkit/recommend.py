@@ -63,6 +63,9 @@ class Found:
     rubric_text: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def count(self) -> str:
+        return f"{self.rows:,}{'+' if self.rows >= SAMPLE_ROWS else ''}"
+
     def describe(self) -> str:
         if "reward_model" in self.kinds:
             return f"{self.path}: a reward model (alignkit rm output)"
@@ -70,10 +73,9 @@ class Found:
             return f"{self.path}: a model or adapter to start from"
         if "rubric" in self.kinds and not self.rows:
             return f"{self.path}: a rubric ({len(self.rubric_text or '')} characters of text)"
-        more = "+" if self.rows >= SAMPLE_ROWS else ""
         what = " and ".join(KIND_WORDS[k] for k in self.kinds)
         extra = f"; answers in '{self.answer_field}'{' (numbers)' if self.numeric else ''}" if self.answer_field else ""
-        return f"{self.path}: {self.rows:,}{more} rows of {what} (row shape '{self.shape}'{extra})"
+        return f"{self.path}: {self.count()} rows of {what} (row shape '{self.shape}'{extra})"
 
 
 KIND_WORDS = {"demonstrations": "demonstrations", "pairs": "preference pairs", "rankings": "rankings",
@@ -235,7 +237,7 @@ def recommend(paths: list[str]) -> Recommendation:
         reward_words = ("the final number of the answer equals the reference (numeric_match)" if task.numeric else
                         "the answer names the reference and nothing else from the answer set (factual_answer)")
         worked = [f for f in demos if f is not task] + ([task] if "demonstrations" in task.kinds else [])
-        reasons = [f"{task.path} has {task.rows:,} prompts whose answer a program can check: {reward_words}; "
+        reasons = [f"{task.path} has {task.count()} prompts whose answer a program can check: {reward_words}; "
                    "a verifiable reward cannot be gamed the way a learned reward model can",
                    "GRPO samples several answers per prompt and pushes up the ones the check accepts, relative to "
                    "their group: no reward model, no critic, no preference labels"]
@@ -258,7 +260,7 @@ def recommend(paths: list[str]) -> Recommendation:
         data = pairs[0]
         kind = "rankings" if "rankings" in data.kinds else "preference pairs"
         if prompts:
-            reasons = [f"{data.path} has {data.rows:,} {kind}; {prompts[0].path} has {prompts[0].rows:,} prompts "
+            reasons = [f"{data.path} has {data.count()} {kind}; {prompts[0].path} has {prompts[0].count()} prompts "
                        "nobody labelled",
                        "a reward model trained on the pairs can score answers to the unlabelled prompts too; PPO then "
                        "learns online from the policy's own samples, with a KL penalty to the starting model",
@@ -272,7 +274,7 @@ def recommend(paths: list[str]) -> Recommendation:
                                             judge="reward-model:${rm.final}"))
             return Recommendation("rm+ppo", "a reward model, then PPO (RLHF)", reasons, alternatives, starter,
                                   "pipeline", found)
-        reasons = [f"{data.path} has {data.rows:,} {kind}: DPO learns the preference directly, with no reward model "
+        reasons = [f"{data.path} has {data.count()} {kind}: DPO learns the preference directly, with no reward model "
                    "and no sampling during training",
                    "SFT on the chosen replies alone would also raise the likelihood of the rejected ones (they "
                    "share most of their words); DPO pushes them apart (measured in docs/choosing.md)"]
@@ -295,7 +297,7 @@ def recommend(paths: list[str]) -> Recommendation:
             return _nothing(found, [f"{reward_models[0].path} is a reward model, but there are no prompts to "
                                     "sample answers for: add a prompt file with --data"])
         source = (prompts or demos)[0]
-        reasons = [f"{reward_models[0].path} scores answers; {source.path} gives {source.rows:,} prompts to "
+        reasons = [f"{reward_models[0].path} scores answers; {source.path} gives {source.count()} prompts to "
                    "sample them for",
                    "PPO optimises the reward model's score with a per-token KL penalty to the starting model, "
                    "so the policy cannot drift far to exploit the reward model's blind spots"]
@@ -309,7 +311,7 @@ def recommend(paths: list[str]) -> Recommendation:
         rubric = rubrics[0]
         source = (prompts or demos)[0]
         text = rubric.rubric_text or "see the rubric column"
-        reasons = [f"{rubric.path} says in words what a good answer is; {source.path} gives {source.rows:,} "
+        reasons = [f"{rubric.path} says in words what a good answer is; {source.path} gives {source.count()} "
                    "prompts",
                    "GRPO with an LLM judge grading each sampled answer on the rubric turns the rubric into a "
                    "reward (malformed judgements are counted, never guessed)"]
@@ -325,7 +327,7 @@ def recommend(paths: list[str]) -> Recommendation:
 
     if demos:
         data = demos[0]
-        reasons = [f"{data.path} has {data.rows:,} demonstrations (prompt and a good response): supervised "
+        reasons = [f"{data.path} has {data.count()} demonstrations (prompt and a good response): supervised "
                    "fine-tuning imitates them directly; it is the first stage of every pipeline"]
         alternatives = ["collect preferences on the SFT model's answers (`alignkit label`) and add DPO when "
                         "imitation plateaus: SFT cannot learn what *not* to say"]
