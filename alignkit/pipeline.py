@@ -789,6 +789,8 @@ def write_pipeline_report(pipeline: Pipeline, state: State, steps: list[dict]) -
         if stage.kind == "training" and record.get("status") == "done":
             result = record.get("result", {})
             first, last = result.get("first_eval") or {}, result.get("last_eval") or {}
+            if first.get("step") == last.get("step"):   # one evaluation only (no eval at step 0)
+                first = {}
             shown = [k for k in last if k != "step"][:6]
             if shown:
                 lines += ["", f"## {name}: validation during training", "",
