@@ -100,7 +100,7 @@ def test_cli_prints_the_answer_and_writes_the_starter(files, tmp_path, capsys):
     from alignkit.cli import main
 
     out = tmp_path / "dpo.yaml"
-    assert main(["recommend", "--data", files["pairs"], "--write", str(out)]) == 0
+    assert main(["recommend", "--data", files["pairs"], "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Recommended: DPO" in printed and "6 rows of preference pairs" in printed
     assert yaml.safe_load(out.read_text())["method"] == "dpo"

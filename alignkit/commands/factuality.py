@@ -1,8 +1,8 @@
 """`alignkit factuality`: FLAME-style data that does not teach a model to invent facts.
 
-    alignkit factuality sft-data --data questions.jsonl --out runs/factual/sft.jsonl \\
+    alignkit factuality sft-data --data questions.jsonl --output runs/factual/sft.jsonl \\
         --samples 4 --temperature 0.7 --candidates capitals.txt [--fallback skip|abstain|reference]
-    alignkit factuality pairs --data questions.jsonl --out runs/factual/pairs.jsonl \\
+    alignkit factuality pairs --data questions.jsonl --output runs/factual/pairs.jsonl \\
         --n 4 --scorer reward-model:runs/rm/final --tolerance 0.5
 
 ``sft-data``: for every row with a reference answer (``answers``/``answer``/``reference``) sample the
@@ -36,7 +36,7 @@ def _common(parser) -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--data", "-d", required=True, help="prompts with reference answers (any prompt row shape)")
     parser.add_argument("--limit", type=int)
-    parser.add_argument("--out", "-o", required=True, help="output JSONL file")
+    parser.add_argument("--output", "--out", "-o", dest="out", required=True, help="output JSONL file")
     parser.add_argument("--checker", default="rule", help="rule | llm:MODEL | llm:MODEL@URL")
     parser.add_argument("--candidates", help="the answer set for the rule check (one per line, or a JSON list)")
     parser.add_argument("--reference-field", help="the row field holding the reference (default: answers, answer, "

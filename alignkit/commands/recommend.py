@@ -1,7 +1,7 @@
 """`alignkit recommend`: which method fits the data you have, why, and a starter job or pipeline file.
 
     alignkit recommend --data my_pairs.jsonl
-    alignkit recommend --data demos.jsonl --data pairs.jsonl --write pipeline.yaml
+    alignkit recommend --data demos.jsonl --data pairs.jsonl --output pipeline.yaml
     alignkit recommend --data prompts.jsonl --data rubric.txt
     alignkit recommend --data prompts.jsonl --data runs/rm/final
 
@@ -21,7 +21,8 @@ def register(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", "-d", action="append", required=True, metavar="PATH",
                         help="a data file, rubric file, model or reward-model folder (repeatable)")
-    parser.add_argument("--write", metavar="FILE", help="also write the starter job / pipeline file here")
+    parser.add_argument("--output", "--write", "-o", dest="write", metavar="FILE",
+                        help="also write the starter job / pipeline file here")
     parser.set_defaults(handler=run)
 
 
