@@ -62,17 +62,20 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
-
 from pydantic import ValidationError
 
-from alignkit.config import ConfigError, apply_overrides, format_validation_error, parse_override
+from alignkit.config import (
+    ConfigError,
+    apply_overrides,
+    format_validation_error,
+    parse_override,
+)
 from alignkit.evaluate.side_by_side import EvalStageConfig, run_eval_stage
 from alignkit.methods.base import run_job
 from alignkit.methods.registry import build_job, methods

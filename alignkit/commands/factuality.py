@@ -24,8 +24,13 @@ from alignkit.commands.judge import add_judge_arguments
 from alignkit.data import load_examples
 from alignkit.errors import UsageError
 from alignkit.evaluate.factuality import make_checker
-from alignkit.factuality import (DEFAULT_ABSTENTION, build_factual_pairs, factual_sft_rows, report_dict,
-                                 write_jsonl)
+from alignkit.factuality import (
+    DEFAULT_ABSTENTION,
+    build_factual_pairs,
+    factual_sft_rows,
+    report_dict,
+    write_jsonl,
+)
 from alignkit.model import load_model_and_tokenizer
 
 

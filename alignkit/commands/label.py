@@ -107,7 +107,12 @@ def _existing_db(path: str):
 # ------------------------------------------------------------------------------------------- generate
 def run_generate(args) -> int:
     from alignkit.data import load_examples
-    from alignkit.label.generate import CandidateModel, candidate_diversity, diversity_table, generate_candidates
+    from alignkit.label.generate import (
+        CandidateModel,
+        candidate_diversity,
+        diversity_table,
+        generate_candidates,
+    )
     from alignkit.label.tasks import write_tasks
     from alignkit.model import load_model_and_tokenizer
 

@@ -40,9 +40,19 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from alignkit.errors import UsageError
-from alignkit.evaluate.metrics import _load_prompts, _temperature, metric, sample_completions
+from alignkit.evaluate.metrics import (
+    _load_prompts,
+    _temperature,
+    metric,
+    sample_completions,
+)
 from alignkit.evaluate.stats import bootstrap_interval, wilson_interval
-from alignkit.judges import PointwiseJudge, conversation_text, load_template, make_backend
+from alignkit.judges import (
+    PointwiseJudge,
+    conversation_text,
+    load_template,
+    make_backend,
+)
 from alignkit.rewards.registry import register
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

@@ -35,7 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from alignkit.data import load_examples
 from alignkit.errors import UsageError
 from alignkit.evaluate.metrics import METRICS, run_metrics, sample_completions
-from alignkit.evaluate.pairwise import judge_both_orders, judge_name, load_judge, summarize
+from alignkit.evaluate.pairwise import (
+    judge_both_orders,
+    judge_name,
+    load_judge,
+    summarize,
+)
 from alignkit.evaluate.report import _fmt, _fmt_interval, headline_rows, write_report
 from alignkit.judges import conversation_text
 from alignkit.model import load_model_and_tokenizer

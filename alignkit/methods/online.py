@@ -43,7 +43,7 @@ from alignkit.data import tokenize_prompt
 from alignkit.errors import UsageError
 from alignkit.losses import masked_mean
 from alignkit.methods.base import policy_and_data
-from alignkit.model import save_model
+from alignkit.model import resolve_model, save_model
 from alignkit.model.forward import (
     completion_layout,
     completion_logprobs,
@@ -257,6 +257,10 @@ class OnlineRecipe:
     def __init__(self, job: OnlineJob, model=None, tokenizer=None, train=None, validation=None,
                  reward=None, backend=None):
         self.job = job
+        # a saved adapter is merged into its base before training (so "adapters off" is the start): the
+        # result must then be saved merged too, or loading final/ on the plain base drops that adapter
+        self.merged_start = model is None and (job.model.adapter is not None
+                                               or resolve_model(job.model.name_or_path).kind == "adapter")
         model, tokenizer, train, validation, self.notes = policy_and_data(job, model, tokenizer, train, validation,
                                                                           kind="prompt", saved_adapter="merge")
         self.policy, self.tokenizer = model, tokenizer
@@ -499,6 +503,10 @@ class OnlineRecipe:
         return metrics
 
     def save_final(self, directory) -> None:
+        if self.merged_start:  # the starting adapter lives in the weights: save them whole
+            self.notes.append("final/ holds full weights: the starting adapter was merged into its base")
+            save_model(self.policy, self.tokenizer, directory, merge=True)
+            return
         save_model(self.policy, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:
             save_model(self.policy, self.tokenizer, f"{directory}-merged", merge=True)
