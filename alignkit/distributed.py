@@ -1,0 +1,368 @@
+"""Processes: which one this is, how many there are, and the few collectives alignkit needs.
+
+A job runs unchanged as one process or as N data-parallel processes started by ``accelerate launch``
+or ``torchrun`` (one per GPU, on one machine or several). Everything here asks the launcher's
+environment (``WORLD_SIZE``, ``RANK``...) through Hugging Face accelerate's `PartialState`, which
+joins the process group (NCCL on GPUs, gloo on CPUs) the first time anything here is asked; run
+without a launcher, every function answers for a single process and touches no process group.
+
+The rule that makes N processes equal to one: a global batch is split *by rows* across processes
+(`shard_range`, contiguous, sizes differ by at most one), every process computes the sum of its
+rows' losses, and the engine divides by the count of units (tokens, pairs, completions) summed over
+every process (`alignkit.engine`). Evaluation shards its rows the same way and sums (`sum_across`)
+or gathers (`gather_tensors`, `gather_objects`) what it measured, so every held-out row is counted
+once. See ``docs/scaling.md``.
+
+`ParallelModel` is the engine's side: it wraps the recipe's model for accelerate (DDP, FSDP2 or
+DeepSpeed, as the launch configuration says) without the recipes knowing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+
+from alignkit.errors import UsageError
+
+_STATE = None
+
+
+# ----------------------------------------------------------------------------- who am I
+
+def launched() -> bool:
+    """True under a launcher that started more than one process (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _uses_cpu() -> bool:
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
+def state():
+    """accelerate's `PartialState` for a launched run (joins the process group once); None otherwise."""
+    global _STATE
+    if _STATE is None and launched():
+        from accelerate import PartialState
+
+        _STATE = PartialState(cpu=_uses_cpu())
+    return _STATE
+
+
+def world_size() -> int:
+    current = state()
+    return current.num_processes if current is not None else 1
+
+
+def rank() -> int:
+    current = state()
+    return current.process_index if current is not None else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device | None:
+    """This process's device under a launcher (``cuda:<local rank>`` or cpu); None without one."""
+    current = state()
+    return current.device if current is not None else None
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- splitting work
+
+def shard_range(count: int, process: int | None = None, processes: int | None = None) -> tuple[int, int]:
+    """``(start, stop)`` of process ``process``'s contiguous share of ``count`` items.
+
+    Shares differ by at most one item, the first ``count % processes`` processes taking the larger
+    ones, and concatenating the shares in process order gives back ``range(count)``.
+    """
+    process = rank() if process is None else process
+    processes = world_size() if processes is None else processes
+    base, extra = divmod(count, processes)
+    start = process * base + min(process, extra)
+    return start, start + base + (1 if process < extra else 0)
+
+
+def shard(items: list) -> list:
+    """This process's contiguous share of ``items`` (all of them for a single process)."""
+    start, stop = shard_range(len(items))
+    return items[start:stop]
+
+
+def check_split(count: int, what: str, keys: str) -> None:
+    """One clear error when ``count`` units per step cannot be split evenly across the processes."""
+    processes = world_size()
+    if processes == 1:
+        return
+    if count < processes:
+        raise UsageError(f"{processes} processes but only {count} {what} per step ({keys}): every process needs "
+                         f"at least one; raise {keys.split(' ')[0]} or launch fewer processes")
+    if count % processes:
+        raise UsageError(f"{count} {what} per step ({keys}) cannot be split evenly across {processes} processes; "
+                         f"make it a multiple of {processes} (the global batch stays what the job names)")
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def gather_objects(value: Any) -> list:
+    """Every process's ``value`` (picklable), in process order; ``[value]`` for a single process."""
+    if world_size() == 1:
+        return [value]
+    out: list = [None] * world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value: Any, source: int = 0) -> Any:
+    """Process ``source``'s ``value`` on every process."""
+    if world_size() == 1:
+        return value
+    box = [value if rank() == source else None]
+    torch.distributed.broadcast_object_list(box, src=source)
+    return box[0]
+
+
+def sum_across(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the processes; a key some process lacks (it had nothing to measure)
+    counts 0 there."""
+    if world_size() == 1:
+        return dict(values)
+    keys = sorted(set().union(*gather_objects(sorted(values))))
+    current = state()
+    tensor = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=current.device)
+    torch.distributed.all_reduce(tensor)
+    return dict(zip(keys, tensor.tolist()))
+
+
+def gather_tensors(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation along dim 0 of every process's ``tensor`` (CPU; first dims may differ)."""
+    if world_size() == 1:
+        return tensor
+    parts = gather_objects(tensor.detach().cpu())
+    return torch.cat(parts) if parts else tensor
+
+
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the masked entries of ``values`` over every process's entries."""
+    mask = mask.to(values.dtype)
+    local = torch.stack([mask.sum(), (values * mask).sum(), (values * values * mask).sum()]).double()
+    if world_size() > 1:
+        local = local.to(state().device)
+        torch.distributed.all_reduce(local)
+    count, total, squares = local.cpu().tolist()
+    mean = total / max(count, 1.0)
+    variance = (squares - count * mean * mean) / max(count - 1.0, 1.0)
+    return torch.tensor(mean, dtype=values.dtype), torch.tensor(max(variance, 0.0), dtype=values.dtype)
+
+
+# ----------------------------------------------------------------------------- the engine's side
+
+class TrainingModule(torch.nn.Module):
+    """The one module the data-parallel wrappers see: its forward runs any function of the recipe.
+
+    alignkit's training forward reaches into the decoder and applies the output layer itself
+    (`alignkit.model.forward`), so it never calls ``model(...)``. DDP only synchronises gradients of
+    a forward that went through its wrapper, FSDP2 gathers the parameters of the root (embeddings,
+    final norm, output layer) only in the root's forward, and DeepSpeed hooks the same way. So the
+    engine runs each micro-batch's whole loss *as* this module's forward: ``wrapped(recipe.loss,
+    batch)``; the decoder layers, sharded on their own, gather in their own forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        # FSDP2's auto-wrap (accelerate) shards each decoder layer on its own: the layer classes
+        # the wrapped transformers models name as unsplittable
+        names: set[str] = set()
+        for module in model.modules():
+            names.update(getattr(module, "_no_split_modules", None) or [])
+        self._no_split_modules = sorted(names)
+
+    def forward(self, function: Callable, *args, **kwargs):
+        return function(*args, **kwargs)
+
+
+def _precision_name(autocast_dtype: torch.dtype | None) -> str:
+    return "bf16" if autocast_dtype == torch.bfloat16 else "no"
+
+
+class ParallelModel:
+    """The recipe's model and optimizer prepared by accelerate for N processes, and what the engine
+    needs of them: a forward that synchronises, backward with or without the gradient all-reduce,
+    clipping, full parameters for sampling/evaluation/saving, and full checkpoint states.
+
+    With one process and no launcher nothing is wrapped: ``forward(function, ...)`` is
+    ``function(...)`` and the engine behaves as it always did.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.accelerator = None
+        self.wrapped: torch.nn.Module | None = None
+        self.processes = world_size()
+        if not launched():
+            return
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(mixed_precision=_precision_name(autocast_dtype), device_placement=False,
+                                       cpu=_uses_cpu())
+        self.wrapped, self.optimizer = self.accelerator.prepare(TrainingModule(model), optimizer)
+
+    # -- what the launch configuration chose
+    @property
+    def kind(self) -> str:
+        """``single``, ``ddp``, ``fsdp2`` or ``deepspeed``."""
+        if self.accelerator is None:
+            return "single"
+        if self.accelerator.is_fsdp2:
+            return "fsdp2"
+        name = str(self.accelerator.distributed_type).split(".")[-1]
+        if name == "DEEPSPEED":
+            return "deepspeed"
+        if name == "FSDP":
+            return "fsdp1"
+        return "ddp"
+
+    @property
+    def sharded(self) -> bool:
+        return self.kind in ("fsdp2", "fsdp1") or (self.kind == "deepspeed" and self._zero_stage() == 3)
+
+    def _zero_stage(self) -> int:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return int(getattr(plugin, "zero_stage", 0) or 0)
+
+    # -- training
+    def forward(self, function: Callable, *args, **kwargs):
+        """``function(*args)`` as the wrapped model's forward (see `TrainingModule`)."""
+        if self.wrapped is None:
+            return function(*args, **kwargs)
+        return self.wrapped(function, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def accumulating(self, accumulate: bool) -> Iterator[None]:
+        """Inside, backward accumulates gradients locally (no all-reduce): every micro-batch of a step
+        but the last."""
+        if self.accelerator is None or not accumulate:
+            yield
+            return
+        self.accelerator.gradient_state._set_sync_gradients(False)
+        try:
+            with self.accelerator.no_sync(self.wrapped):
+                yield
+        finally:
+            self.accelerator.gradient_state._set_sync_gradients(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.accelerator is None:
+            return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = self.accelerator.clip_grad_norm_(params, max_norm)
+        if norm is None:
+            return float("nan")
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    # -- everything outside the training forward
+    def run(self, function: Callable, *args, **kwargs):
+        """``function(*args)`` with every parameter whole on every process: sampling, evaluation,
+        saving. A no-op wrapper for one process and for DDP; with FSDP2 it runs inside the root's
+        forward with every layer unsharded (a collective: every process must call it)."""
+        if not self.sharded or self.kind != "fsdp2":
+            return function(*args, **kwargs)
+        return self.wrapped(self._unsharded, function, *args, **kwargs)
+
+    def _unsharded(self, function: Callable, *args, **kwargs):
+        from torch.distributed.fsdp import FSDPModule
+
+        layers = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        for module in layers:
+            module.unshard()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            for module in layers:
+                module.reshard()
+
+    # -- checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """Every trainable parameter, whole, on the CPU, on the main process (None elsewhere)."""
+        if self.kind == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            names = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            full = get_model_state_dict(self.model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+            return {k: v.contiguous() for k, v in full.items() if k in names} if is_main_process() else None
+        if not is_main_process():
+            return None
+        return {name: p.detach().contiguous().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.kind == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+    def optimizer_state(self) -> dict | None:
+        """The optimizer's whole state on the main process (None elsewhere): ``optimizer.state_dict()``
+        where every process holds it all (one process, DDP), parameter names as keys when sharded."""
+        if self.kind == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            full = get_optimizer_state_dict(self.model, _inner_optimizer(self.optimizer),
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return full if is_main_process() else None
+        return self.optimizer.state_dict() if is_main_process() else None
+
+    def load_optimizer_state(self, state: dict) -> None:
+        keyed_by_name = any(isinstance(key, str) for key in state.get("state", {}))
+        if keyed_by_name or self.kind == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            if not keyed_by_name:
+                state = optimizer_state_by_name(self.model, _inner_optimizer(self.optimizer), state)
+            set_optimizer_state_dict(self.model, _inner_optimizer(self.optimizer), state,
+                                     options=StateDictOptions(full_state_dict=True))
+            return
+        self.optimizer.load_state_dict(state)
+
+
+def _inner_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """``optimizer.state_dict()`` (parameters numbered in group order) with parameter names as keys,
+    as `torch.distributed.checkpoint.state_dict` writes them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    numbered = []
+    for group in optimizer.param_groups:
+        numbered.extend(names[id(p)] for p in group["params"])
+    groups = []
+    for saved in state["param_groups"]:
+        group = dict(saved)
+        group["params"] = [numbered[i] for i in saved["params"]]
+        groups.append(group)
+    return {"state": {numbered[int(k)]: v for k, v in state["state"].items()}, "param_groups": groups}
