@@ -216,6 +216,8 @@ class ParallelModel:
 
         self.accelerator = Accelerator(mixed_precision=_precision_name(autocast_dtype), device_placement=False,
                                        cpu=_uses_cpu())
+        if _uses_cpu() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            _fsdp2_on_cpu(self.accelerator)
         self.wrapped, self.optimizer = self.accelerator.prepare(TrainingModule(model), optimizer)
 
     # -- what the launch configuration chose
@@ -300,6 +302,26 @@ class ParallelModel:
             for module in layers:
                 module.reshard()
 
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Inside, the model can be saved as usual (``save_pretrained``, a head's ``state_dict()``) on
+        the main process: with FSDP2 every module's ``state_dict()`` returns its whole weights, gathered
+        to the main process's CPU (a collective: every process must enter). A no-op otherwise."""
+        if self.kind != "fsdp2":
+            yield
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        modules = list(self.model.named_modules())
+        for path, module in modules:
+            module.state_dict = _whole_state_dict(full, f"{path}." if path else "")
+        try:
+            yield
+        finally:
+            for _, module in modules:
+                del module.state_dict
+
     # -- checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor] | None:
         """Every trainable parameter, whole, on the CPU, on the main process (None elsewhere)."""
@@ -347,6 +369,36 @@ class ParallelModel:
                                      options=StateDictOptions(full_state_dict=True))
             return
         self.optimizer.load_state_dict(state)
+
+
+def _whole_state_dict(full: dict[str, torch.Tensor], path: str) -> Callable:
+    """A module's ``state_dict`` that answers from ``full`` (keys relative to the model) instead."""
+
+    def state_dict(*args, destination=None, prefix: str = "", keep_vars: bool = False):
+        mine = {prefix + key[len(path):]: value for key, value in full.items() if key.startswith(path)}
+        if destination is None:
+            return mine
+        destination.update(mine)
+        return destination
+
+    return state_dict
+
+
+def _fsdp2_on_cpu(accelerator) -> None:
+    """accelerate chooses FSDP only on accelerators (GPU, NPU, XPU...), but torch's FSDP2
+    (``fully_shard``) also runs on CPU processes over gloo: give accelerate's state the FSDP plugin
+    the launch configuration describes, so ``prepare`` shards the model exactly as it would on GPUs
+    (this is how the tests run FSDP2)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise UsageError("FSDP on CPU processes needs fsdp_version: 2 (FSDP2) in the accelerate configuration")
+    accelerator.state.fsdp_plugin = plugin
+    # both shared states: accelerate copies the process state's type into its own whenever asked again
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
 
 
 def _inner_optimizer(optimizer):

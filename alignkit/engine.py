@@ -73,8 +73,9 @@ class Recipe(Protocol):
 
     def evaluate(self) -> dict[str, float]: ...
 
-    # optional: loss_weight(micro_batch) -> float (units the loss averages over; default 1),
-    # on_step_end(step) -> metrics, state_dict() / load_state_dict(state)
+    # optional: loss_weight(micro_batch) -> float (units the loss averages over; default 1) and
+    # loss_unit (their name, logged with the step's total), on_step_end(step) -> metrics,
+    # state_dict() / load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -393,6 +394,9 @@ class Engine:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         set_seed(self.config.seed)
+        if self.parallel.processes > 1:
+            self.say(f"[alignkit] {self.parallel.processes} processes ({self.parallel.kind}): each step's rows are "
+                     "shared out, the loss is the mean over the whole global batch")
         resume_from = self._resume_point()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -519,6 +523,9 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         averaged = {key: value / total if total > 0 else 0.0 for key, value in combined.items()}
+        unit = getattr(self.recipe, "loss_unit", None)
+        if unit:  # how many units (tokens, pairs, completions) the step's loss is the mean over
+            averaged[unit] = total
         averaged["grad_norm"] = grad_norm
         return averaged
 

@@ -229,7 +229,9 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
         raise
     result = engine.train()
     final_dir = run_dir / "final"
-    engine.parallel.run(lambda: recipe.save_final(final_dir) if main else None)
+    with engine.parallel.saving():  # whole weights, even when FSDP2 shards them
+        if main:
+            recipe.save_final(final_dir)
     distributed.barrier()
     summary = {
         "method": job.method,
@@ -238,6 +240,8 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
         "steps": result["steps"],
         "seconds": round(time.time() - started, 1),
         "stopped_early": result["stopped_early"],
+        "processes": engine.parallel.processes,
+        "data_parallel": engine.parallel.kind,
         "last_train": result["history"][-1] if result["history"] else {},
         "first_eval": result["eval_history"][0] if result["eval_history"] else {},
         "last_eval": result["eval_history"][-1] if result["eval_history"] else {},

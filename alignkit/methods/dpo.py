@@ -316,6 +316,8 @@ class DPORecipe:
             batch["reference"] = torch.cat([cached[:, 0], cached[:, 1]]).to(self.device)
         return batch
 
+    loss_unit = "pairs"  # the engine logs the step's total
+
     def loss_weight(self, batch) -> float:
         """Pairs in the batch: the engine divides by their count over the whole global batch."""
         return float(batch["margin"].numel())

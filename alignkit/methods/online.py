@@ -472,6 +472,10 @@ class OnlineRecipe:
     def loss_weight(self, batch: CompletionBatch | GroupedCompletionBatch) -> float:
         return batch.weight
 
+    @property
+    def loss_unit(self) -> str:
+        return "tokens" if getattr(self.job, "loss_aggregation", "token") == "token" else "completions"
+
     # -- the engine's hooks
     def updates(self, start_step: int):
         per_rollout = self.rollout_steps()

@@ -71,6 +71,8 @@ class RewardRecipe:
         """(chosen rewards [B], rejected rewards [B]) from one forward pass over the batch."""
         return split_pairs(pair_scores(self.model, batch))
 
+    loss_unit = "pairs"  # the engine logs the step's total
+
     def loss_weight(self, batch) -> float:
         """Pairs in the batch: the engine divides by their count over the whole global batch."""
         return float(batch["margin"].numel())

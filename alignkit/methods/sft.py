@@ -79,7 +79,9 @@ class SFTRecipe:
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         nll_sum, correct, count = self._token_statistics(batch, with_grad=True)
         loss = nll_sum / count.clamp(min=1)
-        return loss, {"token_accuracy": float(correct) / max(1, int(count)), "tokens": float(count)}
+        return loss, {"token_accuracy": float(correct) / max(1, int(count))}
+
+    loss_unit = "tokens"  # the engine logs the step's total
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
         """Loss tokens in the batch: the engine divides by their count over the whole global batch."""
