@@ -74,7 +74,8 @@ class Recipe(Protocol):
     def evaluate(self) -> dict[str, float]: ...
 
     # optional: loss_weight(micro_batch) -> float (units the loss averages over; default 1) and
-    # loss_unit (their name, logged with the step's total), on_step_end(step) -> metrics,
+    # loss_unit (their name, logged with the step's total), padding_batch(micro_batch) (the weight-0
+    # repeat a process runs while others finish, marked), on_step_end(step) -> metrics,
     # state_dict() / load_state_dict(state)
 
 
@@ -484,14 +485,14 @@ class Engine:
                        for mb in micro_batches]
         elif self.parallel.processes > 1 and self._spare is not None:
             # this process's share of a short step is empty: it still takes part, with nothing to add
-            micro_batches, weights = [self._spare], [0.0]
+            micro_batches, weights = [self._padding(self._spare)], [0.0]
         else:
             raise ValueError(f"step {self.step + 1}: the recipe produced an empty update")
         self._spare = micro_batches[-1]
         plans = distributed.gather_objects((len(micro_batches), sum(weights)))
         count = max(n for n, _ in plans)
         total = sum(w for _, w in plans)
-        micro_batches = list(micro_batches) + [micro_batches[-1]] * (count - len(micro_batches))
+        micro_batches = list(micro_batches) + [self._padding(micro_batches[-1])] * (count - len(micro_batches))
         weights += [0.0] * (count - len(weights))
         scale = self.parallel.processes / total if total > 0 else 0.0  # DDP/FSDP/DeepSpeed average over processes
         sums: dict[str, float] = {}
@@ -528,6 +529,11 @@ class Engine:
             averaged[unit] = total
         averaged["grad_norm"] = grad_norm
         return averaged
+
+    def _padding(self, micro_batch: Any) -> Any:
+        """The repeat a process runs (with weight 0) while others still have micro-batches: marked by the
+        recipe's ``padding_batch`` when it has one (for losses with statistics shared across processes)."""
+        return self.recipe.padding_batch(micro_batch) if hasattr(self.recipe, "padding_batch") else micro_batch
 
     def _across_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         """Per-process metrics (e.g. a rollout's reward mean) averaged over the processes; maxima stay maxima."""

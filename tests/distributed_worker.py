@@ -1,5 +1,5 @@
 """What `tests/test_distributed.py` runs under ``accelerate launch --num_processes 2`` (and in-process
-with one): tiny SFT, DPO, reward-model and GRPO jobs, a resume, a NaN and a Ctrl-C on one process,
+with one): tiny SFT, DPO, reward-model, KTO and GRPO jobs, a resume, a NaN and a Ctrl-C on one process,
 and FSDP2. Not collected by pytest (no ``test_`` prefix).
 
     python tests/distributed_worker.py make ASSETS                 # tiny model + data files
@@ -59,6 +59,9 @@ def make_assets(folder: Path) -> None:
     write("pairs_train.jsonl", pairs[:11])
     write("pairs_valid.jsonl", pairs[11:])
     write("prompts.jsonl", [{"prompt": text(1 + i % 4), "answer": "yes"} for i in range(8)])
+    feedback = [{"prompt": text(2 + i % 3), "completion": text(1 + i % 5), "label": i % 3 != 0} for i in range(16)]
+    write("feedback_train.jsonl", feedback[:11])
+    write("feedback_valid.jsonl", feedback[11:])
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -73,11 +76,15 @@ def job_file(assets: Path, method: str, run: str, **top) -> Path:
         job["data"] = {"train": str(assets / "chat_train.jsonl"), "validation": str(assets / "chat_valid.jsonl"),
                        "max_length": 64}
         training.setdefault("eval_steps", STEPS)
-    elif method in ("dpo", "rm"):
-        job["data"] = {"train": str(assets / "pairs_train.jsonl"), "validation": str(assets / "pairs_valid.jsonl"),
+    elif method in ("dpo", "rm", "kto"):
+        data = "feedback" if method == "kto" else "pairs"
+        job["data"] = {"train": str(assets / f"{data}_train.jsonl"), "validation": str(assets / f"{data}_valid.jsonl"),
                        "max_length": 64}
         training.setdefault("eval_steps", STEPS)
-        if method == "dpo":
+        if method == "kto":
+            job.update(beta=0.5, lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+            job["reference_cache_dir"] = str(assets / "runs" / run / "reference-cache")
+        elif method == "dpo":
             job.update(beta=0.5, lora={"rank": 4, "alpha": 8, "dropout": 0.0})
             job["reference_cache_dir"] = str(assets / "runs" / run / "reference-cache")
         else:  # centring gives the head's bias a gradient (the pairwise loss alone cancels it)
@@ -182,7 +189,7 @@ def use_fsdp2() -> None:
 def scenarios(assets: Path, suffix: str) -> dict:
     """Everything, as run by N processes (the runs are named with ``suffix``)."""
     seen = {}
-    for method in ("sft", "dpo", "rm", "grpo"):
+    for method in ("sft", "dpo", "rm", "kto", "grpo"):
         train(assets, method, f"{method}-{suffix}")
     # resume: stop after step 2 (checkpoint), keep a copy for the test to resume under one process,
     # then resume under these processes to step 3

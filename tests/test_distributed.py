@@ -24,6 +24,7 @@ from alignkit.engine import CheckpointMismatch, Engine
 from alignkit.errors import UsageError
 from alignkit.methods import load_job
 from alignkit.methods.base import BatchSchedule, process_share
+from alignkit.methods.kto import kto_objective
 from alignkit.methods.sft import SFTRecipe
 from tests import distributed_worker as worker
 
@@ -52,7 +53,7 @@ def runs(tmp_path_factory):
     done = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
     reports = [json.loads((folder / "out" / f"process-{rank}.json").read_text()) for rank in (0, 1)]
-    for method in ("sft", "dpo", "rm", "grpo"):  # the same jobs, one process
+    for method in ("sft", "dpo", "rm", "kto", "grpo"):  # the same jobs, one process
         worker.train(assets, method, f"{method}-1")
     return assets, reports
 
@@ -77,7 +78,7 @@ def logged(run: Path, key: str) -> list[float]:
     return [line[key] for line in lines if key in line]
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "rm", "grpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "rm", "kto", "grpo"])
 def test_two_processes_make_the_same_updates_as_one(runs, method):
     assets, _ = runs
     two, one = assets / "runs" / f"{method}-2", assets / "runs" / f"{method}-1"
@@ -237,3 +238,29 @@ def test_a_checkpoint_of_another_job_is_one_clear_error(tmp_path, tiny_model, ti
 def worker_example(i):
     return ChatExample(messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes " * (i + 1)}],
                        source=f"t:{i}")
+
+
+def test_kto_reference_point_is_shared_by_the_processes(monkeypatch):
+    """z_0 is a batch statistic: each process's share of a micro-batch uses the mean over all shares."""
+    job = load_job("kto", None, ["beta=0.5"])
+    policy = torch.tensor([-3.0, -5.0, -2.0, -7.0])         # own completions of 4 examples
+    mismatched = torch.tensor([-4.0, -6.5, -3.0, -9.0])     # their mismatched completions
+    reference = policy - torch.tensor([0.3, -0.2, 0.1, 0.4])
+    reference_mismatched = mismatched - torch.tensor([0.2, 1.5, 0.6, 0.9])  # drifts differ, mean 0.8
+    labels = torch.tensor([True, False, True, False])
+    whole_loss, whole = kto_objective(job, torch.cat([policy, mismatched]),
+                                      torch.cat([reference, reference_mismatched]), labels)
+    assert whole["kl"] == pytest.approx(0.8)  # z_0 > 0: the test can see it
+    halves = [slice(0, 1), slice(1, 4)]         # uneven shares, as on a short step
+    drift = mismatched - reference_mismatched
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    losses = []
+    for mine, other in (halves, halves[::-1]):
+        peer = {"sum": float(drift[other].sum()), "count": float(drift[other].numel())}
+        monkeypatch.setattr(distributed, "sum_across", lambda values, peer=peer: {k: values[k] + peer[k] for k in values})
+        loss, metrics = kto_objective(job, torch.cat([policy[mine], mismatched[mine]]),
+                                      torch.cat([reference[mine], reference_mismatched[mine]]), labels[mine],
+                                      shared_reference_point=True)
+        assert metrics["kl"] == pytest.approx(whole["kl"])
+        losses.append(float(loss) * (mine.stop - mine.start))
+    assert sum(losses) / 4 == pytest.approx(float(whole_loss))  # the engine's weighting by examples
