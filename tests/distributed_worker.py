@@ -1,5 +1,5 @@
 """What `tests/test_distributed.py` runs under ``accelerate launch --num_processes 2`` (and in-process
-with one): tiny SFT, DPO, reward-model, KTO and GRPO jobs, a resume, a NaN and a Ctrl-C on one process,
+with one): tiny SFT, DPO, reward-model, KTO, GRPO and PPO jobs, a resume, a NaN and a Ctrl-C on one process,
 and FSDP2. Not collected by pytest (no ``test_`` prefix).
 
     python tests/distributed_worker.py make ASSETS                 # tiny model + data files
@@ -23,9 +23,8 @@ import torch
 from alignkit import distributed
 from alignkit.cli import main as cli_main
 from alignkit.engine import Engine, TrainingDiverged
-from alignkit.methods import load_job
+from alignkit.methods import get_method, load_job
 from alignkit.methods.base import run_job
-from alignkit.methods.grpo import GRPORecipe
 from alignkit.methods.sft import SFTRecipe
 from alignkit.rollout.hf import build_rollout_batch
 from alignkit.rollout.stops import stop_token_ids
@@ -89,12 +88,17 @@ def job_file(assets: Path, method: str, run: str, **top) -> Path:
             job["reference_cache_dir"] = str(assets / "runs" / run / "reference-cache")
         else:  # centring gives the head's bias a gradient (the pairwise loss alone cancels it)
             job["center_rewards_coefficient"] = 0.01
-    else:  # grpo
+    elif method == "grpo":
         job["data"] = {"train": str(assets / "prompts.jsonl"), "validation_fraction": 0.0}
         job.update(num_generations=4, prompts_per_step=4, max_completion_length=8, beta=0.1,
                    rewards=[{"name": "tests.distributed_worker:count_yes"}],
                    lora={"rank": 4, "alpha": 8, "dropout": 0.0})
         training["batch_size"] = 8
+    else:  # ppo: a separate critic, the KL penalty, two minibatches per rollout (rows of both processes)
+        job["data"] = {"train": str(assets / "prompts.jsonl"), "validation_fraction": 0.0}
+        job.update(num_generations=2, prompts_per_step=4, max_completion_length=8, kl_coef=0.1, ppo_epochs=1,
+                   num_mini_batches=2, critic="separate", rewards=[{"name": "tests.distributed_worker:count_yes"}],
+                   lora={"rank": 4, "alpha": 8, "dropout": 0.0})
     job.update(top)
     path = assets / "jobs" / f"{run}.yaml"
     if distributed.is_main_process():
@@ -137,7 +141,9 @@ def train(assets: Path, method: str, run: str, **top) -> dict:
         assert code == 0, code
         return json.loads((assets / "runs" / run / "summary.json").read_text()) if distributed.is_main_process() else {}
     job = load_job(None, path)
-    recipe = GRPORecipe(job, backend=ScriptedSampler()) if method == "grpo" else None
+    recipe = None
+    if method in ("grpo", "ppo"):
+        recipe = get_method(method).recipe(job, backend=ScriptedSampler())
     return run_job(job, recipe=recipe)
 
 
@@ -189,7 +195,7 @@ def use_fsdp2() -> None:
 def scenarios(assets: Path, suffix: str) -> dict:
     """Everything, as run by N processes (the runs are named with ``suffix``)."""
     seen = {}
-    for method in ("sft", "dpo", "rm", "kto", "grpo"):
+    for method in ("sft", "dpo", "rm", "kto", "grpo", "ppo"):
         train(assets, method, f"{method}-{suffix}")
     # resume: stop after step 2 (checkpoint), keep a copy for the test to resume under one process,
     # then resume under these processes to step 3

@@ -53,7 +53,7 @@ def runs(tmp_path_factory):
     done = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
     reports = [json.loads((folder / "out" / f"process-{rank}.json").read_text()) for rank in (0, 1)]
-    for method in ("sft", "dpo", "rm", "kto", "grpo"):  # the same jobs, one process
+    for method in ("sft", "dpo", "rm", "kto", "grpo", "ppo"):  # the same jobs, one process
         worker.train(assets, method, f"{method}-1")
     return assets, reports
 
@@ -78,18 +78,21 @@ def logged(run: Path, key: str) -> list[float]:
     return [line[key] for line in lines if key in line]
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "rm", "kto", "grpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "rm", "kto", "grpo", "ppo"])
 def test_two_processes_make_the_same_updates_as_one(runs, method):
     assets, _ = runs
     two, one = assets / "runs" / f"{method}-2", assets / "runs" / f"{method}-1"
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["data_parallel"] == "ddp"
-    assert largest_difference(final_tensors(two), final_tensors(one)) <= TOLERANCE
+    # PPO (beyond the list): its critic adds a second adapter that starts at zero, so three
+    # tiny Adam steps leave tensors whose float noise is larger relative to their size
+    tolerance = 5 * TOLERANCE if method == "ppo" else TOLERANCE
+    assert largest_difference(final_tensors(two), final_tensors(one)) <= tolerance
     losses_two, losses_one = logged(two, "loss"), logged(one, "loss")
     assert len(losses_two) == len(losses_one) == worker.STEPS
     assert losses_two == pytest.approx(losses_one, rel=TOLERANCE, abs=1e-7)
     assert len(set(losses_one)) == worker.STEPS  # the steps really differ
-    if method != "grpo":  # held-out metrics from the shared-out evaluation equal the one-process ones
+    if method not in ("grpo", "ppo"):  # held-out metrics from the shared-out evaluation equal the one-process ones
         assert logged(two, "eval/loss") == pytest.approx(logged(one, "eval/loss"), rel=TOLERANCE)
 
 
