@@ -218,6 +218,13 @@ class ParallelModel:
                                        cpu=_uses_cpu())
         if _uses_cpu() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             _fsdp2_on_cpu(self.accelerator)
+        if _uses_cpu() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            _deepspeed_on_cpu(self.accelerator)
+        if self.kind == "deepspeed":
+            # alignkit makes its own batches: DeepSpeed's batch-size keys only feed its logging
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                config["train_micro_batch_size_per_gpu"] = 1
         self.wrapped, self.optimizer = self.accelerator.prepare(TrainingModule(model), optimizer)
 
     # -- what the launch configuration chose
@@ -243,6 +250,17 @@ class ParallelModel:
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         return int(getattr(plugin, "zero_stage", 0) or 0)
 
+    @property
+    def zero3(self) -> bool:
+        return self.kind == "deepspeed" and self._zero_stage() == 3
+
+    def _gathered(self, parameters=None, modifier_rank: int | None = None):
+        """DeepSpeed ZeRO-3: ``parameters`` (default all) whole on every process inside the block."""
+        import deepspeed
+
+        parameters = list(self.model.parameters()) if parameters is None else list(parameters)
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=modifier_rank)
+
     # -- training
     def forward(self, function: Callable, *args, **kwargs):
         """``function(*args)`` as the wrapped model's forward (see `TrainingModule`)."""
@@ -251,18 +269,21 @@ class ParallelModel:
         return self.wrapped(function, *args, **kwargs)
 
     @contextlib.contextmanager
-    def accumulating(self, accumulate: bool) -> Iterator[None]:
-        """Inside, backward accumulates gradients locally (no all-reduce): every micro-batch of a step
-        but the last."""
-        if self.accelerator is None or not accumulate:
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward. Every micro-batch of a step but the ``last``
+        accumulates its gradients locally (no all-reduce). Under ZeRO-3 the output layer stays gathered
+        throughout: alignkit reads its weight directly (chunked log-probs), in forward and in backward."""
+        with contextlib.ExitStack() as stack:
+            if self.zero3:
+                layers = [m.get_output_embeddings() for m in self.model.modules()
+                          if hasattr(m, "get_output_embeddings")]
+                stack.enter_context(self._gathered(
+                    {id(p): p for layer in layers if layer is not None for p in layer.parameters()}.values()))
+            if self.accelerator is not None and not last:
+                self.accelerator.gradient_state._set_sync_gradients(False)
+                stack.callback(self.accelerator.gradient_state._set_sync_gradients, True)
+                stack.enter_context(self.accelerator.no_sync(self.wrapped))
             yield
-            return
-        self.accelerator.gradient_state._set_sync_gradients(False)
-        try:
-            with self.accelerator.no_sync(self.wrapped):
-                yield
-        finally:
-            self.accelerator.gradient_state._set_sync_gradients(True)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is None:
@@ -286,7 +307,10 @@ class ParallelModel:
         """``function(*args)`` with every parameter whole on every process: sampling, evaluation,
         saving. A no-op wrapper for one process and for DDP; with FSDP2 it runs inside the root's
         forward with every layer unsharded (a collective: every process must call it)."""
-        if not self.sharded or self.kind != "fsdp2":
+        if self.zero3:
+            with self._gathered():
+                return function(*args, **kwargs)
+        if self.kind != "fsdp2":
             return function(*args, **kwargs)
         return self.wrapped(self._unsharded, function, *args, **kwargs)
 
@@ -307,6 +331,10 @@ class ParallelModel:
         """Inside, the model can be saved as usual (``save_pretrained``, a head's ``state_dict()``) on
         the main process: with FSDP2 every module's ``state_dict()`` returns its whole weights, gathered
         to the main process's CPU (a collective: every process must enter). A no-op otherwise."""
+        if self.zero3:
+            with self._gathered():
+                yield
+            return
         if self.kind != "fsdp2":
             yield
             return
@@ -332,9 +360,11 @@ class ParallelModel:
             full = get_model_state_dict(self.model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
             return {k: v.contiguous() for k, v in full.items() if k in names} if is_main_process() else None
-        if not is_main_process():
-            return None
-        return {name: p.detach().contiguous().cpu() for name, p in self.model.named_parameters() if p.requires_grad}
+        with self._gathered() if self.zero3 else contextlib.nullcontext():
+            if not is_main_process():
+                return None
+            return {name: p.detach().contiguous().cpu().clone() for name, p in self.model.named_parameters()
+                    if p.requires_grad}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.kind == "fsdp2":
@@ -343,13 +373,18 @@ class ParallelModel:
             set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
             return
         params = dict(self.model.named_parameters())
-        with torch.no_grad():
+        with self._gathered(modifier_rank=0) if self.zero3 else contextlib.nullcontext(), torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
     def optimizer_state(self) -> dict | None:
         """The optimizer's whole state on the main process (None elsewhere): ``optimizer.state_dict()``
-        where every process holds it all (one process, DDP), parameter names as keys when sharded."""
+        where every process holds it all (one process, DDP), parameter names as keys when sharded
+        (FSDP2). DeepSpeed's ZeRO optimizer keeps its own partitions: each process's is kept, and such a
+        checkpoint resumes under the same number of processes only."""
+        if self.kind == "deepspeed":
+            parts = gather_objects(self.optimizer.state_dict())
+            return {"deepspeed_partitions": parts} if is_main_process() else None
         if self.kind == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -358,7 +393,16 @@ class ParallelModel:
             return full if is_main_process() else None
         return self.optimizer.state_dict() if is_main_process() else None
 
-    def load_optimizer_state(self, state: dict) -> None:
+    def load_optimizer_state(self, state: dict, source: Any = "checkpoint") -> None:
+        if "deepspeed_partitions" in state or self.kind == "deepspeed":
+            parts = state.get("deepspeed_partitions")
+            if self.kind != "deepspeed" or parts is None or len(parts) != self.processes:
+                written = f"DeepSpeed with {len(parts)} processes" if parts else "without DeepSpeed"
+                raise UsageError(f"{source} was written {written}; its optimizer state resumes only under the "
+                                 f"same DeepSpeed setup and process count (this run: {self.kind}, "
+                                 f"{self.processes} processes)")
+            self.optimizer.load_state_dict(parts[rank()])
+            return
         keyed_by_name = any(isinstance(key, str) for key in state.get("state", {}))
         if keyed_by_name or self.kind == "fsdp2":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -399,6 +443,21 @@ def _fsdp2_on_cpu(accelerator) -> None:
     # both shared states: accelerate copies the process state's type into its own whenever asked again
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
+
+
+def _deepspeed_on_cpu(accelerator) -> None:
+    """accelerate turns DeepSpeed off for CPU processes, but DeepSpeed runs there too (its CPU
+    accelerator, gloo): select the plugin the launch configuration describes, as accelerate does on
+    GPUs (how DeepSpeed is tried on a machine without GPUs; set ``DS_ACCELERATOR=cpu``)."""
+    from accelerate import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.deepspeed_plugins = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
 
 
 def _inner_optimizer(optimizer):

@@ -326,7 +326,7 @@ class Engine:
         weights, state = distributed.broadcast_object(loaded)
         check_trainable_names(self.model, weights, path)
         self.parallel.load_trainable_state(weights)
-        self.parallel.load_optimizer_state(state["optimizer"])
+        self.parallel.load_optimizer_state(state["optimizer"], path)
         self.scheduler.load_state_dict(state["scheduler"])
         processes, process = self.parallel.processes, distributed.rank()
         process_rng = state.get("process_rng")
@@ -409,8 +409,8 @@ class Engine:
             count = validation_count(self.recipe)
             if count != 0:
                 what = f"{count} validation examples" if count else "the validation set"
-                print(f"[alignkit] step 0: evaluating the starting model on {what}, so that the report shows "
-                      "before and after (training.eval_at_start: false skips this)", flush=True)
+                self.say(f"[alignkit] step 0: evaluating the starting model on {what}, so that the report shows "
+                         "before and after (training.eval_at_start: false skips this)")
             metrics = self.evaluate()
             if metrics:
                 logger.log(0, metrics)
@@ -498,7 +498,7 @@ class Engine:
         sums: dict[str, float] = {}
         problem = None
         for index, (micro_batch, weight) in enumerate(zip(micro_batches, weights)):
-            with self.parallel.accumulating(index < count - 1):
+            with self.parallel.micro_batch(last=index == count - 1):
                 with self.autocast():
                     loss, metrics = self.parallel.forward(self.recipe.loss, micro_batch)
                 value = float(loss.detach())

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from alignkit import distributed
 from alignkit.cli import main as cli_main
@@ -31,6 +32,7 @@ from alignkit.rollout.stops import stop_token_ids
 from tests.helpers import WORDS, make_tiny_model, make_tiny_tokenizer
 
 STEPS = 3
+PRESETS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 
 # ----------------------------------------------------------------------------- assets
@@ -182,13 +184,17 @@ def fail_on_one_process(assets: Path, failure: str) -> dict:
 # ----------------------------------------------------------------------------- the scenarios
 
 def use_fsdp2() -> None:
-    """Switch this process's accelerate state to FSDP2 (what ``accelerate launch --use_fsdp
-    --fsdp_version 2`` sets), keeping the process group."""
+    """Switch this process's accelerate state to the FSDP2 preset (the environment ``accelerate launch
+    --config_file examples/accelerate/fsdp2.yaml`` sets: ``FSDP_<KEY>`` per ``fsdp_<key>``), keeping
+    the process group."""
     from accelerate.state import AcceleratorState
 
-    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
-                      FSDP_RESHARD_AFTER_FORWARD="true", FSDP_CPU_RAM_EFFICIENT_LOADING="false",
-                      FSDP_STATE_DICT_TYPE="FULL_STATE_DICT")
+    preset = yaml.safe_load((PRESETS / "fsdp2.yaml").read_text())
+    assert preset["distributed_type"] == "FSDP"
+    os.environ["ACCELERATE_USE_FSDP"] = "true"
+    for key, value in preset["fsdp_config"].items():
+        os.environ["FSDP_" + key.removeprefix("fsdp_").upper()] = str(value).lower() if isinstance(value, bool) \
+            else str(value)
     AcceleratorState._reset_state()
 
 

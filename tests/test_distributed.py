@@ -38,19 +38,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(env: dict, folder: Path, preset: str, *command: str) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file examples/accelerate/<preset> --num_processes 2 <command>`` (on
+    CPUs: gloo, one thread each)."""
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "examples" / "accelerate" / preset), "--num_processes", "2",
+                           "--main_process_port", str(free_port()), *command],
+                          env=env, cwd=folder, capture_output=True, text=True, timeout=900)
+
+
+def launch_environment(folder: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "ALIGNKIT_HOME": str(folder / "home")}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Assets, the two processes' reports, and the one-process runs of the same jobs."""
     folder = tmp_path_factory.mktemp("distributed")
     assets = folder / "assets"
     worker.make_assets(assets)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "ALIGNKIT_HOME": str(folder / "home"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), str(ROOT / "tests" / "distributed_worker.py"),
-               "run", str(assets), str(folder / "out")]
-    done = subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=900)
+    env = launch_environment(folder)
+    done = launch(env, folder, "ddp.yaml", str(ROOT / "tests" / "distributed_worker.py"), "run", str(assets),
+                  str(folder / "out"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
     reports = [json.loads((folder / "out" / f"process-{rank}.json").read_text()) for rank in (0, 1)]
     for method in ("sft", "dpo", "rm", "kto", "grpo", "ppo"):  # the same jobs, one process
@@ -267,3 +278,29 @@ def test_kto_reference_point_is_shared_by_the_processes(monkeypatch):
         assert metrics["kl"] == pytest.approx(whole["kl"])
         losses.append(float(loss) * (mine.stop - mine.start))
     assert sum(losses) / 4 == pytest.approx(float(whole_loss))  # the engine's weighting by examples
+
+
+@pytest.mark.parametrize("preset", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_presets_make_the_same_updates_as_one_process(runs, preset):
+    """Only where DeepSpeed is installed (``pip install deepspeed``; on CPUs with ``DS_ACCELERATOR=cpu``;
+    its first run compiles a communication op for minutes)."""
+    pytest.importorskip("deepspeed")
+    assets, _ = runs
+    run = f"sft-{preset.removesuffix('.yaml')}"
+    job = worker.job_file(assets, "sft", run)
+    env = {"DS_ACCELERATOR": "cpu", **launch_environment(assets.parent)} if not torch.cuda.is_available() \
+        else launch_environment(assets.parent)
+    done = launch(env, assets.parent, preset, "-m", "alignkit", "train", str(job))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    assert json.loads((assets / "runs" / run / "summary.json").read_text())["data_parallel"] == "deepspeed"
+    assert largest_difference(final_tensors(assets / "runs" / run),
+                              final_tensors(assets / "runs" / "sft-1")) <= TOLERANCE
+
+
+def test_every_preset_is_a_valid_accelerate_configuration():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {name: str(load_config_from_file(str(ROOT / "examples" / "accelerate" / name)).distributed_type)
+             for name in ("ddp.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml")}
+    assert kinds == {"ddp.yaml": "DistributedType.MULTI_GPU", "fsdp2.yaml": "DistributedType.FSDP",
+                     "deepspeed_zero2.yaml": "DistributedType.DEEPSPEED", "deepspeed_zero3.yaml": "DistributedType.DEEPSPEED"}
