@@ -190,8 +190,16 @@ class TrainingModule(torch.nn.Module):
         return function(*args, **kwargs)
 
 
-def _precision_name(autocast_dtype: torch.dtype | None) -> str:
-    return "bf16" if autocast_dtype == torch.bfloat16 else "no"
+def _precision_name(autocast_dtype: torch.dtype | None, model: torch.nn.Module) -> str:
+    """accelerate's ``mixed_precision`` for this run. DDP: "no" (alignkit's own autocast and the model's
+    dtype decide, exactly as in one process). FSDP2 and DeepSpeed with bf16 (the job's autocast or bf16
+    trainable weights): "bf16", so they keep fp32 master copies of the trainable weights and compute
+    in bf16 (FSDP2 also needs one dtype per sharded group, e.g. a bf16 backbone with an fp32 head)."""
+    sharding = any(os.environ.get(flag, "").lower() == "true"
+                   for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    bf16 = autocast_dtype == torch.bfloat16 or any(p.dtype == torch.bfloat16 for p in model.parameters()
+                                                   if p.requires_grad)
+    return "bf16" if sharding and bf16 else "no"
 
 
 class ParallelModel:
@@ -214,8 +222,8 @@ class ParallelModel:
             return
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(mixed_precision=_precision_name(autocast_dtype), device_placement=False,
-                                       cpu=_uses_cpu())
+        self.accelerator = Accelerator(mixed_precision=_precision_name(autocast_dtype, model),
+                                       device_placement=False, cpu=_uses_cpu())
         if _uses_cpu() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
             _fsdp2_on_cpu(self.accelerator)
         if _uses_cpu() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":

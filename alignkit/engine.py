@@ -148,7 +148,8 @@ def check_trainable_names(model: torch.nn.Module, state: dict[str, torch.Tensor]
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]
     unknown = [name for name in state if name not in params]
-    wrong = [name for name, tensor in state.items() if name in params and tuple(tensor.shape) != tuple(params[name].shape)]
+    wrong = [name for name, tensor in state.items()
+             if name in params and tuple(tensor.shape) != tuple(params[name].shape)]
     if missing or unknown or wrong:
         details = [f"{len(missing)} trainable weights missing (e.g. {missing[0]})" if missing else "",
                    f"{len(unknown)} it has that this model lacks (e.g. {unknown[0]})" if unknown else "",

@@ -233,7 +233,8 @@ def audit_writes(root: Path, record: list) -> None:
             if writing and path.startswith(root):
                 record.append(f"open {path}")
         elif event in ("os.mkdir", "os.rename", "os.remove", "os.rmdir", "shutil.rmtree", "shutil.copytree"):
-            path = os.path.abspath(os.fsdecode(args[0])) if args and isinstance(args[0], (str, bytes, os.PathLike)) else ""
+            named = args and isinstance(args[0], (str, bytes, os.PathLike))
+            path = os.path.abspath(os.fsdecode(args[0])) if named else ""
             if path.startswith(root):
                 record.append(f"{event} {path}")
 

@@ -197,7 +197,8 @@ def test_nan_and_ctrl_c_on_one_process_stop_every_process_at_the_same_step(runs)
     assert [n["stopped"] for n in nan] == ["diverged", "diverged"] and {n["step"] for n in nan} == {1}
     assert all(n["message"].startswith("step 2: loss is nan") for n in nan)
     interrupted = [r["seen"]["interrupt"] for r in reports]
-    assert [i["stopped"] for i in interrupted] == ["interrupted", "interrupted"] and {i["step"] for i in interrupted} == {2}
+    assert [i["stopped"] for i in interrupted] == ["interrupted", "interrupted"]
+    assert {i["step"] for i in interrupted} == {2}
     checkpoints = sorted(p.name for p in (assets / "runs" / "fail-interrupt" / "checkpoints").iterdir())
     assert checkpoints == ["step-0000002"]
 
@@ -250,8 +251,8 @@ def test_a_checkpoint_of_another_job_is_one_clear_error(tmp_path, tiny_model, ti
 
 
 def worker_example(i):
-    return ChatExample(messages=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes " * (i + 1)}],
-                       source=f"t:{i}")
+    return ChatExample(messages=[{"role": "user", "content": "hello"},
+                                 {"role": "assistant", "content": "yes " * (i + 1)}], source=f"t:{i}")
 
 
 def test_kto_reference_point_is_shared_by_the_processes(monkeypatch):
@@ -271,7 +272,8 @@ def test_kto_reference_point_is_shared_by_the_processes(monkeypatch):
     losses = []
     for mine, other in (halves, halves[::-1]):
         peer = {"sum": float(drift[other].sum()), "count": float(drift[other].numel())}
-        monkeypatch.setattr(distributed, "sum_across", lambda values, peer=peer: {k: values[k] + peer[k] for k in values})
+        monkeypatch.setattr(distributed, "sum_across",
+                            lambda values, peer=peer: {k: values[k] + peer[k] for k in values})
         loss, metrics = kto_objective(job, torch.cat([policy[mine], mismatched[mine]]),
                                       torch.cat([reference[mine], reference_mismatched[mine]]), labels[mine],
                                       shared_reference_point=True)
@@ -303,4 +305,5 @@ def test_every_preset_is_a_valid_accelerate_configuration():
     kinds = {name: str(load_config_from_file(str(ROOT / "examples" / "accelerate" / name)).distributed_type)
              for name in ("ddp.yaml", "fsdp2.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml")}
     assert kinds == {"ddp.yaml": "DistributedType.MULTI_GPU", "fsdp2.yaml": "DistributedType.FSDP",
-                     "deepspeed_zero2.yaml": "DistributedType.DEEPSPEED", "deepspeed_zero3.yaml": "DistributedType.DEEPSPEED"}
+                     "deepspeed_zero2.yaml": "DistributedType.DEEPSPEED",
+                     "deepspeed_zero3.yaml": "DistributedType.DEEPSPEED"}
