@@ -23,6 +23,16 @@ import os
 from typing import Any, Callable, Iterator
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 
 from alignkit.errors import UsageError
 
@@ -45,8 +55,6 @@ def state():
     """accelerate's `PartialState` for a launched run (joins the process group once); None otherwise."""
     global _STATE
     if _STATE is None and launched():
-        from accelerate import PartialState
-
         _STATE = PartialState(cpu=_uses_cpu())
     return _STATE
 
@@ -220,8 +228,6 @@ class ParallelModel:
         self.processes = world_size()
         if not launched():
             return
-        from accelerate import Accelerator
-
         self.accelerator = Accelerator(mixed_precision=_precision_name(autocast_dtype, model),
                                        device_placement=False, cpu=_uses_cpu())
         if _uses_cpu() and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
@@ -323,8 +329,6 @@ class ParallelModel:
         return self.wrapped(self._unsharded, function, *args, **kwargs)
 
     def _unsharded(self, function: Callable, *args, **kwargs):
-        from torch.distributed.fsdp import FSDPModule
-
         layers = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
         for module in layers:
             module.unshard()
@@ -346,8 +350,6 @@ class ParallelModel:
         if self.kind != "fsdp2":
             yield
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         modules = list(self.model.named_modules())
         for path, module in modules:
@@ -362,8 +364,6 @@ class ParallelModel:
     def trainable_state(self) -> dict[str, torch.Tensor] | None:
         """Every trainable parameter, whole, on the CPU, on the main process (None elsewhere)."""
         if self.kind == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             names = {name for name, p in self.model.named_parameters() if p.requires_grad}
             full = get_model_state_dict(self.model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
@@ -376,8 +376,6 @@ class ParallelModel:
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         if self.kind == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
             set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
             return
         params = dict(self.model.named_parameters())
@@ -394,8 +392,6 @@ class ParallelModel:
             parts = gather_objects(self.optimizer.state_dict())
             return {"deepspeed_partitions": parts} if is_main_process() else None
         if self.kind == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
             full = get_optimizer_state_dict(self.model, _inner_optimizer(self.optimizer),
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return full if is_main_process() else None
@@ -413,8 +409,6 @@ class ParallelModel:
             return
         keyed_by_name = any(isinstance(key, str) for key in state.get("state", {}))
         if keyed_by_name or self.kind == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
             if not keyed_by_name:
                 state = optimizer_state_by_name(self.model, _inner_optimizer(self.optimizer), state)
             set_optimizer_state_dict(self.model, _inner_optimizer(self.optimizer), state,
@@ -441,9 +435,6 @@ def _fsdp2_on_cpu(accelerator) -> None:
     (``fully_shard``) also runs on CPU processes over gloo: give accelerate's state the FSDP plugin
     the launch configuration describes, so ``prepare`` shards the model exactly as it would on GPUs
     (this is how the tests run FSDP2)."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
         raise UsageError("FSDP on CPU processes needs fsdp_version: 2 (FSDP2) in the accelerate configuration")
@@ -457,9 +448,6 @@ def _deepspeed_on_cpu(accelerator) -> None:
     """accelerate turns DeepSpeed off for CPU processes, but DeepSpeed runs there too (its CPU
     accelerator, gloo): select the plugin the launch configuration describes, as accelerate does on
     GPUs (how DeepSpeed is tried on a machine without GPUs; set ``DS_ACCELERATOR=cpu``)."""
-    from accelerate import PartialState
-    from accelerate.utils import DeepSpeedPlugin, DistributedType
-
     plugin = DeepSpeedPlugin()
     plugin.set_mixed_precision(accelerator.state.mixed_precision)
     plugin.select(_from_accelerator_state=True)
