@@ -72,7 +72,7 @@ def job_file(assets: Path, method: str, run: str, **top) -> Path:
     training = {"max_steps": STEPS, "batch_size": 4, "learning_rate": 1e-4, "lr_scheduler": "constant",
                 "output_dir": str(assets / "runs" / run), "progress": False, "tensorboard": False, "seed": 3,
                 **top.pop("training", {})}
-    job = {"method": method, "model": {"name_or_path": str(assets / "model")}, "training": training}
+    job = {"method": method, "model": {"name_or_path": str(assets / "model"), "device": "cpu"}, "training": training}
     if method == "sft":
         job["data"] = {"train": str(assets / "chat_train.jsonl"), "validation": str(assets / "chat_valid.jsonl"),
                        "max_length": 64}

@@ -48,7 +48,9 @@ def launch(env: dict, folder: Path, preset: str, *command: str) -> subprocess.Co
 
 
 def launch_environment(folder: Path) -> dict:
+    """CPU processes (no GPU is used even where there is one: the one-process runs here are on CPU)."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "CUDA_VISIBLE_DEVICES": "",
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
             "ALIGNKIT_HOME": str(folder / "home")}
 
@@ -290,8 +292,7 @@ def test_deepspeed_presets_make_the_same_updates_as_one_process(runs, preset):
     assets, _ = runs
     run = f"sft-{preset.removesuffix('.yaml')}"
     job = worker.job_file(assets, "sft", run)
-    env = {"DS_ACCELERATOR": "cpu", **launch_environment(assets.parent)} if not torch.cuda.is_available() \
-        else launch_environment(assets.parent)
+    env = {"DS_ACCELERATOR": "cpu", **launch_environment(assets.parent)}
     done = launch(env, assets.parent, preset, "-m", "alignkit", "train", str(job))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
     assert json.loads((assets / "runs" / run / "summary.json").read_text())["data_parallel"] == "deepspeed"

@@ -206,8 +206,9 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
     notes = list(job.notes)
     if job.data.train and recipe is None:  # a method without data files reads what it wants itself
         train, validation, notes = check_data_first(job)
-        if "train" in inspect.signature(method.recipe).parameters:
-            data = {"train": train, "validation": validation}
+        parameters = inspect.signature(method.recipe).parameters
+        if "train" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            data = {"train": train, "validation": validation}  # (GRPO/PPO take them through **parts)
     run_dir = Path(distributed.broadcast_object(str(job.output_dir())))  # one {time} for every process
     main = distributed.is_main_process()
     created = not run_dir.exists()
