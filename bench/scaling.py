@@ -76,14 +76,15 @@ def worker(job_path: str, out: str, sync: bool) -> None:
 
     from alignkit import distributed
     from alignkit.distributed import ParallelModel
-    from alignkit.engine import Engine
+    from alignkit.engine import Engine, set_seed
     from alignkit.methods import get_method, load_job
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if not sync:  # every micro-batch accumulates locally: no gradient all-reduce at all (timing only)
         micro_batch = ParallelModel.micro_batch
         ParallelModel.micro_batch = lambda self, last: micro_batch(self, last=False)
-    job = load_job("sft", job_path)
+    job = load_job("sft", job_path, [f"training.output_dir={Path(out).with_suffix('')}-run"])
+    set_seed(job.training.seed)  # the same LoRA initialisation in every configuration
     recipe = get_method("sft").recipe(job)
     engine = Engine(job.training, recipe, job.output_dir())
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: training only
@@ -152,7 +153,8 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, preset, threads, sync in chosen:
             print(f"[{repeat + 1}/{args.repeats}] {name} ...", flush=True)
-            results[name].append(run_configuration(preset, threads, sync, job_path, folder / "result.json"))
+            out = folder / f"result-{repeat}-{len(results[name])}-{chosen.index((name, preset, threads, sync))}.json"
+            results[name].append(run_configuration(preset, threads, sync, job_path, out))
     print(f"\nSFT {args.mode}, SmolLM2-135M fp32, {source}, global batch {args.batch}, {args.steps} steps "
           f"(step 1 warm-up), max length {args.max_length}, {os.cpu_count()} CPUs, {args.repeats} repeat(s)\n")
     base = statistics.median(r["tokens_per_second"] for r in results[chosen[0][0]])

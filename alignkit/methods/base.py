@@ -21,7 +21,7 @@ from alignkit.data import length_bucketed_batches
 from alignkit.data.check import prepare_job_data
 from alignkit.data.mixing import load_training_data
 from alignkit.data.templates import apply_chat_template_setting
-from alignkit.engine import Engine
+from alignkit.engine import Engine, set_seed
 from alignkit.export.card import write_run_card
 from alignkit.methods.registry import get_method
 from alignkit.model import (
@@ -218,6 +218,7 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(job_to_yaml(job))
         if recipe is None:
+            set_seed(job.training.seed)  # model surgery (LoRA, heads) starts from the same RNG on every process
             recipe = method.recipe(job, **data)
             recipe.notes = notes + list(getattr(recipe, "notes", []))
         if main:
