@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -43,11 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt as interrupt:
-        print(f"\n[alignkit] stopped: {interrupt}", file=sys.stderr)
+        if _main_process():
+            print(f"\n[alignkit] stopped: {interrupt}", file=sys.stderr)
         return 130
     except (UserError, FileNotFoundError) as error:
-        print(f"alignkit: error: {error}", file=sys.stderr)
+        if _main_process():  # under a launcher every process meets the same error: one line
+            print(f"alignkit: error: {error}", file=sys.stderr)
         return 2
+
+
+def _main_process() -> bool:
+    """Rank 0 (or no launcher), read from the launcher's environment: asking the process group could
+    wait for processes that have already stopped."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 if __name__ == "__main__":

@@ -77,17 +77,19 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, dim: int | None =
     return var
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           mean: Tensor | None = None, variance: Tensor | None = None) -> Tensor:
     """Normalise the masked entries of `x` to unit variance: `(x - mean) / sqrt(var + eps)`.
 
-    Mean and (unbiased) variance are taken over all masked elements. With `shift_mean=False` the
+    Mean and (unbiased) variance are taken over all masked elements, unless given (e.g. over a batch
+    shared out among processes). With `shift_mean=False` the
     mean is added back (`(x - mean) / std + mean`: only the scale changes), as usual for rewards.
     Masked-out positions are set to 0. Used for PPO advantages (Schulman et al. 2017, "Proximal
     Policy Optimization Algorithms"; the common "advantage normalisation" trick).
     """
     mask = _prepare_mask(x, mask)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mean = masked_mean(x, mask) if mean is None else mean.to(x.dtype)
+    var = masked_var(x, mask, unbiased=True) if variance is None else variance.to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

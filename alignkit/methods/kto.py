@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
+from alignkit import distributed
 from alignkit.data.errors import DataError
 from alignkit.data.pairs import split_pairs
 from alignkit.data.unpaired import tokenize_unpaired
@@ -89,12 +90,23 @@ def weight_balance_note(desirable: int, undesirable: int, desirable_weight: floa
             f"with undesirable_weight {undesirable_weight:g}")
 
 
-def kto_objective(job: KTOJob, sums: torch.Tensor, reference_sums: torch.Tensor, labels: torch.Tensor):
+def kto_objective(job: KTOJob, sums: torch.Tensor, reference_sums: torch.Tensor, labels: torch.Tensor,
+                  shared_reference_point: bool = False, padding: bool = False):
     """Loss and metrics from the ``[2B]`` response log-prob sums of a KTO batch (own completions first,
     then the mismatched ones) and their reference sums. Pure tensor code, shared by training,
-    evaluation and the tests."""
+    evaluation and the tests.
+
+    ``shared_reference_point``: under several processes, z_0 is the mean over the mismatched pairs of
+    every process's micro-batch of this round (what one process would see in the whole micro-batch);
+    a ``padding`` repeat adds nothing to it."""
     policy, policy_mismatched = split_pairs(sums)
     reference, reference_mismatched = split_pairs(reference_sums.to(sums.device))
+    if shared_reference_point and distributed.world_size() > 1:
+        drift = policy_mismatched.detach().float() - reference_mismatched.float()
+        totals = distributed.sum_across({"sum": 0.0 if padding else float(drift.sum()),
+                                         "count": 0.0 if padding else float(drift.numel())})
+        policy_mismatched = torch.full((1,), totals["sum"] / max(1.0, totals["count"]), device=sums.device)
+        reference_mismatched = torch.zeros(1, device=sums.device)
     desirable = labels.to(sums.device).bool()
     losses, rewards, reference_point = kto_loss(
         policy, reference, desirable, policy_mismatched.detach(), reference_mismatched, beta=job.beta,
@@ -157,16 +169,23 @@ class KTORecipe(DPORecipe):
         if reference is None:
             reference = self._reference_logps(batch, self.reference)[0]
         sums, _ = response_logprob_sums(self.model, batch, self.job.logprob_chunk_size)
-        return kto_objective(self.job, sums, reference, batch["labels"])
+        return kto_objective(self.job, sums, reference, batch["labels"], shared_reference_point=True,
+                             padding=batch.get("padding", False))
+
+    def padding_batch(self, batch):
+        """The weight-0 repeat the engine runs while other processes finish: it adds nothing to z_0."""
+        return {**batch, "padding": True}
 
     def evaluate(self) -> dict[str, float]:
-        """The objective over the whole validation set at once (z_0 from all its mismatched pairs)."""
+        """The objective over the whole validation set at once (z_0 from all its mismatched pairs); each
+        process computes the log-probs of its share and the shares are gathered."""
         if not self.validation_pairs:
             return {}
         size = max(1, self.batch_size)
         policy, reference = [], []
-        for start in range(0, len(self.validation_pairs), size):
-            chunk = self.validation_pairs[start:start + size]
+        first, stop = distributed.shard_range(len(self.validation_pairs))
+        for start in range(first, stop, size):
+            chunk = self.validation_pairs[start:min(start + size, stop)]
             batch = self.collate(chunk)
             sums, _ = response_logprob_sums(self.model, batch, self.job.logprob_chunk_size)
             if self.precomputed is not None and "validation" in self.precomputed:
@@ -176,6 +195,9 @@ class KTORecipe(DPORecipe):
                 reference_sums = self._reference_logps(batch, self.reference)[0]
             policy.append(split_pairs(sums.float().cpu()))
             reference.append(split_pairs(reference_sums.float().cpu()))
+        shares = distributed.gather_objects((policy, reference))  # in process order: the validation order
+        policy = [p for share, _ in shares for p in share]
+        reference = [r for _, share in shares for r in share]
         sums = torch.cat([torch.cat([p[0] for p in policy]), torch.cat([p[1] for p in policy])])
         reference_sums = torch.cat([torch.cat([r[0] for r in reference]), torch.cat([r[1] for r in reference])])
         loss, metrics = kto_objective(self.job, sums, reference_sums, torch.tensor(self.validation_labels))

@@ -19,6 +19,12 @@ recipe's ``state_dict``, so a checkpoint taken in the middle of a rollout resume
 samples; one taken at a rollout boundary regenerates the next rollout exactly as an uninterrupted
 run would have.
 
+Processes: under N data-parallel processes each one samples its contiguous share of the rollout's
+prompts (``prompts_per_step / N``, whole groups: a prompt's completions never split across
+processes) under its own seed, scores and trains on them; the engine divides by the loss units
+summed over every process, so the step is the one a single process would make on the same samples.
+Metrics are averaged over the processes; evaluation prompts are shared out and their scores gathered.
+
 Timing: ``time/generation`` (sampling + the sampling log-prob pass, in the backend),
 ``time/reward``, ``time/reference`` (reference / value forward passes done once per rollout) and
 ``time/training`` (forward, backward and optimizer step) are logged separately for every step.
@@ -38,6 +44,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from alignkit import distributed
 from alignkit.config import ConfigError, Job, Section
 from alignkit.data import tokenize_prompt
 from alignkit.errors import UsageError
@@ -50,7 +57,7 @@ from alignkit.model.forward import (
     grouped_completion_logprobs,
 )
 from alignkit.reference import ReferencePolicy, eval_mode
-from alignkit.rewards import CombinedReward, load_reward_plugins, reward_inputs
+from alignkit.rewards import CombinedReward, RewardResult, load_reward_plugins, reward_inputs
 from alignkit.rollout import SamplingParams, get_backend, padding_id
 
 # ----------------------------------------------------------------------------- thinking
@@ -165,8 +172,20 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tenso
     return masked_mean(masked_mean(values, mask, dim=-1), mask.bool().any(-1))
 
 
-def rollout_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % (2**63 - 1)
+def merge_reward_results(results: list[RewardResult]) -> RewardResult:
+    """One `RewardResult` for the completions of several (in order): what each process scored."""
+    if len(results) == 1:
+        return results[0]
+    labels = list(results[0].per_function) if results else []
+    return RewardResult(total=[t for r in results for t in r.total],
+                        per_function={label: [v for r in results for v in r.per_function[label]] for label in labels},
+                        errors=sum(r.errors for r in results),
+                        error_messages=[m for r in results for m in r.error_messages])
+
+
+def rollout_seed(seed: int, index: int, process: int = 0) -> int:
+    """The sampling seed of rollout ``index`` on process ``process`` (process 0: the single-process seed)."""
+    return (seed * 1_000_003 + index + process * 7_919_000_003) % (2**63 - 1)
 
 
 @dataclass
@@ -215,7 +234,7 @@ class CompletionBatch:
     position_ids: torch.Tensor
     prompt_width: int
     completion_mask: torch.Tensor
-    scale: float
+    weight: float                       # loss units (tokens or completions) the loss averages over
     targets: dict[str, torch.Tensor]
 
     def logprobs(self, model, temperature: float, chunk_size: int, with_entropy: bool = True):
@@ -234,7 +253,7 @@ class GroupedCompletionBatch:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     group: int
-    scale: float
+    weight: float                       # loss units (tokens or completions) the loss averages over
     targets: dict[str, torch.Tensor]
 
     def logprobs(self, model, temperature: float, chunk_size: int, with_entropy: bool = True):
@@ -268,6 +287,7 @@ class OnlineRecipe:
         self.device = next(model.parameters()).device
         if not train:
             raise UsageError("no training prompts")
+        distributed.check_split(job.prompts_per_step, "prompt groups", f"prompts_per_step {job.prompts_per_step}")
         self.train_examples, self.validation_examples = train, validation
         self.thinking = job.thinking_tokens()
         self.train_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.train_examples]
@@ -342,11 +362,13 @@ class OnlineRecipe:
         return torch.tensor(result.total, dtype=torch.float32), result
 
     def sample_and_score(self, index: int, num_generations: int, with_logprobs: bool) -> Rollout:
-        """Generate the rollout for ``index``, score it, and lay it out for training (CPU tensors)."""
-        indices = self.prompt_indices(index)
+        """Generate the rollout for ``index`` (this process's share of its prompts), score it, and lay
+        it out for training (CPU tensors)."""
+        indices = distributed.shard(self.prompt_indices(index))
         examples = [self.train_examples[i] for i in indices]
         prompt_ids = [self.train_prompt_ids[i] for i in indices]
-        params = self.sampling_params(self.job.temperature, seed=rollout_seed(self.job.training.seed, index))
+        params = self.sampling_params(self.job.temperature, seed=rollout_seed(self.job.training.seed, index,
+                                                                              distributed.rank()))
         started = time.perf_counter()
         batch = self._generate(prompt_ids, num_generations, params, with_logprobs)
         generated = time.perf_counter()
@@ -403,7 +425,7 @@ class OnlineRecipe:
         return self.job.temperature if self.job.temperature > 0 else 1.0
 
     # -- micro-batches
-    def micro_batch(self, rollout: Rollout, rows: list[int] | torch.Tensor, scale: float,
+    def micro_batch(self, rollout: Rollout, rows: list[int] | torch.Tensor, weight: float,
                     targets: dict[str, torch.Tensor]) -> CompletionBatch:
         """Rows of the rollout, trimmed to their own longest prompt and completion, on the device."""
         layout = rollout.layout
@@ -418,9 +440,9 @@ class OnlineRecipe:
             attention_mask=layout["attention_mask"][rows, columns].to(self.device),
             position_ids=layout["position_ids"][rows, columns].to(self.device),
             prompt_width=prompt_needed, completion_mask=completion_mask[:, :length].to(self.device),
-            scale=scale, targets=_select(targets, rows, length, self.device))
+            weight=weight, targets=_select(targets, rows, length, self.device))
 
-    def grouped_micro_batch(self, rollout: Rollout, groups: list[int], group: int, scale: float,
+    def grouped_micro_batch(self, rollout: Rollout, groups: list[int], group: int, weight: float,
                             targets: dict[str, torch.Tensor]) -> GroupedCompletionBatch:
         """Whole groups of the rollout, each prompt once, its ``group`` completions after it."""
         layout = rollout.layout
@@ -436,23 +458,27 @@ class OnlineRecipe:
             prompt_attention=prompt_attention[:, width - needed:].to(self.device),
             completion_ids=rollout.completion_ids[rows, :length].to(self.device),
             completion_mask=completion_mask[:, :length].to(self.device),
-            group=group, scale=scale, targets=_select(targets, rows, length, self.device))
+            group=group, weight=weight, targets=_select(targets, rows, length, self.device))
 
     def split_rows(self, rows: list[int]) -> list[list[int]]:
         size = self.job.training.batch_size
         return [rows[i:i + size] for i in range(0, len(rows), size)]
 
     @staticmethod
-    def scales(chunks: list[list[int]], completion_mask: torch.Tensor, how: str) -> list[float]:
-        """Per micro-batch factors that make the engine's mean over micro-batches equal the loss
-        aggregated over the whole (mini)batch: tokens (or sequences) of the chunk / all, times the
-        number of chunks."""
+    def weights(chunks: list[list[int]], completion_mask: torch.Tensor, how: str) -> list[float]:
+        """Per micro-batch loss units: completion tokens (``how == "token"``) or non-empty completions.
+        The engine divides the weighted sum of micro-batch losses by their total over every micro-batch
+        of every process, so the step's loss is the one aggregated over the whole (mini)batch."""
         if how == "token":
-            counts = [float(completion_mask[c].sum()) for c in chunks]
-        else:
-            counts = [float((completion_mask[c].sum(-1) > 0).sum()) for c in chunks]
-        total = sum(counts) or 1.0
-        return [count / total * len(chunks) for count in counts]
+            return [float(completion_mask[c].sum()) for c in chunks]
+        return [float((completion_mask[c].sum(-1) > 0).sum()) for c in chunks]
+
+    def loss_weight(self, batch: CompletionBatch | GroupedCompletionBatch) -> float:
+        return batch.weight
+
+    @property
+    def loss_unit(self) -> str:
+        return "tokens" if getattr(self.job, "loss_aggregation", "token") == "token" else "completions"
 
     # -- the engine's hooks
     def updates(self, start_step: int):
@@ -493,13 +519,22 @@ class OnlineRecipe:
         if not self.validation_examples:
             return {}
         count = min(len(self.validation_examples), self.job.eval_max_prompts or len(self.validation_examples))
-        examples = self.validation_examples[:count]
-        params = self.sampling_params(self.job.eval_temperature, seed=self.job.training.seed)
-        batch = self._generate(self.validation_prompt_ids[:count], 1, params, with_logprobs=False)
-        _, result = self.score(examples, batch.texts, 1)
+        start, stop = distributed.shard_range(count)  # each process answers its share of the prompts
+        results, lengths, truncated = [], [], []
+        if stop > start:
+            params = self.sampling_params(self.job.eval_temperature, seed=self.job.training.seed + start)
+            batch = self._generate(self.validation_prompt_ids[start:stop], 1, params, with_logprobs=False)
+            _, result = self.score(self.validation_examples[start:stop], batch.texts, 1)
+            results = [result]
+            lengths = batch.completion_mask.sum(-1).tolist()
+            truncated = batch.truncated.float().tolist()
+        gathered = distributed.gather_objects((results, lengths, truncated))
+        result = merge_reward_results([r for rs, _, _ in gathered for r in rs])
+        lengths = [x for _, ls, _ in gathered for x in ls]
+        truncated = [x for _, _, ts in gathered for x in ts]
         metrics = result.summary()
-        metrics["completion_length"] = float(batch.completion_mask.sum(-1).mean())
-        metrics["truncated_share"] = float(batch.truncated.float().mean())
+        metrics["completion_length"] = sum(lengths) / len(lengths)
+        metrics["truncated_share"] = sum(truncated) / len(truncated)
         return metrics
 
     def save_final(self, directory) -> None:

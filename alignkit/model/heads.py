@@ -21,7 +21,7 @@ from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
 from alignkit.data.tokenize import tokenize_prompt_response
 from alignkit.model.forward import decoder_hidden_states
 from alignkit.model.load import load_model_and_tokenizer
-from alignkit.model.peft import save_model
+from alignkit.model.peft import save_model, unwrap
 
 HEAD_FILE = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -40,6 +40,7 @@ class ScalarHeadModel(torch.nn.Module):
         torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(self.head.bias)
         self.kind = kind
+        freeze_unused_output_layer(backbone)
 
     @property
     def config(self):
@@ -66,6 +67,19 @@ class ScalarHeadModel(torch.nn.Module):
                   str(directory / HEAD_FILE))
         (directory / HEAD_CONFIG).write_text(json.dumps({"kind": self.kind, "hidden_size": self.head.in_features}))
         return directory
+
+
+def freeze_unused_output_layer(backbone) -> None:
+    """A scalar model never applies the backbone's output layer (``lm_head``): stop training it, unless it
+    is tied to the input embeddings (then it is the embedding and trains as one). A weight that gets no
+    gradient would otherwise make data-parallel training (DDP) wait for it, and checkpoints carry it."""
+    base = unwrap(backbone)
+    output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if output is None or (embeddings is not None and output.weight is embeddings.weight):
+        return
+    for parameter in output.parameters():
+        parameter.requires_grad_(False)
 
 
 def last_token_index(attention_mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
