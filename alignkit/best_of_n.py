@@ -29,10 +29,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from alignkit.data import PromptExample, normalize_text, tokenize_prompt_response
+from alignkit.data import PromptExample, normalize_text
+from alignkit.data.write import write_jsonl  # re-exported: commands import it from here
 from alignkit.errors import UsageError
 from alignkit.generation import chat_generate
-from alignkit.model.heads import load_scalar_model
+from alignkit.model.heads import load_scalar_model, score_responses
 from alignkit.rewards import get_reward_function, reward_inputs
 
 Scores = list["float | None"]
@@ -54,25 +55,9 @@ class RewardModelScorer:
         self.name = "reward-model"
 
     def __call__(self, prompts: Sequence[list[dict]], completions: Sequence[str], fields: Sequence[dict]) -> Scores:
-        rows = []
-        for prompt, completion in zip(prompts, completions):
-            prompt_ids, response_ids, _ = tokenize_prompt_response(self.tokenizer, prompt, completion, self.max_length)
-            rows.append(prompt_ids + response_ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = next(self.model.parameters()).device
-        scores: Scores = []
-        with torch.no_grad():
-            for begin in range(0, len(rows), self.batch_size):
-                chunk = rows[begin:begin + self.batch_size]
-                width = max(len(r) for r in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, row in enumerate(chunk):
-                    input_ids[i, :len(row)] = torch.tensor(row)
-                    attention[i, :len(row)] = 1
-                values = self.model.sequence_scores(input_ids.to(device), attention.to(device))
-                scores.extend(_finite_or_none(float(v)) for v in values.float().cpu())
-        return scores
+        values = score_responses(self.model, self.tokenizer, list(zip(prompts, completions)), self.batch_size,
+                                 self.max_length)
+        return [_finite_or_none(value) for value in values]
 
 
 class RewardFunctionScorer:
@@ -235,17 +220,6 @@ def best_of_n(model, tokenizer, examples: Sequence, scorer, n: int = 4, temperat
     if judge is not None:
         result.summary["judge"] = judge.stats.as_dict()
     return result
-
-
-def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    temporary.replace(path)
-    return path
 
 
 def write_result(result: BestOfNResult, out_dir: str | Path) -> dict[str, Path]:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 import alignkit
 import alignkit.commands as command_package
+from alignkit.console import quiet_libraries
 from alignkit.errors import UserError
 
 
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()  # progress bars and warnings users cannot act on (alignkit/console.py)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -41,11 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt as interrupt:
-        print(f"\n[alignkit] stopped: {interrupt}", file=sys.stderr)
+        if _main_process():
+            print(f"\n[alignkit] stopped: {interrupt}", file=sys.stderr)
         return 130
     except (UserError, FileNotFoundError) as error:
-        print(f"alignkit: error: {error}", file=sys.stderr)
+        if _main_process():  # under a launcher every process meets the same error: one line
+            print(f"alignkit: error: {error}", file=sys.stderr)
         return 2
+
+
+def _main_process() -> bool:
+    """Rank 0 (or no launcher), read from the launcher's environment: asking the process group could
+    wait for processes that have already stopped."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 if __name__ == "__main__":

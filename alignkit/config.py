@@ -19,10 +19,18 @@ from __future__ import annotations
 import difflib
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from alignkit.errors import UserError
 
@@ -43,6 +51,8 @@ class ModelConfig(Section):
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = False
+    chat_template: str | None = Field(None, description="chatml | llama3 | gemma | zephyr, or a .jinja file; "
+                                                        "saved with every output (docs/data.md)")
 
 
 class LoraConfig(Section):
@@ -55,14 +65,33 @@ class LoraConfig(Section):
     merge_on_save: bool = Field(False, description="also write the adapter merged into a full model")
 
 
+class TrainFile(Section):
+    """One file of a training mix: ``data.train: [{path: a.jsonl, weight: 2}, b.jsonl]``."""
+
+    path: str = Field(description="file (jsonl/json/csv/parquet) or hf://name")
+    weight: float = Field(1.0, gt=0, description="share of the mix, relative to the other files' weights")
+    columns: dict[str, str] | None = Field(None, description="this file's column names (default: data.columns)")
+    format: str | None = Field(None, description="this file's row shape (default: data.format)")
+    system_prompt: str | None = None
+    limit: int | None = Field(None, gt=0, description="read at most this many rows of this file")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
 class DataConfig(Section):
-    train: str | None = Field(None, description="file (jsonl/json/csv/parquet) or hf://name")
+    train: str | list[TrainFile] | None = Field(
+        None, description="file (jsonl/json/csv/parquet) or hf://name, or a list of files with weights (a mix)")
     validation: str | None = Field(None, description="file for validation; else a split of train")
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     format: str = Field("auto", description="row shape; auto-detected from the keys by default")
     columns: dict[str, str] = Field(default_factory=dict, description="our field name -> file column")
     system_prompt: str | None = None
     on_error: Literal["fail", "skip"] = "fail"
+    desirable_only: bool = Field(False, description="SFT on feedback rows (prompt/completion/label): keep the "
+                                                    "label-true rows, drop (and count) the label-false ones")
     max_length: int = Field(1024, gt=8)
     max_prompt_length: int | None = None
     deduplicate: Literal["none", "exact", "normalized"] = "none"
@@ -98,7 +127,16 @@ class TrainingConfig(Section):
     seed: int = 42
     resume: bool | str = Field(False, description="true: last checkpoint in output_dir; or a checkpoint path")
     tensorboard: bool = True
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"],
+                                 description="tensorboard, wandb, trackio, mlflow; all; none (alignkit.trackers)")
     progress: bool = True
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> list[str]:
+        from alignkit.trackers import normalize_report_to
+
+        return normalize_report_to(value)
 
 
 class Job(Section):
@@ -106,12 +144,21 @@ class Job(Section):
 
     METHOD: ClassVar[str] = ""
     ALIASES: ClassVar[dict[str, str]] = {}
+    # what the method reads: chat (SFT), preference (pairs), unpaired (KTO), prompt (online methods)
+    DATA_KIND: ClassVar[str] = "chat"
 
     method: str = ""
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    # how the job file was read (other tools' names translated, managed-job settings not supported):
+    # printed and written into the run report, not part of the resolved config
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._notes
 
     @model_validator(mode="after")
     def _fill_method(self):
@@ -195,7 +242,10 @@ def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def format_validation_error(error: ValidationError, model_cls: type[BaseModel], source: str) -> str:
+def format_validation_error(error: ValidationError, model_cls: type[BaseModel], source: str,
+                            hint_for: Callable[[tuple], str | None] | None = None) -> str:
+    """One line per problem; an unknown key gets ``hint_for(location)`` (other tools' names, a key in
+    another section: `alignkit.aliases.hint_for`) or else the closest valid key."""
     lines = [f"{source}: invalid configuration"]
     for item in error.errors():
         loc = tuple(item.get("loc", ()))
@@ -204,6 +254,9 @@ def format_validation_error(error: ValidationError, model_cls: type[BaseModel], 
             valid = _fields_at(model_cls, loc)
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
             hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+            special = hint_for(loc) if hint_for is not None else None
+            if special:
+                hint = f"; {special}"
             lines.append(f"  unknown key '{dotted}'{hint} (valid here: {', '.join(valid)})")
         else:
             lines.append(f"  {dotted}: {item.get('msg')} (got {item.get('input')!r})")

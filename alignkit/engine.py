@@ -5,11 +5,25 @@ else and nothing about any method:
 
     for step in range(start, total):
         micro_batches = next(updates)              # recipe: one list per optimizer step
+        W = sum of recipe.loss_weight(mb) over every micro-batch of every process
         for mb in micro_batches:                   # gradient accumulation
-            loss, metrics = recipe.loss(mb)        # under bf16 autocast on GPU
-            (loss / len(micro_batches)).backward()
+            loss, metrics = recipe.loss(mb)        # the mean over mb's units, under bf16 autocast on GPU
+            (loss * loss_weight(mb) / W).backward()   # all-reduced across processes on the last one
         clip gradients; optimizer.step(); scheduler.step()
         log; every eval_steps: recipe.evaluate(); every save_steps: checkpoint
+
+``recipe.loss_weight(mb)`` (optional; 1 when a recipe has none) is how many units -- tokens,
+pairs, completions -- the micro-batch's mean loss is over, so the step's loss is the mean over the
+whole global batch however it is cut into micro-batches and processes.
+
+Processes (``accelerate launch`` / ``torchrun``; see `alignkit.distributed` and docs/scaling.md):
+the recipe gives each process its share of the step's rows; the model and optimizer are prepared
+by accelerate (DDP, FSDP2 or DeepSpeed, as the launch configuration says); every micro-batch's loss
+runs as the wrapped model's forward; processes with fewer micro-batches than the others run a
+repeat with weight 0, so collectives always pair up. Metrics, the NaN check and Ctrl-C are agreed
+on by every process after each step, so all of them stop at the same step. Only the main process
+writes logs, checkpoints and reports; checkpoints hold whole (gathered) weights and optimizer
+state, so a run resumes under any number of processes.
 
 Checkpoints hold the trainable weights (adapter or full model: every parameter with
 ``requires_grad``), the optimizer, the scheduler, every RNG state, the step, the early-stopping
@@ -37,8 +51,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from alignkit import distributed
 from alignkit.config import TrainingConfig
+from alignkit.distributed import ParallelModel
 from alignkit.errors import UserError
+from alignkit.trackers import Trackers
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -55,6 +72,11 @@ class Recipe(Protocol):
     def loss(self, micro_batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     def evaluate(self) -> dict[str, float]: ...
+
+    # optional: loss_weight(micro_batch) -> float (units the loss averages over; default 1) and
+    # loss_unit (their name, logged with the step's total), padding_batch(micro_batch) (the weight-0
+    # repeat a process runs while others finish, marked), on_step_end(step) -> metrics,
+    # state_dict() / load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- small pieces
@@ -117,12 +139,29 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+class CheckpointMismatch(UserError, ValueError):
+    """A checkpoint whose trainable weights are not this job's (another model, LoRA setting or method)."""
+
+
+def check_trainable_names(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Any = "checkpoint") -> None:
+    """Raise `CheckpointMismatch` (one line) unless ``state`` holds exactly the trainable weights of ``model``."""
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in state]
     unknown = [name for name in state if name not in params]
-    if missing or unknown:
-        raise RuntimeError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unknown[:3]}")
+    wrong = [name for name, tensor in state.items()
+             if name in params and tuple(tensor.shape) != tuple(params[name].shape)]
+    if missing or unknown or wrong:
+        details = [f"{len(missing)} trainable weights missing (e.g. {missing[0]})" if missing else "",
+                   f"{len(unknown)} it has that this model lacks (e.g. {unknown[0]})" if unknown else "",
+                   f"{len(wrong)} of another shape (e.g. {wrong[0]})" if wrong else ""]
+        raise CheckpointMismatch(f"{source} does not fit this job's model: " + "; ".join(d for d in details if d)
+                                 + " (another model, LoRA setting or method wrote it; start afresh or point "
+                                 "training.resume at a checkpoint of this job)")
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    check_trainable_names(model, state)
     with torch.no_grad():
         for name, tensor in state.items():
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
@@ -132,34 +171,33 @@ def _is_finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
 
 
-class MetricsLogger:
-    """Writes metrics as JSON lines and, when available, to TensorBoard."""
+class NullLogger:
+    """What processes other than the main one log to: nothing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsLogger:
+    """Writes metrics as JSON lines and to the trackers of ``report_to`` (`alignkit.trackers`)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, report_to: Iterable[str] = ("tensorboard",)):
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a")
-        self.writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except Exception:  # tensorboard missing or broken: JSONL still has everything
-                self.writer = None
+        self.trackers = Trackers([name for name in report_to if tensorboard or name != "tensorboard"], run_dir)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and _is_finite(float(value)):
-                    self.writer.add_scalar(key, value, step)
+        self.trackers.log(step, metrics)
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.trackers.close()
 
 
 def _plain(value: Any) -> Any:
@@ -186,7 +224,10 @@ class Engine:
         self.total_steps = self._total_steps()
         warmup = config.warmup_steps or int(round(config.warmup_ratio * self.total_steps))
         self.warmup_steps = warmup
-        self.optimizer = make_optimizer(self.model, config)
+        # one process: the model as it is; under a launcher: prepared by accelerate (DDP, FSDP2, DeepSpeed)
+        self.parallel = ParallelModel(self.model, make_optimizer(self.model, config), self.autocast_dtype)
+        self.optimizer = self.parallel.optimizer
+        self.is_main = distributed.is_main_process()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: learning_rate_factor(step, self.total_steps, warmup, config.lr_scheduler),
@@ -198,6 +239,8 @@ class Engine:
         self.eval_history: list[dict] = []
         self.stopped_early = False
         self._interrupted = False
+        self._stop_requested = False  # a Ctrl-C seen by any process, agreed on after each step
+        self._spare = None  # the last micro-batch run: what a process with an empty share repeats
 
     # -- setup
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -222,28 +265,47 @@ class Engine:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    def say(self, message: str) -> None:
+        """Print on the main process only."""
+        if self.is_main:
+            print(message, flush=True)
+
     # -- checkpoints
     def save_checkpoint(self) -> Path:
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        """Every process takes part (sharded weights are gathered); the main process writes."""
         final = self.checkpoint_dir / f"step-{self.step:07d}"
-        tmp = self.checkpoint_dir / f".tmp-step-{self.step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
-        torch.save({
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "step": self.step,
-            "best_metric": self.best_metric,
-            "bad_evals": self.bad_evals,
-            "recipe": self.recipe.state_dict() if hasattr(self.recipe, "state_dict") else None,
-        }, tmp / "state.pt")
-        (tmp / "checkpoint.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        self._prune_checkpoints()
+        weights = self.parallel.trainable_state()
+        optimizer = self.parallel.optimizer_state()
+        recipe = self.recipe.state_dict() if hasattr(self.recipe, "state_dict") else None
+        processes = self.parallel.processes
+        if processes > 1:  # each process's own RNG and recipe state (e.g. its share of the rollout)
+            process_rng = distributed.gather_objects(rng_state())
+            recipe = {"processes": processes, "per_process": distributed.gather_objects(recipe)}
+        if self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.checkpoint_dir / f".tmp-step-{self.step:07d}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file(weights, str(tmp / "trainable.safetensors"))
+            state = {
+                "optimizer": optimizer,
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+                "step": self.step,
+                "best_metric": self.best_metric,
+                "bad_evals": self.bad_evals,
+                "recipe": recipe,
+            }
+            if processes > 1:
+                state["process_rng"] = process_rng
+            torch.save(state, tmp / "state.pt")
+            (tmp / "checkpoint.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps,
+                                                             "processes": processes}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune_checkpoints()
+        distributed.barrier()
         return final
 
     def _prune_checkpoints(self) -> None:
@@ -256,25 +318,46 @@ class Engine:
         return found[-1] if found else None
 
     def load_checkpoint(self, path: Path) -> None:
-        load_trainable_state(self.model, load_file(str(path / "trainable.safetensors")))
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        """The main process reads the checkpoint and hands it to the others; it may come from a run with
+        any number of processes."""
+        loaded = None
+        if self.is_main:
+            loaded = (load_file(str(path / "trainable.safetensors")),
+                      torch.load(path / "state.pt", map_location="cpu", weights_only=False))
+        weights, state = distributed.broadcast_object(loaded)
+        check_trainable_names(self.model, weights, path)
+        self.parallel.load_trainable_state(weights)
+        self.parallel.load_optimizer_state(state["optimizer"], path)
         self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng_state(state["rng"])
+        processes, process = self.parallel.processes, distributed.rank()
+        process_rng = state.get("process_rng")
+        restore_rng_state(process_rng[process] if process_rng and len(process_rng) == processes else state["rng"])
         self.step = state["step"]
         self.best_metric = state["best_metric"]
         self.bad_evals = state["bad_evals"]
-        if state.get("recipe") is not None and hasattr(self.recipe, "load_state_dict"):
-            self.recipe.load_state_dict(state["recipe"])
+        recipe = state.get("recipe")
+        if isinstance(recipe, dict) and "per_process" in recipe:
+            if recipe["processes"] == processes:
+                recipe = recipe["per_process"][process]
+            else:  # e.g. a rollout shared out among another number of processes: made again
+                self.say(f"[alignkit] resume: {path} was written by {recipe['processes']} processes, this run has "
+                         f"{processes}; the recipe's in-progress state is rebuilt from step {self.step}")
+                recipe = None
+        elif recipe is not None and processes > 1:
+            self.say(f"[alignkit] resume: {path} was written by one process, this run has {processes}; the "
+                     f"recipe's in-progress state is rebuilt from step {self.step}")
+            recipe = None
+        if recipe is not None and hasattr(self.recipe, "load_state_dict"):
+            self.recipe.load_state_dict(recipe)
 
     def _resume_point(self) -> Path | None:
         resume = self.config.resume
         if resume is False or resume is None:
             return None
         if resume is True or resume == "true":
-            found = self.latest_checkpoint()
+            found = distributed.broadcast_object(self.latest_checkpoint() if self.is_main else None)
             if found is None:
-                print(f"[alignkit] resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
+                self.say(f"[alignkit] resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return found
         path = Path(str(resume))
         if not (path / "state.pt").exists():
@@ -283,9 +366,11 @@ class Engine:
 
     # -- evaluation and early stopping
     def evaluate(self) -> dict[str, float]:
+        """The recipe's evaluation (each process scores its share of the held-out rows and the recipe
+        combines them, so every process gets the same numbers)."""
         self.model.eval()
         with torch.no_grad(), self.autocast():
-            metrics = {f"eval/{k}": v for k, v in self.recipe.evaluate().items()}
+            metrics = {f"eval/{k}": v for k, v in self.parallel.run(self.recipe.evaluate).items()}
         self.model.train()
         if metrics:
             self.eval_history.append({"step": self.step, **metrics})
@@ -308,34 +393,44 @@ class Engine:
 
     # -- the loop
     def train(self) -> dict[str, Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         set_seed(self.config.seed)
+        if self.parallel.processes > 1:
+            self.say(f"[alignkit] {self.parallel.processes} processes ({self.parallel.kind}): each step's rows are "
+                     "shared out, the loss is the mean over the whole global batch")
         resume_from = self._resume_point()
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-            print(f"[alignkit] resumed from {resume_from} at step {self.step}")
-        logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard)
+            self.say(f"[alignkit] resumed from {resume_from} at step {self.step}")
+        logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard, report_to=self.config.report_to) \
+            if self.is_main else NullLogger()
         self.model.train()
         if self.step == 0 and self.config.eval_at_start and self.config.eval_steps is not None:
+            count = validation_count(self.recipe)
+            if count != 0:
+                what = f"{count} validation examples" if count else "the validation set"
+                self.say(f"[alignkit] step 0: evaluating the starting model on {what}, so that the report shows "
+                         "before and after (training.eval_at_start: false skips this)")
             metrics = self.evaluate()
             if metrics:
                 logger.log(0, metrics)
         previous_handler = self._install_interrupt_handler()
         progress = self._progress_bar()
         updates = self.recipe.updates(self.step)
+        saved_on_stop = False
         try:
             while self.step < self.total_steps:
                 started = time.perf_counter()
-                try:
-                    micro_batches = next(updates)
-                except StopIteration:
+                micro_batches = self.parallel.run(next, updates, None)
+                if micro_batches is None:
                     break
                 metrics = self._optimizer_step(micro_batches)
                 self.step += 1
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 metrics["step_seconds"] = time.perf_counter() - started
                 if hasattr(self.recipe, "on_step_end"):
-                    metrics.update(self.recipe.on_step_end(self.step) or {})
+                    metrics.update(self._across_processes(self.recipe.on_step_end(self.step) or {}))
                 self.history.append({"step": self.step, **metrics})
                 if self.step % self.config.logging_steps == 0 or self.step == self.total_steps:
                     logger.log(self.step, metrics)
@@ -351,19 +446,22 @@ class Engine:
                     stop = self._early_stop(eval_metrics)
                 if self.config.save_steps and self.step % self.config.save_steps == 0:
                     self.save_checkpoint()
-                if self._interrupted:
+                if self._stop_requested or (self._interrupted and self.parallel.processes == 1):
                     path = self.save_checkpoint()
+                    saved_on_stop = True
                     raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to {path}")
                 if stop:
                     self.stopped_early = True
-                    print(f"[alignkit] early stopping at step {self.step}: "
-                          f"{self.config.early_stopping_metric} did not improve for "
-                          f"{self.config.early_stopping_patience} evaluations")
+                    self.say(f"[alignkit] early stopping at step {self.step}: "
+                             f"{self.config.early_stopping_metric} did not improve for "
+                             f"{self.config.early_stopping_patience} evaluations")
                     break
         except KeyboardInterrupt:
-            if not self._interrupted:  # a second Ctrl-C, or one raised inside a step
+            # a Ctrl-C raised inside a step (a second one, or outside our handler): one process can save
+            # on its own; among several, the others are not at the same point, so none is written
+            if not saved_on_stop and not self._interrupted and self.parallel.processes == 1:
                 path = self.save_checkpoint()
-                print(f"\n[alignkit] interrupted at step {self.step}; checkpoint saved to {path}")
+                self.say(f"\n[alignkit] interrupted at step {self.step}; checkpoint saved to {path}")
             raise
         finally:
             if progress is not None:
@@ -376,30 +474,78 @@ class Engine:
                 "stopped_early": self.stopped_early}
 
     def _optimizer_step(self, micro_batches: list[Any]) -> dict[str, float]:
-        if not micro_batches:
+        """One optimizer step over this process's micro-batches; the loss is the mean over the global batch.
+
+        Every process learns the others' micro-batch counts and loss weights first (one small gather),
+        so it can divide by the global weight and run as many micro-batches as the busiest process
+        (repeats with weight 0); after backward, one more gather agrees on the metrics, on a
+        non-finite loss anywhere and on a stop request, so every process acts the same way.
+        """
+        if micro_batches:
+            weights = [float(self.recipe.loss_weight(mb)) if hasattr(self.recipe, "loss_weight") else 1.0
+                       for mb in micro_batches]
+        elif self.parallel.processes > 1 and self._spare is not None:
+            # this process's share of a short step is empty: it still takes part, with nothing to add
+            micro_batches, weights = [self._padding(self._spare)], [0.0]
+        else:
             raise ValueError(f"step {self.step + 1}: the recipe produced an empty update")
+        self._spare = micro_batches[-1]
+        plans = distributed.gather_objects((len(micro_batches), sum(weights)))
+        count = max(n for n, _ in plans)
+        total = sum(w for _, w in plans)
+        micro_batches = list(micro_batches) + [self._padding(micro_batches[-1])] * (count - len(micro_batches))
+        weights += [0.0] * (count - len(weights))
+        scale = self.parallel.processes / total if total > 0 else 0.0  # DDP/FSDP/DeepSpeed average over processes
         sums: dict[str, float] = {}
-        for micro_batch in micro_batches:
-            with self.autocast():
-                loss, metrics = self.recipe.loss(micro_batch)
-            value = float(loss.detach())
-            if not _is_finite(value):
-                self._diverged(f"loss is {value}")
-            (loss / len(micro_batches)).backward()
-            metrics = {"loss": value, **metrics}
-            for key, item in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(item)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        problem = None
+        for index, (micro_batch, weight) in enumerate(zip(micro_batches, weights)):
+            with self.parallel.micro_batch(last=index == count - 1):
+                with self.autocast():
+                    loss, metrics = self.parallel.forward(self.recipe.loss, micro_batch)
+                value = float(loss.detach())
+                if weight > 0 and not _is_finite(value) and problem is None:
+                    problem = f"loss is {value}"
+                self.parallel.backward(loss * (weight * scale))
+            for key, item in {"loss": value, **metrics}.items():
+                sums[key] = sums.get(key, 0.0) + weight * float(item)
+        reports = distributed.gather_objects((sums, problem, self._interrupted))
+        problem = next((p for _, p, _ in reports if p is not None), None)
+        if problem is not None:
+            self._diverged(problem)
+        self._stop_requested = any(stop for _, _, stop in reports)
+        combined: dict[str, float] = {}
+        for report, _, _ in reports:
+            for key, value in report.items():
+                combined[key] = combined.get(key, 0.0) + value
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = self.parallel.clip_grad_norm(max_norm)
         if not _is_finite(grad_norm):
             self._diverged(f"gradient norm is {grad_norm}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        averaged = {key: value / len(micro_batches) for key, value in sums.items()}
+        averaged = {key: value / total if total > 0 else 0.0 for key, value in combined.items()}
+        unit = getattr(self.recipe, "loss_unit", None)
+        if unit:  # how many units (tokens, pairs, completions) the step's loss is the mean over
+            averaged[unit] = total
         averaged["grad_norm"] = grad_norm
         return averaged
+
+    def _padding(self, micro_batch: Any) -> Any:
+        """The repeat a process runs (with weight 0) while others still have micro-batches: marked by the
+        recipe's ``padding_batch`` when it has one (for losses with statistics shared across processes)."""
+        return self.recipe.padding_batch(micro_batch) if hasattr(self.recipe, "padding_batch") else micro_batch
+
+    def _across_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per-process metrics (e.g. a rollout's reward mean) averaged over the processes; maxima stay maxima."""
+        if self.parallel.processes == 1:
+            return metrics
+        reports = distributed.gather_objects({k: float(v) for k, v in metrics.items()})
+        out = {}
+        for key in reports[0]:
+            values = [r[key] for r in reports if key in r]
+            out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+        return out
 
     def _diverged(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -415,7 +561,7 @@ class Engine:
             if self._interrupted:  # second Ctrl-C: leave now
                 raise KeyboardInterrupt
             self._interrupted = True
-            print("\n[alignkit] Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+            self.say("\n[alignkit] Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
         try:
             return signal.signal(signal.SIGINT, handler)
@@ -423,10 +569,19 @@ class Engine:
             return signal.getsignal(signal.SIGINT)
 
     def _progress_bar(self):
-        if not self.config.progress:
+        if not self.config.progress or not self.is_main:
             return None
 
         return tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True)
+
+
+def validation_count(recipe) -> int | None:
+    """How many validation examples a recipe evaluates (None when it does not say)."""
+    for name in ("validation_rows", "validation_pairs", "validation_examples"):
+        items = getattr(recipe, name, None)
+        if items is not None:
+            return len(items)
+    return None
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

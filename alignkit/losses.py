@@ -77,17 +77,19 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, dim: int | None =
     return var
 
 
-def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           mean: Tensor | None = None, variance: Tensor | None = None) -> Tensor:
     """Normalise the masked entries of `x` to unit variance: `(x - mean) / sqrt(var + eps)`.
 
-    Mean and (unbiased) variance are taken over all masked elements. With `shift_mean=False` the
+    Mean and (unbiased) variance are taken over all masked elements, unless given (e.g. over a batch
+    shared out among processes). With `shift_mean=False` the
     mean is added back (`(x - mean) / std + mean`: only the scale changes), as usual for rewards.
     Masked-out positions are set to 0. Used for PPO advantages (Schulman et al. 2017, "Proximal
     Policy Optimization Algorithms"; the common "advantage normalisation" trick).
     """
     mask = _prepare_mask(x, mask)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    mean = masked_mean(x, mask) if mean is None else mean.to(x.dtype)
+    var = masked_var(x, mask, unbiased=True) if variance is None else variance.to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -244,6 +246,41 @@ def orpo_loss(chosen_avg_logps: Tensor, rejected_avg_logps: Tensor,
 # --------------------------------------------------------------------------------------------
 
 PPO_AGGREGATIONS = ("token", "sequence")
+
+
+def kto_loss(policy_logps: Tensor, reference_logps: Tensor, desirable: Tensor,
+             policy_kl_logps: Tensor, reference_kl_logps: Tensor, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", eq. 7) on unpaired feedback, per example.
+
+    With `r(x, y) = log π(y|x) - log π_ref(y|x)` (response log-probs summed, all `[B]`) and the
+    reference point
+
+        z_0 = max(0, mean_j [log π(y'_j|x_j) - log π_ref(y'_j|x_j)])       (detached)
+
+    estimated on mismatched pairs (prompt x_j with another example's response y'_j: the paper's
+    biased but cheap estimate of KL(π || π_ref)), the value of a response is
+
+        v(x, y) = λ_D σ(β (r - z_0))   if y is desirable
+                  λ_U σ(β (z_0 - r))   if y is undesirable
+
+    and the loss `λ_y - v(x, y)`, i.e. `λ_D (1 - σ(β (r - z_0)))` or `λ_U (1 - σ(β (z_0 - r)))`.
+    `desirable` is a bool `[B]`; `policy_kl_logps`/`reference_kl_logps` are the `[B']` log-probs of
+    the mismatched pairs (the policy's computed without gradient: z_0 is a baseline, not a target).
+
+    Returns `(losses [B], rewards [B], z_0 scalar)`: rewards are `β r` detached. Average `losses`
+    over the batch for the loss (TRL averages desirable and undesirable examples together, too).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    desirable = desirable.bool()
+    reference_point = (policy_kl_logps.detach() - reference_kl_logps.detach()).mean().clamp(min=0)
+    log_ratio = policy_logps - reference_logps
+    losses = torch.where(desirable,
+                         desirable_weight * (1 - torch.sigmoid(beta * (log_ratio - reference_point))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - log_ratio))))
+    return losses, (beta * log_ratio).detach(), reference_point
 
 
 def ppo_clip_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor,

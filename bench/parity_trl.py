@@ -12,6 +12,11 @@ For every loss type both libraries have, random per-token log-probabilities of a
   the reference-free variants, ``CPOTrainer.cpo_loss`` (SimPO) and ``ORPOTrainer.odds_ratio_loss``
   (ORPO) on the same average log-probabilities.
 
+For KTO, random per-token log-probabilities of a batch of examples (their own completions and the
+mismatched completions, policy and reference, with labels) go to alignkit's
+``alignkit.methods.kto.kto_objective`` and to TRL's ``KTOTrainer._compute_loss`` on a stand-in model
+(``precompute_ref_log_probs`` semantics), including a batch whose reference point clamps at 0.
+
 It prints the largest absolute difference of the loss and of the logged implicit rewards, margins and
 accuracies; they should be at float rounding (~1e-7 in float32, ~1e-15 in float64).
 Not compared: TRL's ``sigmoid`` has no label smoothing (alignkit's cDPO ``label_smoothing`` on
@@ -138,6 +143,75 @@ def compare(dtype: torch.dtype, pairs: int, length: int, seed: int) -> list[tupl
     return rows
 
 
+class KTOStandIn(torch.nn.Module):
+    """TRL's fused-head output for KTO: the own completions' or the mismatched ones' per-token log-probs,
+    told apart by which input_ids tensor TRL passes."""
+
+    def __init__(self, own: torch.Tensor, mismatched: torch.Tensor, mismatched_ids: torch.Tensor):
+        super().__init__()
+        self.own, self.mismatched, self.mismatched_ids = own, mismatched, mismatched_ids
+
+    def forward(self, input_ids=None, labels=None, **_):
+        logps = self.mismatched if input_ids is self.mismatched_ids else self.own
+        valid = labels[:, 1:] != -100
+        zeros = torch.zeros_like(logps)
+        return types.SimpleNamespace(log_probs=torch.where(valid, logps, zeros), entropy=zeros, mean_logits=zeros,
+                                     aux_loss=None)
+
+
+def trl_kto(beta, desirable_weight, undesirable_weight, own, mismatched, reference, reference_mismatched,
+            mask, mismatched_mask, labels):
+    from trl import KTOTrainer
+
+    identity = lambda x: x  # noqa: E731
+    kl_ids = torch.zeros_like(mismatched_mask)
+    model = KTOStandIn(own, mismatched, kl_ids)
+    fake = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
+        beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        aux_loss_enabled=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1,
+        accelerator=types.SimpleNamespace(device=own.device, gather_for_metrics=identity, gather=identity))
+    fake._compute_kl_logps = lambda m, batch: KTOTrainer._compute_kl_logps(fake, m, batch)
+    inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(mismatched_mask),
+              "KL_completion_mask": mismatched_mask, "label": labels,
+              "ref_logps": (reference * mask[:, 1:]).sum(1),
+              "ref_KL_logps": (reference_mismatched * mismatched_mask[:, 1:]).sum(1)}
+    loss = KTOTrainer._compute_loss(fake, model, inputs, False)
+    metrics = fake._metrics["train"]
+    return float(loss), {"kl": metrics["kl"][0], "reward_desirable": metrics["rewards/chosen"][0],
+                         "reward_undesirable": metrics["rewards/rejected"][0],
+                         "logp_desirable": metrics["logps/chosen"][0], "logp_undesirable": metrics["logps/rejected"][0]}
+
+
+def compare_kto(dtype: torch.dtype, examples: int, length: int, seed: int) -> list[tuple[str, float, float]]:
+    from alignkit.losses import masked_sum
+    from alignkit.methods import build_job
+    from alignkit.methods.kto import kto_objective
+
+    rows = []
+    for beta, desirable_weight, undesirable_weight, drift in ((0.1, 1.0, 1.0, 0.3), (0.5, 1.33, 0.8, 0.3),
+                                                              (0.2, 1.0, 1.0, -0.5)):
+        # own completions first, then the mismatched ones: the layout of a KTO batch in alignkit
+        policy, reference, mask = random_batch(examples, length, dtype, seed)
+        reference = policy - drift + 0.3 * (reference - policy)  # drift < 0: the reference point clamps at 0
+        labels = torch.rand(examples, generator=torch.Generator().manual_seed(seed + 1)) < 0.6
+        response = mask[:, 1:].bool()
+        sums, reference_sums = masked_sum(policy, response, dim=1), masked_sum(reference, response, dim=1)
+        job = build_job("kto", {"beta": beta, "desirable_weight": desirable_weight,
+                                "undesirable_weight": undesirable_weight})
+        ours, our_metrics = kto_objective(job, sums, reference_sums, labels)
+        half = examples
+        theirs, their_metrics = trl_kto(beta, desirable_weight, undesirable_weight, policy[:half], policy[half:],
+                                        reference[:half], reference[half:], mask[:half], mask[half:], labels)
+        metric_gap = max(abs(our_metrics[k] - their_metrics[k]) for k in their_metrics)
+        clamp = " (z0 clamped at 0)" if drift < 0 else ""
+        rows.append((f"kto (beta {beta}, weights {desirable_weight}/{undesirable_weight}){clamp}",
+                     abs(float(ours) - theirs), metric_gap))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=16)
@@ -151,7 +225,8 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     worst = {}
     for dtype in (torch.float32, torch.float64):
-        for name, loss_gap, metric_gap in compare(dtype, args.pairs, args.length, args.seed):
+        for name, loss_gap, metric_gap in (compare(dtype, args.pairs, args.length, args.seed)
+                                           + compare_kto(dtype, args.pairs, args.length, args.seed)):
             print(f"| {name} | {str(dtype).replace('torch.', '')} | {loss_gap:.3g} | {metric_gap:.3g} |")
             worst[dtype] = max(worst.get(dtype, 0.0), loss_gap)
     print()

@@ -37,7 +37,8 @@ def test_detection_order():
     assert detect_format({"prompt": "p", "chosen": "a", "rejected": "b", "completion": "c"}) == "preference"
     assert detect_format({"prompt": "p", "responses": []}) == "ranked"
     assert detect_format({"chosen": "a", "rejected": "b"}) == "hh_pair"
-    assert detect_format({"text": "t"}) == "hh"
+    assert detect_format({"text": "\n\nHuman: hi\n\nAssistant: yo"}) == "hh"
+    assert detect_format({"text": "Once upon a time"}) == "text"  # TRL language modelling, not HH
     assert detect_format({"prompt": "p", "completion": "c"}) == "prompt_completion"
     assert detect_format({"question": "q", "answer": "a"}) == "question_answer"
     assert detect_format({"instruction": "i", "output": "o"}) == "alpaca"

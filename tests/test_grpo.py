@@ -9,7 +9,8 @@ from alignkit.data import PromptExample
 from alignkit.engine import Engine
 from alignkit.methods import build_job
 from alignkit.methods.grpo import GRPORecipe
-from alignkit.methods.online import BASE_LEARNING_RATE, final_answer
+from alignkit.aliases import BASE_LEARNING_RATE
+from alignkit.methods.online import final_answer
 from alignkit.rewards import CombinedReward
 
 WORDS = "hello cat dog red one two apple paris".split()
@@ -98,9 +99,10 @@ def test_micro_batch_split_and_shared_prompt_forward_do_not_change_the_gradient(
             micro_batches = next(recipe.updates(0))
             assert hasattr(micro_batches[0], "prompt_ids") == shared
             model.zero_grad()
+            total = sum(recipe.loss_weight(mb) for mb in micro_batches)  # what the engine divides by
             for mb in micro_batches:
                 loss, _ = recipe.loss(mb)
-                (loss / len(micro_batches)).backward()
+                (loss * recipe.loss_weight(mb) / total).backward()
             grads[size, shared, aggregation] = torch.cat([p.grad.flatten() for p in model.parameters()
                                                           if p.grad is not None])
     assert len(set(recipe.current.completion_mask.sum(-1).tolist())) > 1  # lengths differ

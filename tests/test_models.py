@@ -302,7 +302,9 @@ def test_adapter_on_embedded_records_portable_base(fake_embedded, tmp_path):
     peft_model = perturbed_lora(model)
     adapter_dir = save_model(peft_model, tokenizer, tmp_path / "adapter")
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == EMBEDDED_MODEL
+    # outside tools read the public id; alignkit reads its own (de-quantised) copy from alignkit.json
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads((adapter_dir / "alignkit.json").read_text())["base_model"] == EMBEDDED_MODEL
     reloaded, _ = load_model_and_tokenizer(adapter_dir, device="cpu")
     assert torch.equal(logits_of(reloaded), logits_of(peft_model))
 

@@ -210,3 +210,26 @@ def test_lower_rooms_never_import_methods():
                 offenders += [f"{path.relative_to(root)}: {name}" for name in names
                               if name.startswith(("alignkit.methods", "alignkit.commands"))]
     assert offenders == []
+
+
+def test_an_online_run_started_from_an_adapter_saves_weights_that_keep_it(tmp_path, tiny_tokenizer,
+                                                                          recording_reward):
+    from alignkit.model import load_model_and_tokenizer
+
+    base = tmp_path / "base"
+    save_model(make_tiny_model(tiny_tokenizer), tiny_tokenizer, base)
+    adapted, _ = load_model_and_tokenizer(str(base))
+    adapted = add_lora(adapted, rank=2, dropout=0.0)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.1)
+    save_model(adapted, tiny_tokenizer, tmp_path / "sft")
+    job = online_job(tmp_path, model={"name_or_path": str(tmp_path / "sft")}, lora={"rank": 2})
+    recipe = GRPORecipe(job, train=[load_examples_row("hello")],
+                        reward=CombinedReward([{"name": "structure_recorder"}]))
+    recipe.save_final(tmp_path / "final")
+    reloaded, _ = load_model_and_tokenizer(str(tmp_path / "final"))
+    ids = torch.tensor([[5, 9, 17, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)

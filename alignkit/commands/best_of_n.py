@@ -28,6 +28,7 @@ from alignkit.best_of_n import (
     best_of_n,
     write_result,
 )
+from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.commands.judge import add_judge_arguments, judge_backend, pointwise_judge
 from alignkit.data import load_examples
 from alignkit.errors import UsageError
@@ -43,6 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--data", "-d", required=True, help="prompts (any row shape with a prompt; see docs/data.md)")
+    add_columns_argument(parser)
     parser.add_argument("--limit", type=int, help="use at most this many prompts")
     parser.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -54,7 +56,7 @@ def register(subparsers) -> None:
     parser.add_argument("--scorer-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="an option for a reward:SPEC scorer (value read as YAML), repeatable")
     parser.add_argument("--min-score", type=float, help="write an SFT row only when the best score reaches this")
-    parser.add_argument("--out", "-o", required=True, help="output folder")
+    parser.add_argument("--output", "--out", "-o", dest="out", required=True, help="output folder")
     add_judge_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -89,7 +91,7 @@ def make_scorer(args, loaded):
 def run(args) -> int:
     if args.scorer_arg and not args.scorer.startswith("reward:"):
         raise UsageError("--scorer-arg is for reward:SPEC scorers")
-    examples, report = load_examples(args.data, kind="prompt", limit=args.limit)
+    examples, report = load_examples(args.data, kind="prompt", limit=args.limit, columns=parse_columns(args.columns))
     print(f"[alignkit] {report.summary()}")
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
     scorer = make_scorer(args, (model, tokenizer))

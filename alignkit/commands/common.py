@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from alignkit.config import ConfigError
 from alignkit.model import EMBEDDED_MODEL, load_model_and_tokenizer
 
 
@@ -18,3 +19,20 @@ def load_model_from_args(args):
     """``(model, tokenizer)`` for ``--model/--adapter/--device/--dtype``, for inference (eval mode)."""
     return load_model_and_tokenizer(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
                                     is_trainable=False)
+
+
+def add_columns_argument(parser: argparse.ArgumentParser) -> None:
+    """``--columns OURS=THEIRS`` (repeatable), the one way a command that reads data maps column names."""
+    parser.add_argument("--columns", action="append", default=[], metavar="OURS=THEIRS",
+                        help="map a field name to the file's column, e.g. --columns completion=output (repeatable)")
+
+
+def parse_columns(items: list[str]) -> dict[str, str] | None:
+    """``["prompt=question", ...]`` -> ``{"prompt": "question"}``; one clear error for a malformed item."""
+    columns = {}
+    for item in items or []:
+        ours, equals, theirs = item.partition("=")
+        if not equals or not ours.strip() or not theirs.strip():
+            raise ConfigError(f"--columns {item!r}: expected OURS=THEIRS, e.g. --columns completion=output")
+        columns[ours.strip()] = theirs.strip()
+    return columns or None

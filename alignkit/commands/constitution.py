@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from alignkit.best_of_n import write_jsonl
+from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.commands.judge import add_judge_arguments, judge_backend, pairwise_judge
 from alignkit.constitution import (
     critique_and_revise,
@@ -32,6 +33,7 @@ from alignkit.model import load_model_and_tokenizer
 def _common(parser) -> None:
     parser.add_argument("--constitution", "-c", required=True, help="constitution YAML file")
     parser.add_argument("--data", "-d", required=True, help="prompts (any row shape with a prompt)")
+    add_columns_argument(parser)
     parser.add_argument("--model", "-m", default="smollm2-135m-instruct",
                         help="the generating model (embedded name, folder, hub id; or the served name with --base-url)")
     parser.add_argument("--adapter", help="a LoRA adapter folder for the generating model")
@@ -43,7 +45,7 @@ def _common(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per generation batch (local model)")
     parser.add_argument("--seed", type=int, default=0, help="principle sampling and generation seed")
-    parser.add_argument("--out", "-o", required=True, help="output folder")
+    parser.add_argument("--output", "--out", "-o", dest="out", required=True, help="output folder")
 
 
 def register(subparsers) -> None:
@@ -82,7 +84,8 @@ def run_check(args) -> int:
 
 def _setup(args):
     constitution = load_constitution(args.constitution)
-    examples, report = load_examples(args.data, kind="prompt", limit=args.limit)
+    examples, report = load_examples(args.data, kind="prompt", limit=args.limit,
+                                    columns=parse_columns(args.columns))
     print(f"[alignkit] {report.summary()}")
     loaded = None
     if args.base_url:

@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(repeatable)")
     parser.add_argument("--metrics", default="perplexity",
                         help="comma-separated: perplexity, accuracy, multiple_choice, text_overlap, win_rate, elo, "
-                             "drift, reward_accuracy")
+                             "drift, reward_accuracy, factuality")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="use at most this many rows")
@@ -80,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preference = parser.add_argument_group("reward_accuracy")
     preference.add_argument("--beta", type=float, default=None,
                             help="a DPO policy's implicit-reward scale (default: the run's config.yaml, else 0.1)")
+    factual = parser.add_argument_group("factuality")
+    factual.add_argument("--candidates", help="the answer set for the rule check (one per line, or a JSON list); "
+                                              "the check itself: --judge rule (default) | llm:MODEL[@URL]")
     drift = parser.add_argument_group("drift")
     drift.add_argument("--reference-model", help="reference for KL, drift and a DPO policy's implicit reward "
                                                  "(default for a LoRA policy: its base)")
@@ -147,6 +150,7 @@ def metric_options(args) -> dict[str, Any]:
         prompt_style=args.prompt_style, reference_model=args.reference_model,
         drift_temperature=args.drift_temperature, refusal_patterns=args.refusal_pattern or None,
         drift_thresholds=thresholds, device=args.device, dtype=args.dtype, beta=args.beta,
+        candidates=args.candidates,
         model_name=args.model + (f"+{args.adapter}" if args.adapter else ""),
     )
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from alignkit.best_of_n import write_jsonl
+from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.data import load_examples, read_rows, to_preference_examples
 from alignkit.errors import UsageError
 from alignkit.judges import PairwiseJudge, PointwiseJudge, agreement, make_backend
@@ -101,11 +102,12 @@ def register(subparsers) -> None:
                         help="pointwise: rows with prompt + completion (or messages ending in the reply); "
                              "pairwise: prompt/response_a/response_b rows, or prompt/chosen/rejected rows "
                              "(shown in a seeded random order; the label is then known)")
+    add_columns_argument(parser)
     parser.add_argument("--labels-field", help="a column holding reference labels (scores, or A/B/tie) to "
                                                "measure agreement against")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", "-o", help="write one JSON line per judged row here")
+    parser.add_argument("--output", "--out", "-o", dest="out", help="write one JSON line per judged row here")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     add_judge_arguments(parser)
@@ -127,7 +129,7 @@ def run(args) -> int:
     backend = judge_backend(args)
     results = []
     if args.mode == "pointwise":
-        examples, report = load_examples(args.data, kind="chat", limit=args.limit)
+        examples, report = load_examples(args.data, kind="chat", limit=args.limit, columns=parse_columns(args.columns))
         raw = {source: row for source, row in _rows(args)} if args.labels_field else {}
         prompts, replies, labels = [], [], []
         for example in examples:

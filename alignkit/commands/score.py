@@ -21,17 +21,16 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from alignkit.commands.common import add_columns_argument, parse_columns
 from alignkit.data import (
     DataError,
     detect_format,
     iter_records,
     to_chat_example,
     to_preference_examples,
-    tokenize_prompt_response,
 )
-from alignkit.model.heads import load_scalar_model
+from alignkit.data.formats import PAIR_SHAPES
+from alignkit.model.heads import load_scalar_model, score_responses
 
 
 def register(subparsers) -> None:
@@ -43,8 +42,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--max-prompt-length", type=int, default=None)
-    parser.add_argument("--columns", action="append", default=[], metavar="OURS=THEIRS",
-                        help="map a field name to the file's column, e.g. --columns completion=output")
+    add_columns_argument(parser)
     parser.add_argument("--system-prompt", help="system message for rows without one")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail")
     parser.add_argument("--limit", type=int, help="score at most this many rows")
@@ -58,7 +56,7 @@ def responses_of(row: dict, source: str, columns=None, system_prompt=None):
 
     mapped = {ours: row[theirs] for ours, theirs in (columns or {}).items() if theirs in row}
     shape = detect_format({**row, **mapped})
-    if shape in ("preference", "hh_pair", "ranked"):
+    if shape in PAIR_SHAPES:
         pairs = to_preference_examples(row, source, columns, "adjacent", system_prompt=system_prompt)
         responses = [pair.chosen for pair in pairs] + [pairs[-1].rejected]
         return ("ranking" if shape == "ranked" else "pair"), pairs[0].prompt, responses
@@ -68,34 +66,8 @@ def responses_of(row: dict, source: str, columns=None, system_prompt=None):
     return "single", messages[:last], [messages[last]["content"]]
 
 
-def score_rows(model, tokenizer, items, batch_size: int, max_length: int, max_prompt_length: int | None):
-    """Rewards for ``items`` = [(prompt messages, response)], batched by length."""
-
-
-    limit = max_prompt_length if max_prompt_length is not None else max(1, max_length // 2)
-    rows = [sum(tokenize_prompt_response(tokenizer, prompt, response, max_length, limit)[:2], [])
-            for prompt, response in items]
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    scores = [0.0] * len(rows)
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            width = max(len(rows[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, i in enumerate(chunk):
-                ids[j, :len(rows[i])] = torch.tensor(rows[i])
-                mask[j, :len(rows[i])] = 1
-            values = model.sequence_scores(ids.to(device), mask.to(device)).float().cpu().tolist()
-            for i, value in zip(chunk, values):
-                scores[i] = value
-    return scores
-
-
 def run(args) -> int:
-    columns = dict(item.split("=", 1) for item in args.columns)
+    columns = parse_columns(args.columns) or {}
     model, tokenizer = load_scalar_model(args.model, device=args.device, dtype=args.dtype)
     records, items, errors = [], [], 0
     for source, row in iter_records(args.data):
@@ -115,7 +87,7 @@ def run(args) -> int:
         positions = list(range(len(items), len(items) + len(responses)))
         items += [(prompt, response) for response in responses]
         records.append((row, kind, positions))
-    scores = score_rows(model, tokenizer, items, args.batch_size, args.max_length, args.max_prompt_length)
+    scores = score_responses(model, tokenizer, items, args.batch_size, args.max_length, args.max_prompt_length)
 
     output = args.output or f"{Path(args.data.split('://')[-1]).name.split('.')[0]}.scored.jsonl"
     stream = sys.stdout if output == "-" else open(output, "w")

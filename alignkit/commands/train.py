@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from alignkit import distributed
 from alignkit.config import job_to_yaml
 from alignkit.methods import load_job, methods
 from alignkit.methods.base import run_job
@@ -39,6 +40,8 @@ def train(args) -> int:
         print(job_to_yaml(job))
         return 0
     summary = run_job(job)
+    if not distributed.is_main_process():  # under a launcher every process trains; one reports
+        return 0
     print(f"[alignkit] done: {summary['steps']} steps in {summary['seconds']} s; run folder {summary['run_dir']}")
     if summary["last_eval"]:
         first, last = summary["first_eval"], summary["last_eval"]

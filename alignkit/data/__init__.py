@@ -8,7 +8,7 @@ from alignkit.data.collate import (
     pack_rows,
     pad_batch,
 )
-from alignkit.data.errors import DataError
+from alignkit.data.errors import DataError, FatalDataError
 from alignkit.data.formats import (
     FORMATS,
     KINDS,
@@ -17,9 +17,11 @@ from alignkit.data.formats import (
     detect_format,
     load_examples,
     parse_hh_dialogue,
+    parse_label,
     to_chat_example,
     to_preference_examples,
     to_prompt_example,
+    to_unpaired_examples,
 )
 from alignkit.data.prepare import (
     deduplicate,
@@ -31,21 +33,32 @@ from alignkit.data.read import ACCEPTED_EXTENSIONS, iter_records, read_rows
 from alignkit.data.tokenize import (
     TokenizedRow,
     TokenizeReport,
+    ToolSupport,
+    check_tool_support,
     render_chat,
     render_fallback_template,
+    template_tool_support,
     tokenize_chat,
     tokenize_dataset,
     tokenize_prompt,
     tokenize_prompt_response,
+    tokenize_text,
 )
-from alignkit.data.types import ChatExample, PreferenceExample, PromptExample
+from alignkit.data.types import (
+    ChatExample,
+    PreferenceExample,
+    PromptExample,
+    TextExample,
+    UnpairedExample,
+)
 
 __all__ = [
-    "ACCEPTED_EXTENSIONS", "FORMATS", "KINDS", "ChatExample", "DataError", "LoadReport", "PreferenceExample",
-    "PromptExample", "TokenizeReport", "TokenizedRow", "answer_value", "block_diagonal_attention_mask",
-    "deduplicate", "detect_format", "filter_by_length", "iter_records", "length_bucketed_batches",
-    "load_examples", "normalize_text", "pack_rows", "pad_batch", "parse_hh_dialogue", "read_rows",
-    "render_chat", "render_fallback_template", "to_chat_example", "to_preference_examples",
-    "to_prompt_example", "tokenize_chat", "tokenize_dataset", "tokenize_prompt", "tokenize_prompt_response",
-    "train_validation_split",
+    "ACCEPTED_EXTENSIONS", "answer_value", "block_diagonal_attention_mask", "ChatExample",
+    "check_tool_support", "DataError", "deduplicate", "detect_format", "FatalDataError", "filter_by_length",
+    "FORMATS", "iter_records", "KINDS", "length_bucketed_batches", "load_examples", "LoadReport",
+    "normalize_text", "pack_rows", "pad_batch", "parse_hh_dialogue", "parse_label", "PreferenceExample",
+    "PromptExample", "read_rows", "render_chat", "render_fallback_template", "template_tool_support",
+    "TextExample", "to_chat_example", "to_preference_examples", "to_prompt_example", "to_unpaired_examples",
+    "tokenize_chat", "tokenize_dataset", "tokenize_prompt", "tokenize_prompt_response", "tokenize_text",
+    "TokenizedRow", "TokenizeReport", "ToolSupport", "train_validation_split", "UnpairedExample",
 ]

@@ -36,3 +36,9 @@ class DataError(UserError, ValueError):
     def with_source(self, source: str) -> "DataError":
         """The same error located at ``source`` (used when a row converter did not know it)."""
         return DataError(self.message, source=self.source or source, field=self.field)
+
+
+class FatalDataError(DataError):
+    """A problem with what the data *is* for this method (unpaired feedback given to SFT, tool calls
+    for a template without a tool format, ...), not with one row: never skipped by
+    ``on_error="skip"``, because skipping would drop every row or, worse, train on the wrong thing."""

@@ -90,8 +90,10 @@ def tokenize_pairs(tokenizer, examples, max_length: int | None,
     pairs: list[TokenizedPair] = []
     for example in examples:
         report.total += 1
-        prompt_c, chosen, _ = tokenize_prompt_response(tokenizer, example.prompt, example.chosen, None)
-        prompt_r, rejected, _ = tokenize_prompt_response(tokenizer, example.prompt, example.rejected, None)
+        tools = getattr(example, "tools", None)
+        prompt_c, chosen, _ = tokenize_prompt_response(tokenizer, example.prompt, example.chosen, None, tools=tools)
+        prompt_r, rejected, _ = tokenize_prompt_response(tokenizer, example.prompt, example.rejected, None,
+                                                         tools=tools)
         prompt_ids = prompt_c if prompt_c == prompt_r else None
         if prompt_ids is not None:
             prompt_ids, (chosen, rejected), truncated = truncate_pair(

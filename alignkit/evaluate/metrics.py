@@ -682,3 +682,7 @@ def _implicit_rewards(model, tokenizer, examples, reference_model, beta: float, 
     empty = torch.zeros(0)
     return (torch.cat(chosen_all) if chosen_all else empty, torch.cat(rejected_all) if rejected_all else empty,
             pair_report, reference_name)
+
+
+# metrics defined in their own modules register themselves on import
+from alignkit.evaluate import factuality as _factuality  # noqa: E402,F401  ("factuality")

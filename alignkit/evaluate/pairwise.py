@@ -32,13 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-import torch
-
 from alignkit import judges
-from alignkit.data import pad_batch, tokenize_prompt_response
 from alignkit.errors import UsageError
 from alignkit.evaluate.stats import win_rate_with_ties
-from alignkit.model.heads import is_scalar_model, load_scalar_model
+from alignkit.model.heads import is_scalar_model, load_scalar_model, score_responses
 
 VERDICTS = ("A", "B", "tie")
 
@@ -190,24 +187,11 @@ class RewardModelJudge:
         model, tokenizer = load_scalar_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, name=f"reward-model:{path}", **options)
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        rows = []
-        for prompt, response in zip(prompts, responses):
-            prompt_ids, response_ids, _ = tokenize_prompt_response(
-                self.tokenizer, [{"role": "user", "content": prompt}], response if response.strip() else " ",
-                self.max_length)
-            ids = prompt_ids + response_ids
-            rows.append({"input_ids": ids, "loss_mask": [1] * len(ids)})
-        device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        scores: list[float] = []
         self.model.eval()
-        for start in range(0, len(rows), self.batch_size):
-            batch = pad_batch(rows[start:start + self.batch_size], pad, side="right")
-            values = self.model.sequence_scores(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            scores += values.float().tolist()
-        return scores
+        conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
+        return score_responses(self.model, self.tokenizer, list(zip(conversations, responses)), self.batch_size,
+                               self.max_length)
 
     def compare(self, prompts: list[str], responses_a: list[str], responses_b: list[str]) -> list[str]:
         scores = self.score(list(prompts) * 2, list(responses_a) + list(responses_b))

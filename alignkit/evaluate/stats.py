@@ -17,6 +17,9 @@ What is in the file, and the formula each one implements:
   pairwise-comparison ratings (MM fit of Bradley-Terry; online Elo; bootstrap intervals).
 * ``cohen_kappa`` / ``percent_agreement``: agreement between two raters (e.g. a judge and a
   human, or two judges).
+* ``fleiss_kappa`` (any number of raters, the same number per item) and ``krippendorff_alpha``
+  (any number of raters, missing ratings allowed; nominal, ordinal, interval or ratio values):
+  agreement among several human annotators.
 * ``pass_at_k(n, c, k)``: the unbiased pass@k estimator of Chen et al. (2021).
 
 Comparisons, wherever they appear, are tuples ``(winner, loser)`` or ``(a, b, outcome)``
@@ -43,6 +46,8 @@ __all__ = [
     "bootstrap_ratings",
     "cohen_kappa",
     "percent_agreement",
+    "fleiss_kappa",
+    "krippendorff_alpha",
     "pass_at_k",
 ]
 
@@ -464,6 +469,117 @@ def cohen_kappa(labels_a: Sequence[Hashable], labels_b: Sequence[Hashable]) -> f
     if chance == n * n:
         return 1.0
     return (n * agreements - chance) / (n * n - chance)
+
+
+def fleiss_kappa(items: Sequence[Sequence[Hashable]]) -> float:
+    """Fleiss' kappa: chance-corrected agreement of ``n`` raters per item over ``N`` items.
+
+    ``items[i]`` is the list of labels item ``i`` received (one per rater; raters need not be
+    the same people across items, but every item needs the same number ``n >= 2``). With
+    ``n_ij`` the number of raters who put item ``i`` in category ``j``::
+
+        P_i  = (sum_j n_ij^2 - n) / (n (n - 1))        agreement on item i
+        P    = mean_i P_i                              observed agreement
+        p_j  = sum_i n_ij / (N n)                      share of category j
+        P_e  = sum_j p_j^2                             agreement expected by chance
+        kappa = (P - P_e) / (1 - P_e)
+
+    Computed in exact integers. When ``P_e = 1`` (every rating is the same category) agreement
+    is perfect and kappa is 1.0, as for `cohen_kappa`.
+    """
+    rows = [list(item) for item in items]
+    if not rows:
+        raise ValueError("fleiss_kappa needs at least one item")
+    n = len(rows[0])
+    if n < 2:
+        raise ValueError(f"fleiss_kappa needs at least 2 ratings per item, item 0 has {n}")
+    for index, row in enumerate(rows):
+        if len(row) != n:
+            raise ValueError(f"fleiss_kappa needs the same number of ratings for every item: item 0 has {n}, "
+                             f"item {index} has {len(row)} (use krippendorff_alpha for uneven or missing ratings)")
+    count = len(rows)
+    totals: Counter = Counter()
+    squares = 0  # sum_i sum_j n_ij^2
+    for row in rows:
+        counts = Counter(row)
+        totals.update(counts)
+        squares += sum(c * c for c in counts.values())
+    # P = (squares - N n) / (N n (n - 1));  P_e = sum_j T_j^2 / (N n)^2 with T_j = sum_i n_ij.
+    ratings = count * n
+    chance_numerator = sum(t * t for t in totals.values())
+    if chance_numerator == ratings * ratings:
+        return 1.0
+    observed_numerator = squares - ratings
+    # kappa = (P - P_e) / (1 - P_e), multiplied through by (N n)^2 (n - 1):
+    return (observed_numerator * ratings - chance_numerator * (n - 1)) / \
+        ((ratings * ratings - chance_numerator) * (n - 1))
+
+
+_ALPHA_LEVELS = ("nominal", "ordinal", "interval", "ratio")
+
+
+def krippendorff_alpha(units: Sequence[Sequence[Any]], level: str = "nominal") -> float:
+    """Krippendorff's alpha: ``1 - D_o / D_e``, agreement for any number of raters with gaps.
+
+    ``units[u]`` is the list of values unit ``u`` received (a missing rating is simply absent,
+    ``None`` entries are dropped too); units with fewer than two values are not pairable and
+    are left out. From the coincidence matrix ``o_ck = sum_u (pairs of values c, k in u) /
+    (m_u - 1)`` (ordered pairs of different raters; ``m_u`` values in unit u), the value totals
+    ``n_c = sum_k o_ck`` and ``n = sum_c n_c``::
+
+        alpha = 1 - (n - 1) * sum_{c,k} o_ck delta^2(c, k) / sum_{c,k} n_c n_k delta^2(c, k)
+
+    with the metric of the ``level``: nominal ``[c != k]``; interval ``(c - k)^2``; ratio
+    ``((c - k) / (c + k))^2``; ordinal ``(sum_{g=c..k} n_g - (n_c + n_k) / 2)^2`` over the sorted
+    values that occur. Nominal values can be any hashable; the others must be numbers. When all
+    pairable values are equal there is no disagreement to expect (``D_e = 0``): alpha is then
+    1.0, as for `cohen_kappa`.
+    """
+    if level not in _ALPHA_LEVELS:
+        raise ValueError(f"level must be one of {_ALPHA_LEVELS}, got {level!r}")
+    pairable = []
+    for unit in units:
+        values = [value for value in unit if value is not None]
+        if level != "nominal":
+            for value in values:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                    raise ValueError(f"{level} alpha needs numeric values, got {value!r}")
+        if len(values) >= 2:
+            pairable.append(values)
+    if not pairable:
+        raise ValueError("krippendorff_alpha needs at least one unit with two or more values")
+    categories = sorted(set(v for values in pairable for v in values), key=lambda v: (str(type(v)), v)) \
+        if level == "nominal" else sorted(set(v for values in pairable for v in values))
+    index = {value: i for i, value in enumerate(categories)}
+    size = len(categories)
+    coincidences = np.zeros((size, size))
+    for values in pairable:
+        counts = np.bincount([index[v] for v in values], minlength=size).astype(np.float64)
+        # ordered pairs of different raters: counts_c counts_k, minus the m_u self-pairs on the diagonal
+        coincidences += (np.outer(counts, counts) - np.diag(counts)) / (len(values) - 1)
+    totals = coincidences.sum(axis=1)
+    n = totals.sum()
+    if level == "nominal":
+        delta = 1.0 - np.eye(size)
+    else:
+        numbers = np.array(categories, dtype=np.float64)
+        if level == "interval":
+            delta = (numbers[:, None] - numbers[None, :]) ** 2
+        elif level == "ratio":
+            sums = numbers[:, None] + numbers[None, :]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                delta = np.where(sums == 0, 0.0, ((numbers[:, None] - numbers[None, :]) / sums) ** 2)
+        else:  # ordinal
+            cumulative = np.concatenate([[0.0], np.cumsum(totals)])
+            low = np.minimum.outer(np.arange(size), np.arange(size))
+            high = np.maximum.outer(np.arange(size), np.arange(size))
+            between = cumulative[high + 1] - cumulative[low]  # sum_{g=c..k} n_g
+            delta = (between - (totals[:, None] + totals[None, :]) / 2.0) ** 2
+    expected = float((np.outer(totals, totals) * delta).sum())
+    if expected == 0.0:
+        return 1.0
+    observed = float((coincidences * delta).sum())
+    return 1.0 - (n - 1.0) * observed / expected
 
 
 # --------------------------------------------------------------------------------------

@@ -5,27 +5,30 @@ write the resolved config, hand the recipe to the one engine, save the final mod
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import torch
 
+from alignkit import distributed
 from alignkit.config import Job, job_to_yaml
-from alignkit.data import (
-    deduplicate,
-    length_bucketed_batches,
-    load_examples,
-    train_validation_split,
-)
-from alignkit.engine import Engine
-from alignkit.errors import UsageError
+from alignkit.data import length_bucketed_batches
+from alignkit.data.check import prepare_job_data
+from alignkit.data.mixing import load_training_data
+from alignkit.data.templates import apply_chat_template_setting
+from alignkit.engine import Engine, set_seed
+from alignkit.export.card import write_run_card
 from alignkit.methods.registry import get_method
 from alignkit.model import (
     add_lora,
     is_peft_model,
     load_model_and_tokenizer,
+    load_tokenizer,
     merge_adapter,
 )
 
@@ -41,9 +44,12 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
     has ``lora:`` and no adapter is being continued, a fresh LoRA adapter (on ``lora.layers`` only, if
     set). Gradient checkpointing is switched on when asked, and the KV cache off for training.
     """
+    device = job.model.device
+    if device == "auto":  # under a launcher: this process's device (cuda:<local rank>), else the default
+        device = distributed.device()
     model, tokenizer = load_model_and_tokenizer(
         job.model.name_or_path,
-        device=None if job.model.device == "auto" else job.model.device,
+        device=None if device == "auto" else device,
         dtype=None if job.model.dtype == "auto" else job.model.dtype,
         trust_remote_code=job.model.trust_remote_code,
         adapter=job.model.adapter,
@@ -59,47 +65,21 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         model.config.use_cache = False
+    apply_chat_template_setting(tokenizer, job.model.chat_template)  # saved with every output
     return model, tokenizer
 
 
 # ----------------------------------------------------------------------------- data
 
-def load_train_validation(job: Job, kind: str, **reader_options):
-    """Read the training file (and validation file or a seeded split) as typed examples.
+def load_train_validation(job: Job, kind: str, ranking_pairs: str = "all"):
+    """Read the training file(s) (and validation file or a seeded split) as typed examples.
 
-    ``kind`` is ``chat``, ``prompt`` or ``preference`` (``reader_options`` go to `load_examples`, e.g.
-    ``ranking_pairs``). The split is by file *row*, so the pairs expanded from one ranking never end up
-    on both sides. Returns (train, validation, notes): notes are human-readable lines about what was
-    read, skipped, de-duplicated, so the run report says where every row went.
+    ``kind`` is ``chat``, ``prompt``, ``preference`` or ``unpaired``. The split is by file *row*, so the
+    pairs expanded from one ranking never end up on both sides. Returns (train, validation, notes):
+    notes are human-readable lines about what was read, skipped, de-duplicated and mixed, so the run
+    report says where every row went (`alignkit.data.mixing.load_training_data`).
     """
-    data = job.data
-    if not data.train:
-        raise UsageError("data.train is not set: give a file (jsonl/json/csv/parquet) or hf://name")
-    common = dict(kind=kind, columns=data.columns or None, on_error=data.on_error,
-                  system_prompt=data.system_prompt, format=None if data.format == "auto" else data.format,
-                  **reader_options)
-    train, report = load_examples(data.train, limit=data.limit, **common)
-    notes = [f"train {data.train}: {report.summary()}"]
-    if data.deduplicate != "none":
-        train, removed = deduplicate(train, mode=data.deduplicate)
-        notes.append(f"de-duplication ({data.deduplicate}): removed {removed} rows")
-    validation = []
-    if data.validation:
-        validation, vreport = load_examples(data.validation, **common)
-        notes.append(f"validation {data.validation}: {vreport.summary()}")
-    elif data.validation_fraction > 0:
-        sources = list(dict.fromkeys(example.source for example in train))
-        if len(sources) >= 2:
-            _, held_out = train_validation_split(sources, validation_fraction=data.validation_fraction,
-                                                 seed=data.seed)
-            held_out = set(held_out)
-            validation = [example for example in train if example.source in held_out]
-            train = [example for example in train if example.source not in held_out]
-            notes.append(f"validation: {len(held_out)} rows ({len(validation)} examples) split from train "
-                         f"(seed {data.seed})")
-    if not train:
-        raise UsageError(f"{data.train}: no training rows left after validation and filtering")
-    return train, validation, notes
+    return load_training_data(job.data, kind, ranking_pairs)
 
 
 def policy_and_data(job: Job, model, tokenizer, train, validation, kind: str,
@@ -144,15 +124,23 @@ class BatchSchedule:
     Each epoch's batches are a pure function of (seed, epoch) — grouped by length or shuffled —
     and each optimizer step takes ``accumulation`` consecutive batches, so any step's data can be
     recomputed from the step number alone: that is what makes ``resume`` exact.
+
+    Under N processes the step's rows (``batch_size * accumulation``, in batch order) are cut into
+    N contiguous shares, one per process, and each share into micro-batches of at most
+    ``batch_size`` rows (`process_share`): every row of the global batch is trained on exactly once,
+    and the schedule does not depend on N, so a run resumes under another process count.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, accumulation: int, seed: int,
-                 group_by_length: bool = True):
+                 group_by_length: bool = True, unit: str = "rows"):
         if not lengths:
             raise ValueError("no training rows to schedule")
         self.lengths, self.batch_size, self.accumulation = lengths, batch_size, accumulation
         self.seed, self.group_by_length = seed, group_by_length
         self._cache: dict[int, list] = {}
+        distributed.check_split(min(batch_size * accumulation, len(lengths)), unit,
+                                f"training.batch_size {batch_size} x gradient_accumulation_steps {accumulation}"
+                                if batch_size > 1 else f"gradient_accumulation_steps {accumulation}")
 
     def steps_per_epoch(self) -> int:
         return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.accumulation)
@@ -164,27 +152,89 @@ class BatchSchedule:
         return self._cache[epoch]
 
     def updates(self, start_step: int) -> Iterator[list[list[int]]]:
-        """From `start_step` on, forever: one list of micro-batch index lists per optimizer step."""
-        return scheduled_updates(len(self.lengths), self.steps_per_epoch(), start_step, self.epoch,
-                                 self.accumulation)
+        """From `start_step` on, forever: one list of micro-batch index lists per optimizer step
+        (this process's share of it, under several processes)."""
+        steps = scheduled_updates(len(self.lengths), self.steps_per_epoch(), start_step, self.epoch,
+                                  self.accumulation)
+        if distributed.world_size() == 1:
+            return steps
+        return (process_share(chunk, self.batch_size) for chunk in steps)
+
+
+def process_share(chunk: list[list[int]], batch_size: int, process: int | None = None,
+                  processes: int | None = None) -> list[list[int]]:
+    """This process's micro-batches of one optimizer step's ``chunk`` (micro-batch index lists).
+
+    The step's rows, in order, are cut into contiguous shares (`distributed.shard_range`), and the
+    share into as few micro-batches of at most ``batch_size`` rows as it needs, of near-equal size.
+    A process whose share is empty (a short last step of an epoch) gets ``[]``, and the engine runs
+    a repeat of its previous micro-batch with weight 0.
+    """
+    rows = [index for batch in chunk for index in batch]
+    start, stop = distributed.shard_range(len(rows), process, processes)
+    mine = rows[start:stop]
+    if not mine:
+        return []
+    parts = -(-len(mine) // batch_size)
+    bounds = [round(i * len(mine) / parts) for i in range(parts + 1)]
+    return [mine[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
 # ----------------------------------------------------------------------------- run
 
-def run_job(job: Job) -> dict[str, Any]:
-    """Train `job` end to end; returns a summary with the run folder and the metric history."""
+def check_data_first(job: Job) -> tuple[list, list, list[str]]:
+    """The job's data, read and validated before any model loads (`alignkit.data.check`): a bad row, a
+    format the method cannot use, a chat template that cannot render the data's tool calls stop the
+    run here, in seconds. The tokenizer alone is loaded for the template checks."""
+    tokenizer = load_tokenizer(job.model.name_or_path, trust_remote_code=job.model.trust_remote_code)
+    template_note = apply_chat_template_setting(tokenizer, job.model.chat_template)
+    train, validation, notes = prepare_job_data(job, tokenizer)
+    return train, validation, list(job.notes) + ([template_note] if template_note else []) + notes
+
+
+def run_job(job: Job, recipe=None) -> dict[str, Any]:
+    """Train `job` end to end; returns a summary with the run folder and the metric history.
+
+    The data is read and checked first (`check_data_first`), then the recipe is built (model loaded),
+    then the engine runs. A run that fails before its first step leaves no run folder behind (one it
+    did not create is left as it was). ``recipe`` is the job's recipe when already built (tests,
+    benchmarks). Under ``accelerate launch`` / ``torchrun`` every process runs this, and only the
+    main one writes the run folder (config, metrics, checkpoints, final model, report).
+    """
     method = get_method(job.method)
-    run_dir = job.output_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(job_to_yaml(job))
+    data: dict[str, Any] = {}
+    notes = list(job.notes)
+    if job.data.train and recipe is None:  # a method without data files reads what it wants itself
+        train, validation, notes = check_data_first(job)
+        parameters = inspect.signature(method.recipe).parameters
+        if "train" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            data = {"train": train, "validation": validation}  # (GRPO/PPO take them through **parts)
+    run_dir = Path(distributed.broadcast_object(str(job.output_dir())))  # one {time} for every process
+    main = distributed.is_main_process()
+    created = not run_dir.exists()
     started = time.time()
-    recipe = method.recipe(job)
-    for line in getattr(recipe, "notes", []):
-        print(f"[alignkit] {line}")
-    engine = Engine(job.training, recipe, run_dir)
+    try:
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(job_to_yaml(job))
+        if recipe is None:
+            set_seed(job.training.seed)  # model surgery (LoRA, heads) starts from the same RNG on every process
+            recipe = method.recipe(job, **data)
+            recipe.notes = notes + list(getattr(recipe, "notes", []))
+        if main:
+            for line in getattr(recipe, "notes", []):
+                print(f"[alignkit] {line}")
+        engine = Engine(job.training, recipe, run_dir)
+    except BaseException:
+        if created and main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     result = engine.train()
     final_dir = run_dir / "final"
-    recipe.save_final(final_dir)
+    with engine.parallel.saving():  # whole weights, even when FSDP2 shards them
+        if main:
+            recipe.save_final(final_dir)
+    distributed.barrier()
     summary = {
         "method": job.method,
         "run_dir": str(run_dir),
@@ -192,13 +242,17 @@ def run_job(job: Job) -> dict[str, Any]:
         "steps": result["steps"],
         "seconds": round(time.time() - started, 1),
         "stopped_early": result["stopped_early"],
+        "processes": engine.parallel.processes,
+        "data_parallel": engine.parallel.kind,
         "last_train": result["history"][-1] if result["history"] else {},
         "first_eval": result["eval_history"][0] if result["eval_history"] else {},
         "last_eval": result["eval_history"][-1] if result["eval_history"] else {},
         "notes": getattr(recipe, "notes", []),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (run_dir / "report.md").write_text(render_report(summary))
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (run_dir / "report.md").write_text(render_report(summary))
+        write_run_card(job, summary)  # final/README.md: the model card (alignkit.export.card)
     return summary
 
 

@@ -57,6 +57,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from alignkit import distributed
 from alignkit.data.pairs import collate_pairs, pairs_digest, split_pairs
 from alignkit.errors import UsageError
 from alignkit.losses import dpo_loss, kl_k3, orpo_loss, preference_accuracy, simpo_loss
@@ -177,20 +178,24 @@ class DPORecipe:
         self.batch_size = job.training.batch_size
         self.schedule = pair_schedule(job, self.train_pairs)
         self.needs_reference = job.loss_type not in REFERENCE_FREE
+        self.setup_reference(reference_model)
 
-        # The reference: live (computed every step) or, by default, computed once before training.
+    def setup_reference(self, reference_model=None) -> None:
+        """The reference: live (computed every step) or, by default, computed once before training
+        (also KTO's, whose pairs are (completion, mismatched completion))."""
+        job = self.job
         external = reference_model
         if external is None and job.reference_model:
-            external = _load_reference(job, tokenizer, self.device)
+            external = _load_reference(job, self.tokenizer, self.device)
         self.reference: ReferencePolicy | None = None
         self.precomputed: dict[str, torch.Tensor] | None = None
         if self.needs_reference and not job.precompute_reference_logprobs:
-            self.reference = ReferencePolicy.for_training(model, external, live=True)
+            self.reference = ReferencePolicy.for_training(self.model, external, live=True)
             self.notes.append(f"reference: {self.reference.description}")
         if (self.needs_reference and job.precompute_reference_logprobs) or (
                 self.validation_pairs and self.reference is None):
             # computed once from the starting weights; no copy of them is kept afterwards
-            self.precomputed = self._precompute(ReferencePolicy.for_training(model, external, live=False))
+            self.precomputed = self._precompute(ReferencePolicy.for_training(self.model, external, live=False))
 
     def _autocast(self):
         """The engine's autocast (bf16 on a GPU that has it, or when asked), for passes run outside it."""
@@ -225,25 +230,36 @@ class DPORecipe:
         return folder / f"{self.cache_key(reference)}.safetensors"
 
     def _precompute(self, reference: ReferencePolicy) -> dict[str, torch.Tensor]:
-        """Reference sums for every train pair (when needed) and per-token log-probs for validation."""
+        """Reference sums for every train pair (when needed) and per-token log-probs for validation.
+
+        Under several processes the main one looks in the cache and hands a hit to the others; on a
+        miss each process computes its share of the pairs and the shares are gathered, so every
+        process holds every pair's reference log-probs (a step may train on any of them) and the main
+        process writes the cache."""
         path = self.cache_path(reference)
-        if path.exists():
+        cached, problem = None, None
+        if distributed.is_main_process() and path.exists():
             try:
                 cached = load_file(str(path))
-                self.notes.append(f"reference log-probs: loaded from cache {path}")
-                return cached
             except Exception as error:  # a damaged file: compute again
-                self.notes.append(f"reference log-probs: cache {path} unreadable ({error}); recomputing")
+                problem = str(error)
+        cached = distributed.broadcast_object(cached)
+        if cached is not None:
+            self.notes.append(f"reference log-probs: loaded from cache {path}")
+            return cached
+        if problem is not None:
+            self.notes.append(f"reference log-probs: cache {path} unreadable ({problem}); recomputing")
         out: dict[str, torch.Tensor] = {}
         if self.needs_reference:
             out["train"] = self._reference_pass(self.train_pairs, reference, per_token=False)[0]
         if self.validation_pairs:
             out["validation"], out["validation_tokens"] = self._reference_pass(self.validation_pairs, reference,
                                                                                per_token=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{id(self)}")
-        save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
-        tmp.replace(path)
+        if distributed.is_main_process():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{id(self)}")
+            save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
+            tmp.replace(path)
         self.notes.append(f"reference log-probs: computed for {len(self.train_pairs)} train and "
                           f"{len(self.validation_pairs)} validation pairs, cached at {path}")
         return out
@@ -253,10 +269,12 @@ class DPORecipe:
         log-probs, pair by pair (chosen tokens then rejected tokens)."""
         size = self.job.reference_batch_size or self.batch_size
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))  # similar lengths, less padding
+        processes = distributed.world_size()
+        order = order[distributed.rank()::processes]  # this process's share: every N-th, lengths balanced
         sums = torch.zeros(len(pairs), 2, dtype=torch.float32)
         tokens: list[list[torch.Tensor]] = [[] for _ in pairs]
-        progress = tqdm(total=len(pairs), desc=f"reference log-probs ({'validation' if per_token else 'train'})",
-                        unit="pair", dynamic_ncols=True, leave=False)
+        progress = tqdm(total=len(order), desc=f"reference log-probs ({'validation' if per_token else 'train'})",
+                        unit="pair", dynamic_ncols=True, leave=False, disable=not distributed.is_main_process())
         for start in range(0, len(order), size):
             indices = order[start:start + size]
             batch = self.collate([pairs[i] for i in indices])
@@ -269,6 +287,12 @@ class DPORecipe:
                 for j, index in enumerate(indices):
                     tokens[index] = [rows[j], rows[j + len(indices)]]
         progress.close()
+        if processes > 1:  # every process gets every pair's values
+            for rows, row_sums, row_tokens in distributed.gather_objects(
+                    (order, sums[order], [tokens[i] for i in order])):
+                sums[rows] = row_sums
+                for index, pair_tokens in zip(rows, row_tokens):
+                    tokens[index] = pair_tokens
         if not per_token:
             return sums, None
         return sums, torch.cat([t for pair in tokens for t in pair]) if pairs else torch.zeros(0)
@@ -292,6 +316,12 @@ class DPORecipe:
             batch["reference"] = torch.cat([cached[:, 0], cached[:, 1]]).to(self.device)
         return batch
 
+    loss_unit = "pairs"  # the engine logs the step's total
+
+    def loss_weight(self, batch) -> float:
+        """Pairs in the batch: the engine divides by their count over the whole global batch."""
+        return float(batch["margin"].numel())
+
     def loss(self, batch):
         reference = batch.get("reference")
         if reference is None and self.needs_reference:
@@ -309,8 +339,9 @@ class DPORecipe:
         cached_tokens = None
         if self.precomputed is not None and "validation_tokens" in self.precomputed:
             cached_tokens = _split_tokens(self.precomputed["validation_tokens"], self._validation_token_counts())
-        for start in range(0, len(self.validation_pairs), size):
-            chunk = self.validation_pairs[start:start + size]
+        first, stop = distributed.shard_range(len(self.validation_pairs))  # this process's share
+        for start in range(first, stop, size):
+            chunk = self.validation_pairs[start:min(start + size, stop)]
             batch = self.collate(chunk)
             sums, counts, token_logps = response_logprob_sums(self.model, batch, self.job.logprob_chunk_size,
                                                               per_token=True)
@@ -330,8 +361,11 @@ class DPORecipe:
             kl_sum += float(kl_k3(token_logps.float(), reference_tokens.float()).sum())
             kl_tokens += token_logps.numel()
             pairs += len(chunk)
-        result = {key: value / pairs for key, value in totals.items()}
-        result["kl"] = kl_sum / max(1, kl_tokens)
+        totals = distributed.sum_across({**totals, "__kl": kl_sum, "__kl_tokens": kl_tokens, "__pairs": pairs})
+        pairs, kl_sum, kl_tokens = totals.pop("__pairs"), totals.pop("__kl"), totals.pop("__kl_tokens")
+        result = {key: value / max(1.0, pairs) for key, value in totals.items()}
+        result["kl"] = kl_sum / max(1.0, kl_tokens)
+        result["pairs"] = pairs
         return result
 
     def _validation_token_counts(self) -> list[int]:

@@ -21,8 +21,9 @@ Simplifications chosen, and why:
   detached current log-probs (no extra forward). With more iterations pi_old is the log-probs the
   backend recomputed at sampling time.
 - All P*G completions form one optimizer step, split into micro-batches of ``training.batch_size``
-  completions (whole groups) for memory; each micro-batch is weighted by its share of tokens (or
-  sequences), so the step's gradient is the same whatever the micro-batch size.
+  completions (whole groups) for memory; each micro-batch is weighted by its tokens (or sequences)
+  over those of the whole step (``loss_weight``), so the step's gradient is the same whatever the
+  micro-batch size and the number of processes sharing the prompts.
 - The G completions of a prompt share it: sampling prefills each prompt once, and the training
   forward runs each prompt once and lets its G completions attend to that KV cache
   (``share_prompt_forward``), which is exact and saves (G-1)/G of the prompt's compute.
@@ -111,12 +112,12 @@ class GRPORecipe(OnlineRecipe):
             groups = list(range(rollout.size // group))
             group_chunks = [groups[i:i + per] for i in range(0, len(groups), per)]
             chunks = [[g * group + i for g in chunk for i in range(group)] for chunk in group_chunks]
-            scales = self.scales(chunks, rollout.completion_mask, job.loss_aggregation)
-            return [self.grouped_micro_batch(rollout, chunk, group, scale, targets)
-                    for chunk, scale in zip(group_chunks, scales)]
+            weights = self.weights(chunks, rollout.completion_mask, job.loss_aggregation)
+            return [self.grouped_micro_batch(rollout, chunk, group, weight, targets)
+                    for chunk, weight in zip(group_chunks, weights)]
         chunks = self.split_rows(list(range(rollout.size)))
-        scales = self.scales(chunks, rollout.completion_mask, job.loss_aggregation)
-        return [self.micro_batch(rollout, chunk, scale, targets) for chunk, scale in zip(chunks, scales)]
+        weights = self.weights(chunks, rollout.completion_mask, job.loss_aggregation)
+        return [self.micro_batch(rollout, chunk, weight, targets) for chunk, weight in zip(chunks, weights)]
 
     def loss(self, batch: CompletionBatch | GroupedCompletionBatch) -> tuple[torch.Tensor, dict[str, float]]:
         job = self.job
@@ -131,4 +132,4 @@ class GRPORecipe(OnlineRecipe):
             kl = kl_k3(logps, batch.targets["ref_logps"])
             loss = loss + job.beta * aggregate(kl, mask, job.loss_aggregation)
             metrics["kl"] = float(masked_mean(kl.detach(), mask))
-        return loss * batch.scale, metrics
+        return loss, metrics

@@ -19,6 +19,12 @@ recipe's ``state_dict``, so a checkpoint taken in the middle of a rollout resume
 samples; one taken at a rollout boundary regenerates the next rollout exactly as an uninterrupted
 run would have.
 
+Processes: under N data-parallel processes each one samples its contiguous share of the rollout's
+prompts (``prompts_per_step / N``, whole groups: a prompt's completions never split across
+processes) under its own seed, scores and trains on them; the engine divides by the loss units
+summed over every process, so the step is the one a single process would make on the same samples.
+Metrics are averaged over the processes; evaluation prompts are shared out and their scores gathered.
+
 Timing: ``time/generation`` (sampling + the sampling log-prob pass, in the backend),
 ``time/reward``, ``time/reference`` (reference / value forward passes done once per rollout) and
 ``time/training`` (forward, backward and optimizer step) are logged separately for every step.
@@ -38,20 +44,21 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from alignkit import distributed
 from alignkit.config import ConfigError, Job, Section
 from alignkit.data import tokenize_prompt
 from alignkit.errors import UsageError
 from alignkit.evaluate.drift import DEFAULT_THRESHOLDS, DriftMonitor, text_statistics
 from alignkit.losses import masked_mean
 from alignkit.methods.base import policy_and_data
-from alignkit.model import save_model
+from alignkit.model import resolve_model, save_model
 from alignkit.model.forward import (
     completion_layout,
     completion_logprobs,
     grouped_completion_logprobs,
 )
 from alignkit.reference import ReferencePolicy, eval_mode
-from alignkit.rewards import CombinedReward, load_reward_plugins, reward_inputs
+from alignkit.rewards import CombinedReward, RewardResult, load_reward_plugins, reward_inputs
 from alignkit.rollout import SamplingParams, get_backend, padding_id
 
 # ----------------------------------------------------------------------------- thinking
@@ -74,14 +81,10 @@ def final_answer(text: str) -> str:
 
 # ----------------------------------------------------------------------------- config
 
-# Base learning rates that the managed-RFT ``learningRateMultiplier`` multiplies.
-BASE_LEARNING_RATE = {"lora": 1e-4, "full": 1e-5}
-
+# Managed-RFT names of online keys; the ones every method shares (epochCount, batchSize, adapterSize,
+# learningRateMultiplier with its BASE_LEARNING_RATE) are in alignkit.aliases.
 MANAGED_RFT_ALIASES = {
     "samplesPerPrompt": "num_generations",
-    "epochCount": "training.epochs",
-    "batchSize": "prompts_per_step",
-    "adapterSize": "lora.rank",
     "maxOutputTokens": "max_completion_length",
     "evaluateInterval": "training.eval_steps",
     "checkpointInterval": "training.save_steps",
@@ -117,6 +120,8 @@ class DriftSection(Section):
 class OnlineJob(Job):
     """Keys GRPO and PPO share (sampling, rewards, prompts per rollout, thinking)."""
 
+    DATA_KIND = "prompt"
+
     ALIASES = MANAGED_RFT_ALIASES
 
     prompts_per_step: int = Field(8, gt=0, description="prompts per rollout batch")
@@ -138,31 +143,6 @@ class OnlineJob(Job):
     eval_temperature: float = Field(0.0, ge=0, description="0: greedy answers at evaluation")
     drift: DriftSection = Field(default_factory=DriftSection, description="reward-hacking alarms in the training log")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _learning_rate_multiplier(cls, raw: Any) -> Any:
-        """``learningRateMultiplier: m`` -> ``training.learning_rate = m * base`` (base by LoRA or not)."""
-        if not isinstance(raw, dict) or "learningRateMultiplier" not in raw:
-            return raw
-        raw = dict(raw)
-        multiplier = raw.pop("learningRateMultiplier")
-        try:
-            multiplier = float(multiplier)
-        except (TypeError, ValueError):
-            raise ValueError(f"learningRateMultiplier must be a number, got {multiplier!r}") from None
-        if not multiplier > 0:
-            raise ValueError(f"learningRateMultiplier must be > 0, got {multiplier}")
-        lora = raw.get("lora")
-        uses_lora = isinstance(lora, dict) and lora.get("enabled", True)
-        rate = multiplier * BASE_LEARNING_RATE["lora" if uses_lora else "full"]
-        training = dict(raw.get("training") or {})
-        if "learning_rate" in training and not math.isclose(float(training["learning_rate"]), rate):
-            raise ValueError(f"learningRateMultiplier ({multiplier} x {rate / multiplier:g} = {rate:g}) and "
-                             f"training.learning_rate ({training['learning_rate']}) disagree; give one")
-        training["learning_rate"] = rate
-        raw["training"] = training
-        return raw
-
     @field_validator("thinking_level", mode="before")
     @classmethod
     def _level(cls, value: Any) -> str:
@@ -174,6 +154,24 @@ class OnlineJob(Job):
 
     def thinking_tokens(self) -> int:
         return self.thinking_budget if self.thinking_budget is not None else THINKING_BUDGETS[self.thinking_level]
+
+    def prompt_token_limit(self) -> int | None:
+        """Tokens a prompt keeps (cut from the left): ``data.max_prompt_length``, and, when
+        ``data.max_length`` is set, what it leaves after the sampled tokens, so that ``max_length``
+        bounds prompt + completion here as in every other method."""
+        limits = [self.data.max_prompt_length] if self.data.max_prompt_length else []
+        if "max_length" in self.data.model_fields_set:
+            limits.append(self.data.max_length - self.max_completion_length - self.thinking_tokens())
+        return min(limits) if limits else None
+
+    @model_validator(mode="after")
+    def _length_budget(self):
+        limit = self.prompt_token_limit()
+        if limit is not None and limit < 1:
+            raise ValueError(f"data.max_length ({self.data.max_length}) leaves no room for a prompt after "
+                             f"max_completion_length ({self.max_completion_length}) + thinking "
+                             f"({self.thinking_tokens()}) sampled tokens")
+        return self
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -194,8 +192,20 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tenso
     return masked_mean(masked_mean(values, mask, dim=-1), mask.bool().any(-1))
 
 
-def rollout_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % (2**63 - 1)
+def merge_reward_results(results: list[RewardResult]) -> RewardResult:
+    """One `RewardResult` for the completions of several (in order): what each process scored."""
+    if len(results) == 1:
+        return results[0]
+    labels = list(results[0].per_function) if results else []
+    return RewardResult(total=[t for r in results for t in r.total],
+                        per_function={label: [v for r in results for v in r.per_function[label]] for label in labels},
+                        errors=sum(r.errors for r in results),
+                        error_messages=[m for r in results for m in r.error_messages])
+
+
+def rollout_seed(seed: int, index: int, process: int = 0) -> int:
+    """The sampling seed of rollout ``index`` on process ``process`` (process 0: the single-process seed)."""
+    return (seed * 1_000_003 + index + process * 7_919_000_003) % (2**63 - 1)
 
 
 @dataclass
@@ -244,7 +254,7 @@ class CompletionBatch:
     position_ids: torch.Tensor
     prompt_width: int
     completion_mask: torch.Tensor
-    scale: float
+    weight: float                       # loss units (tokens or completions) the loss averages over
     targets: dict[str, torch.Tensor]
 
     def logprobs(self, model, temperature: float, chunk_size: int, with_entropy: bool = True):
@@ -263,7 +273,7 @@ class GroupedCompletionBatch:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     group: int
-    scale: float
+    weight: float                       # loss units (tokens or completions) the loss averages over
     targets: dict[str, torch.Tensor]
 
     def logprobs(self, model, temperature: float, chunk_size: int, with_entropy: bool = True):
@@ -286,6 +296,10 @@ class OnlineRecipe:
     def __init__(self, job: OnlineJob, model=None, tokenizer=None, train=None, validation=None,
                  reward=None, backend=None):
         self.job = job
+        # a saved adapter is merged into its base before training (so "adapters off" is the start): the
+        # result must then be saved merged too, or loading final/ on the plain base drops that adapter
+        self.merged_start = model is None and (job.model.adapter is not None
+                                               or resolve_model(job.model.name_or_path).kind == "adapter")
         model, tokenizer, train, validation, self.notes = policy_and_data(job, model, tokenizer, train, validation,
                                                                           kind="prompt", saved_adapter="merge")
         self.policy, self.tokenizer = model, tokenizer
@@ -293,6 +307,7 @@ class OnlineRecipe:
         self.device = next(model.parameters()).device
         if not train:
             raise UsageError("no training prompts")
+        distributed.check_split(job.prompts_per_step, "prompt groups", f"prompts_per_step {job.prompts_per_step}")
         self.train_examples, self.validation_examples = train, validation
         self.thinking = job.thinking_tokens()
         self.train_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.train_examples]
@@ -330,7 +345,7 @@ class OnlineRecipe:
             else:
                 messages.insert(0, {"role": "system", "content": instruction})
         ids = tokenize_prompt(self.tokenizer, messages)
-        limit = self.job.data.max_prompt_length
+        limit = self.job.prompt_token_limit()
         return ids[-limit:] if limit and len(ids) > limit else ids
 
     def sampling_params(self, temperature: float, seed: int | None = None) -> SamplingParams:
@@ -370,11 +385,13 @@ class OnlineRecipe:
         return torch.tensor(result.total, dtype=torch.float32), result
 
     def sample_and_score(self, index: int, num_generations: int, with_logprobs: bool) -> Rollout:
-        """Generate the rollout for ``index``, score it, and lay it out for training (CPU tensors)."""
-        indices = self.prompt_indices(index)
+        """Generate the rollout for ``index`` (this process's share of its prompts), score it, and lay
+        it out for training (CPU tensors)."""
+        indices = distributed.shard(self.prompt_indices(index))
         examples = [self.train_examples[i] for i in indices]
         prompt_ids = [self.train_prompt_ids[i] for i in indices]
-        params = self.sampling_params(self.job.temperature, seed=rollout_seed(self.job.training.seed, index))
+        params = self.sampling_params(self.job.temperature, seed=rollout_seed(self.job.training.seed, index,
+                                                                              distributed.rank()))
         started = time.perf_counter()
         batch = self._generate(prompt_ids, num_generations, params, with_logprobs)
         generated = time.perf_counter()
@@ -436,7 +453,7 @@ class OnlineRecipe:
         return self.job.temperature if self.job.temperature > 0 else 1.0
 
     # -- micro-batches
-    def micro_batch(self, rollout: Rollout, rows: list[int] | torch.Tensor, scale: float,
+    def micro_batch(self, rollout: Rollout, rows: list[int] | torch.Tensor, weight: float,
                     targets: dict[str, torch.Tensor]) -> CompletionBatch:
         """Rows of the rollout, trimmed to their own longest prompt and completion, on the device."""
         layout = rollout.layout
@@ -451,9 +468,9 @@ class OnlineRecipe:
             attention_mask=layout["attention_mask"][rows, columns].to(self.device),
             position_ids=layout["position_ids"][rows, columns].to(self.device),
             prompt_width=prompt_needed, completion_mask=completion_mask[:, :length].to(self.device),
-            scale=scale, targets=_select(targets, rows, length, self.device))
+            weight=weight, targets=_select(targets, rows, length, self.device))
 
-    def grouped_micro_batch(self, rollout: Rollout, groups: list[int], group: int, scale: float,
+    def grouped_micro_batch(self, rollout: Rollout, groups: list[int], group: int, weight: float,
                             targets: dict[str, torch.Tensor]) -> GroupedCompletionBatch:
         """Whole groups of the rollout, each prompt once, its ``group`` completions after it."""
         layout = rollout.layout
@@ -469,23 +486,27 @@ class OnlineRecipe:
             prompt_attention=prompt_attention[:, width - needed:].to(self.device),
             completion_ids=rollout.completion_ids[rows, :length].to(self.device),
             completion_mask=completion_mask[:, :length].to(self.device),
-            group=group, scale=scale, targets=_select(targets, rows, length, self.device))
+            group=group, weight=weight, targets=_select(targets, rows, length, self.device))
 
     def split_rows(self, rows: list[int]) -> list[list[int]]:
         size = self.job.training.batch_size
         return [rows[i:i + size] for i in range(0, len(rows), size)]
 
     @staticmethod
-    def scales(chunks: list[list[int]], completion_mask: torch.Tensor, how: str) -> list[float]:
-        """Per micro-batch factors that make the engine's mean over micro-batches equal the loss
-        aggregated over the whole (mini)batch: tokens (or sequences) of the chunk / all, times the
-        number of chunks."""
+    def weights(chunks: list[list[int]], completion_mask: torch.Tensor, how: str) -> list[float]:
+        """Per micro-batch loss units: completion tokens (``how == "token"``) or non-empty completions.
+        The engine divides the weighted sum of micro-batch losses by their total over every micro-batch
+        of every process, so the step's loss is the one aggregated over the whole (mini)batch."""
         if how == "token":
-            counts = [float(completion_mask[c].sum()) for c in chunks]
-        else:
-            counts = [float((completion_mask[c].sum(-1) > 0).sum()) for c in chunks]
-        total = sum(counts) or 1.0
-        return [count / total * len(chunks) for count in counts]
+            return [float(completion_mask[c].sum()) for c in chunks]
+        return [float((completion_mask[c].sum(-1) > 0).sum()) for c in chunks]
+
+    def loss_weight(self, batch: CompletionBatch | GroupedCompletionBatch) -> float:
+        return batch.weight
+
+    @property
+    def loss_unit(self) -> str:
+        return "tokens" if getattr(self.job, "loss_aggregation", "token") == "token" else "completions"
 
     # -- the engine's hooks
     def updates(self, start_step: int):
@@ -545,16 +566,29 @@ class OnlineRecipe:
         if not self.validation_examples:
             return {}
         count = min(len(self.validation_examples), self.job.eval_max_prompts or len(self.validation_examples))
-        examples = self.validation_examples[:count]
-        params = self.sampling_params(self.job.eval_temperature, seed=self.job.training.seed)
-        batch = self._generate(self.validation_prompt_ids[:count], 1, params, with_logprobs=False)
-        _, result = self.score(examples, batch.texts, 1)
+        start, stop = distributed.shard_range(count)  # each process answers its share of the prompts
+        results, lengths, truncated = [], [], []
+        if stop > start:
+            params = self.sampling_params(self.job.eval_temperature, seed=self.job.training.seed + start)
+            batch = self._generate(self.validation_prompt_ids[start:stop], 1, params, with_logprobs=False)
+            _, result = self.score(self.validation_examples[start:stop], batch.texts, 1)
+            results = [result]
+            lengths = batch.completion_mask.sum(-1).tolist()
+            truncated = batch.truncated.float().tolist()
+        gathered = distributed.gather_objects((results, lengths, truncated))
+        result = merge_reward_results([r for rs, _, _ in gathered for r in rs])
+        lengths = [x for _, ls, _ in gathered for x in ls]
+        truncated = [x for _, _, ts in gathered for x in ts]
         metrics = result.summary()
-        metrics["completion_length"] = float(batch.completion_mask.sum(-1).mean())
-        metrics["truncated_share"] = float(batch.truncated.float().mean())
+        metrics["completion_length"] = sum(lengths) / len(lengths)
+        metrics["truncated_share"] = sum(truncated) / len(truncated)
         return metrics
 
     def save_final(self, directory) -> None:
+        if self.merged_start:  # the starting adapter lives in the weights: save them whole
+            self.notes.append("final/ holds full weights: the starting adapter was merged into its base")
+            save_model(self.policy, self.tokenizer, directory, merge=True)
+            return
         save_model(self.policy, self.tokenizer, directory)
         if self.job.lora is not None and self.job.lora.merge_on_save:
             save_model(self.policy, self.tokenizer, f"{directory}-merged", merge=True)

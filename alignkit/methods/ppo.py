@@ -45,6 +45,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import save_file
 
+from alignkit import distributed
 from alignkit.errors import UsageError
 from alignkit.losses import (
     gae,
@@ -193,7 +194,10 @@ class PPORecipe(OnlineRecipe):
         last = (mask.sum(-1).long() - 1).clamp(min=0)
         rewards[torch.arange(len(last)), last] += scores
         advantages, returns = gae(rewards, values, mask, gamma=job.gamma, lam=job.lam)
-        if job.whiten_advantages:
+        if job.whiten_advantages and distributed.world_size() > 1:  # over the whole rollout: every share
+            mean, variance = distributed.masked_moments(advantages, mask)
+            advantages = whiten(advantages, mask, mean=mean, variance=variance)
+        elif job.whiten_advantages:
             advantages = whiten(advantages, mask)
         residual_var = masked_var(returns - values, mask)
         returns_var = masked_var(returns, mask)
@@ -208,14 +212,21 @@ class PPORecipe(OnlineRecipe):
         return rollout
 
     def micro_batches(self, rollout: Rollout, position: int) -> list[CompletionBatch]:
+        """The minibatch ``position`` of the rollout: a seeded permutation of the *whole* rollout's rows
+        (every process's share, in process order), cut into ``num_mini_batches``; each process trains
+        on the rows of it that it holds (none: one row with weight 0, so it still takes part)."""
         job = self.job
         epoch, part = divmod(position, job.num_mini_batches)
         generator = torch.Generator().manual_seed(job.training.seed * 1_000_003 + rollout.index * 101 + epoch)
-        order = torch.randperm(rollout.size, generator=generator)
-        rows = torch.tensor_split(order, job.num_mini_batches)[part].tolist()
+        first = distributed.rank() * rollout.size  # every process holds the same number of samples
+        order = torch.randperm(rollout.size * distributed.world_size(), generator=generator)
+        rows = [row - first for row in torch.tensor_split(order, job.num_mini_batches)[part].tolist()
+                if first <= row < first + rollout.size]
+        if not rows:  # this process holds none of the minibatch: it takes part with nothing to add
+            return [self.micro_batch(rollout, [0], 0.0, rollout.per_token)]
         chunks = self.split_rows(rows)
-        scales = self.scales(chunks, rollout.completion_mask, job.loss_aggregation)
-        return [self.micro_batch(rollout, chunk, scale, rollout.per_token) for chunk, scale in zip(chunks, scales)]
+        weights = self.weights(chunks, rollout.completion_mask, job.loss_aggregation)
+        return [self.micro_batch(rollout, chunk, weight, rollout.per_token) for chunk, weight in zip(chunks, weights)]
 
     def loss(self, batch: CompletionBatch) -> tuple[torch.Tensor, dict[str, float]]:
         job = self.job
@@ -232,7 +243,7 @@ class PPORecipe(OnlineRecipe):
             "clip_fraction": float(clip["clip_fraction"]), "value_clip_fraction": float(value_clip["clip_fraction"]),
             "approx_kl": float(clip["approx_kl"]), "entropy": float(masked_mean(entropy, mask)),
         }
-        return loss * batch.scale, metrics
+        return loss, metrics
 
     def save_final(self, directory) -> None:
         super().save_final(directory)

@@ -21,6 +21,8 @@ from alignkit.methods.base import BatchSchedule, load_train_validation, policy_a
 class PreferenceJob(Job):
     """Keys shared by the preference methods (``rm``, ``dpo``); not a method itself."""
 
+    DATA_KIND = "preference"
+
     ALIASES = {"max_prompt_length": "data.max_prompt_length", "max_length": "data.max_length"}
 
     ranking_pairs: Literal["all", "adjacent"] = Field(

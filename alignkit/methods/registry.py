@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from alignkit.aliases import hint_for, translate_keys
 from alignkit.config import (
     ConfigError,
     Job,
@@ -27,6 +28,7 @@ from alignkit.config import (
     format_validation_error,
     read_job_file,
 )
+from alignkit.managed_jobs import translate_managed_job
 
 
 @dataclass(frozen=True)
@@ -79,23 +81,63 @@ def get_method(name: str, source: str = "<config>") -> Method:
 
 
 def build_job(method: str | None, raw: dict[str, Any], source: str = "<config>") -> Job:
-    """Validate a job given as a mapping (YAML already read, overrides applied)."""
-    method = method or raw.get("method")
+    """Validate a job given as a mapping (YAML already read, overrides applied).
+
+    A managed fine-tuning job body (OpenAI, Vertex AI) is translated first (`alignkit.managed_jobs`),
+    then other tools' key names (`alignkit.aliases`); what was translated is in ``job.notes``."""
+    raw, managed_method, notes = translate_managed_job(dict(raw), source)
+    if managed_method and method and method != managed_method:
+        raise ConfigError(f"{source}: the job file is a {managed_method} job but the command is '{method}'")
+    method = method or managed_method or raw.get("method")
     if not method:
-        raise ConfigError(f"{source}: no method given (add 'method: sft' or use 'alignkit sft')")
+        raise ConfigError(_no_method(raw, source))
     cls = get_method(method, source).job
-    raw = apply_aliases(dict(raw), cls.ALIASES)
+    raw, alias_notes = translate_keys(raw, method)
+    raw = apply_aliases(raw, cls.ALIASES)
     raw.setdefault("method", method)
     try:
-        return cls.model_validate(raw)
+        job = cls.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, cls, source)) from None
+        raise ConfigError(format_validation_error(error, cls, source, lambda loc: hint_for(loc, cls))) from None
+    job.notes.extend(notes + alias_notes)
+    return job
+
+
+def _no_method(raw: dict[str, Any], source: str) -> str:
+    """"No method" and, at once, every key that no method knows (with hints)."""
+    lines = [f"{source}: no method given (add 'method: sft' or use 'alignkit sft')"]
+    unknown: dict[tuple, type[Job]] = {}
+    first = True
+    for name, method in methods().items():
+        attempt, _ = translate_keys(raw, name)
+        attempt = apply_aliases(attempt, method.job.ALIASES)
+        attempt["method"] = name
+        try:
+            method.job.model_validate(attempt)
+            found: set[tuple] = set()
+        except ValidationError as error:
+            found = {tuple(item["loc"]) for item in error.errors() if item["type"] == "extra_forbidden"}
+        if first:
+            unknown = {loc: method.job for loc in found}
+            first = False
+        else:
+            unknown = {loc: cls for loc, cls in unknown.items() if loc in found}
+    for loc, cls in sorted(unknown.items(), key=lambda item: [str(p) for p in item[0]]):
+        hint = hint_for(loc, cls)
+        lines.append(f"  unknown key '{'.'.join(map(str, loc))}' (in every method)" + (f"; {hint}" if hint else ""))
+    return "\n".join(lines)
 
 
 def load_job(method: str | None, path: str | Path | None, overrides: list[str] | None = None) -> Job:
-    """Read a YAML job file (or none), apply ``key=value`` overrides, validate."""
+    """Read a YAML (or JSON) job file (or none), apply ``key=value`` overrides, validate."""
     raw, source = read_job_file(path)
-    if method and raw.get("method") and raw["method"] != method:
-        raise ConfigError(f"{source}: file says method '{raw['method']}' but the command is '{method}'")
+    named = raw.get("method")
+    if method and isinstance(named, str) and named and named != method:
+        raise ConfigError(f"{source}: file says method '{named}' but the command is '{method}'")
+    raw, managed_method, notes = translate_managed_job(raw, source)
+    if managed_method and method and method != managed_method:
+        raise ConfigError(f"{source}: the job file is a {managed_method} job but the command is '{method}'")
     apply_overrides(raw, overrides or [])
-    return build_job(method, raw, source)
+    job = build_job(method or managed_method, raw, source)
+    job.notes[:0] = notes
+    return job

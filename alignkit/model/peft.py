@@ -8,6 +8,7 @@ and `save_model` writes an adapter (or the merged model) and the tokenizer atomi
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+from alignkit.model.load import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_MODEL,
+    EMBEDDED_WEIGHTS_NOTE,
+    SAVE_RECORD,
+    public_model_id,
+)
 
 
 def is_peft_model(model) -> bool:
@@ -111,6 +120,44 @@ def _adapter_save_options(model) -> dict:
     return {"save_embedding_layers": False}
 
 
+def base_model_name(model) -> str | None:
+    """The name the base weights were loaded under (alignkit's embedded name, a folder or a hub id)."""
+    inner = unwrap(model)
+    return getattr(inner, "name_or_path", None) or getattr(getattr(inner, "config", None), "name_or_path", None)
+
+
+def record_base_model(folder: str | os.PathLike, model, adapter: bool) -> dict:
+    """Make a saved adapter or model portable: outside tools read the *public* base id (the embedded
+    model as ``HuggingFaceTB/SmolLM2-135M-Instruct``) from ``adapter_config.json`` and the model card's
+    ``base_model``; ``alignkit.json`` keeps the name alignkit loads the same weights under, and how they
+    were made. Returns the record."""
+    folder = Path(folder)
+    base = base_model_name(model)
+    public = public_model_id(base)
+    embedded = bool(base) and base.strip().lower() in EMBEDDED_ALIASES
+    record = {"format": 1, "kind": "adapter" if adapter else "model",
+              "base_model": EMBEDDED_MODEL if embedded else base, "base_model_id": public,
+              "base_weights": EMBEDDED_WEIGHTS_NOTE if embedded else None}
+    (folder / SAVE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    config_path = folder / "adapter_config.json"
+    if adapter and config_path.is_file() and public:
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = public
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    front = ["---"] + ([f"base_model: {public}"] if public else []) + \
+        (["library_name: peft", "tags:", "- lora", "- alignkit"] if adapter
+         else ["base_model_relation: finetune", "library_name: transformers", "tags:", "- alignkit"]) + ["---", ""]
+    what = "A LoRA adapter" if adapter else "A fine-tuned model"
+    body = [f"{what} trained with alignkit" + (f" on `{public}`." if public else f" on `{base}`.")]
+    if embedded:
+        body.append(f"\nalignkit trained it on its embedded copy of that model, {EMBEDDED_WEIGHTS_NOTE}. "
+                    f"Outside alignkit, load the base from `{public}` (or the same de-quantised copy, "
+                    "`alignkit prepare-model` prints its folder)" + (" and apply this adapter with PEFT." if adapter
+                                                                      else "."))
+    (folder / "README.md").write_text("\n".join(front + body) + "\n")
+    return record
+
+
 def save_model(model, tokenizer, directory: str | os.PathLike, merge: bool = False) -> Path:
     """Save ``model`` (and ``tokenizer`` when given) to ``directory``, atomically; return the folder.
 
@@ -135,6 +182,7 @@ def save_model(model, tokenizer, directory: str | os.PathLike, merge: bool = Fal
         to_save.save_pretrained(staging, **_adapter_save_options(to_save))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        record_base_model(staging, model, adapter=is_peft_model(to_save))
         if target.exists():
             old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
             os.rename(target, old)

@@ -116,6 +116,7 @@ def _load_builtins() -> None:
     # builtin.py registers itself on import; imported here lazily to avoid an import cycle.
     importlib.import_module("alignkit.rewards.builtin")
     importlib.import_module("alignkit.judges")  # registers the `llm_judge` factory
+    importlib.import_module("alignkit.evaluate.factuality")  # registers `factual_answer`
 
 
 def available_reward_functions() -> list[str]:
@@ -303,7 +304,7 @@ def _bind(fn: Callable, options: dict[str, Any], spec: str) -> Callable:
     return BoundReward(fn, options, spec)
 
 
-PLUGIN_MODULES = ("alignkit.rewards.reward_model", "alignkit.judges")
+PLUGIN_MODULES = ("alignkit.rewards.reward_model", "alignkit.judges", "alignkit.rewards.graders")
 
 
 def load_reward_plugins() -> None:
