@@ -41,7 +41,7 @@ COMPLETIONS_PER_ROLLOUT = 32
 # name -> (method, overrides, what the row changes). PPO rows start from examples/ppo_arithmetic.yaml,
 # whose keys are the new defaults; "old" puts back what the example shipped with before issue 19.
 OLD = ["value_head_init=normal", "cliprange_value=0.2", "ppo_epochs=2", "num_mini_batches=2",
-       "training.learning_rate=3.0e-4", "kl_coef=0.05", "whiten_advantages=true"]
+       "training.learning_rate=3.0e-4", "kl_coef=0.05", "whiten_advantages=true", "missing_eos_penalty=null"]
 ROWS: dict[str, tuple[str, list[str], str]] = {
     "old": ("ppo", OLD, "as shipped before: random value head, value clip 0.2"),
     "old_warmup": ("ppo", OLD + ["critic_warmup_rollouts=2"], "as shipped + 2 critic-only warm-up rollouts"),
@@ -59,9 +59,9 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
     "zeros_eos": ("ppo", OLD[1:] + ["value_head_init=zeros", "missing_eos_penalty=0.5"],
                   "zero value head, 0.5 off the score of a truncated completion"),
     "grpo": ("grpo", [], "GRPO example (4 prompts x 8 completions, one step per rollout)"),
-    "ppo_shared": ("ppo", ["critic=shared", "missing_eos_penalty=0.5"],
+    "ppo_shared": ("ppo", ["critic=shared"],
                    "PPO example, shared critic (value head on the actor's backbone)"),
-    "ppo_separate": ("ppo", ["critic=separate", "missing_eos_penalty=0.5"],
+    "ppo_separate": ("ppo", ["critic=separate"],
                      "PPO example, separate critic (a copy of the backbone with its own LoRA)"),
 }
 GROUPS = {
