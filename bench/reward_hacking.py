@@ -34,7 +34,9 @@ import torch  # noqa: E402
 from alignkit import load_job, load_model_and_tokenizer, run_job  # noqa: E402
 from alignkit.evaluate.metrics import run_metrics  # noqa: E402
 
-HACK = "rewards=[{name: numeric_match}, {name: examples/exploitable_rewards.py:keyword_bonus}]"
+# weight 4: each 'answer' pays as much as the right sum (at weight 1 neither GRPO nor PPO found the exploit in
+# 8 rollouts: the right sum, worth 4x more, was learned first and the keyword share stayed at 3%)
+HACK = "rewards=[{name: numeric_match}, {name: examples/exploitable_rewards.py:keyword_bonus, weight: 4}]"
 HACK_REPEAT = "rewards=[{name: numeric_match}, {name: examples/exploitable_rewards.py:repeated_answer_bonus}]"
 ROWS = {"grpo_hacked": ("grpo", [HACK]), "ppo_hacked": ("ppo", [HACK, "missing_eos_penalty=0.5"]), "grpo_repeat": ("grpo", [HACK_REPEAT])}
 
