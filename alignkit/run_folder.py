@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from alignkit.errors import UsageError
+
 LOCK_NAME = ".alignkit.lock"
 CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
@@ -65,7 +67,7 @@ _STEP_NAME = re.compile(r"^step-(\d+)$")
 _TEMPORARY_NAME = re.compile(r"^\.tmp-step-\d+-(\d+)$")
 
 
-class RunFolderError(ValueError):
+class RunFolderError(UsageError):
     """A run folder that cannot be used as asked; the message says why and what to do."""
 
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.config import ConfigError, job_to_yaml, load_job
+from alignkit.config import ConfigError, job_to_yaml
+from alignkit.methods import load_job
 from alignkit.data import DataError, load_examples
 
 

@@ -171,6 +171,49 @@ def get_reward_function(spec: str | Callable, **options: Any) -> Callable[..., l
     return _bind(entry.target, options, spec)
 
 
+def check_reward_spec(spec: str | Callable, **options: Any) -> None:
+    """Raise `RewardSpecError` for a spec `get_reward_function` would refuse, without building anything:
+    no factory is called, no file is run, no module is imported beyond finding it. Job validation uses
+    it, so a misspelt reward fails before any model is loaded (and before ``--print-config`` prints)."""
+    if callable(spec):
+        return
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardSpecError(f"a reward spec must be a name, 'module:function', 'file.py:function' or a callable, got {spec!r}")
+    spec = spec.strip()
+    if ":" in spec and not _is_windows_drive_only(spec):
+        location, _, attribute = spec.rpartition(":")
+        if not location or not attribute:
+            raise RewardSpecError(f"reward spec {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
+        if _looks_like_path(location):
+            if not Path(location).expanduser().is_file():
+                raise RewardSpecError(f"reward spec {spec!r}: file not found: {Path(location).expanduser().resolve()}")
+            return
+        try:
+            found = importlib.util.find_spec(location)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise RewardSpecError(f"reward spec {spec!r}: module {location!r} not found (is its folder on sys.path / "
+                                  "PYTHONPATH? for a file, write 'path/to/file.py:function')")
+        return
+    if spec.endswith(".py"):
+        raise RewardSpecError(f"reward spec {spec!r}: name the function too, as '{spec}:function_name'")
+    _load_builtins()
+    load_reward_plugins()
+    entry = _REGISTRY.get(spec)
+    if entry is None:
+        get_reward_function(spec)  # raises the unknown-name error with its suggestion
+    if entry.kind == "factory":
+        try:
+            inspect.signature(entry.target).bind(**options)
+        except TypeError as error:
+            raise RewardSpecError(f"reward function {spec!r}: {error}{_option_hint(entry.target, options)}") from None
+        except ValueError:
+            pass
+    else:
+        _bind(entry.target, options, spec)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 
