@@ -358,7 +358,7 @@ def format_validation_error(error: ValidationError, model_cls: type[BaseModel], 
             if not loc:  # a check of the whole job (e.g. two keys that disagree): its input is everything
                 lines.append(f"  {message}")
                 continue
-            shown = repr(item.get("input"))
+            shown = repr(redact_secrets(item.get("input")))
             shown = shown if len(shown) <= 120 else shown[:117] + "..."
             lines.append(f"  {dotted}: {message} (got {shown})")
     return "\n".join(lines)

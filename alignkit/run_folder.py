@@ -336,8 +336,9 @@ class RunFolder:
     """One training run's folder, opened under its rules (see the module docstring)."""
 
     def __init__(self, path: Path, lock: RunLock, clear: list[Path], resume_from: Path | None,
-                 notes: list[str]):
+                 notes: list[str], created: bool = False):
         self.path, self.lock, self.clear, self.resume_from, self.notes = path, lock, clear, resume_from, notes
+        self.created, self.started = created, False
 
     @classmethod
     def open(cls, run_dir: str | os.PathLike, job_config: dict, *, resume: bool | str = False,
@@ -371,7 +372,7 @@ class RunFolder:
             raise
         for line in notes:
             print(f"[alignkit] {line}")
-        return cls(path, lock, clear, resume_from, notes)
+        return cls(path, lock, clear, resume_from, notes, created)
 
     @staticmethod
     def _check(path: Path, job_config: dict, resume, overwrite: bool, force_resume: bool,
@@ -417,9 +418,14 @@ class RunFolder:
         temporary = self.path / f".{CONFIG_NAME}.tmp-{os.getpid()}"
         temporary.write_text(config_text)
         os.replace(temporary, self.path / CONFIG_NAME)
+        self.started = True
 
     def release(self) -> None:
+        """Drop the lock; a folder this run created and never started (the job failed before training)
+        is removed again, so a failed start leaves nothing behind."""
         self.lock.release()
+        if self.created and not self.started and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def __enter__(self):
         return self

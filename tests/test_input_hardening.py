@@ -86,16 +86,21 @@ def test_thinking_level_alias_agrees_whatever_the_case():
         load_job("grpo", None, ["thinkingLevel=low", "thinking_level=high", "rewards=[{name: numeric_match}]"])
 
 
-def test_secrets_in_reward_options_are_never_written_out():
-    job = load_job("grpo", None, [
-        "rewards=[{name: llm_judge, kwargs: {base_url: 'http://127.0.0.1:9/v1', model: judge, "
-        "api_key: sk-live-1234, api_key_env: JUDGE_KEY, max_tokens: 16}}]"])
+def test_secrets_in_reward_options_are_never_written_out(tmp_path, capsys):
+    reward = write(tmp_path, "reward.py", "def graded(prompts, completions, api_key=None, hf_token=None, "
+                                          "max_tokens=16, api_key_env=None, **fields):\n    return [0.0] * len(completions)\n")
+    spec = (f"rewards=[{{name: '{reward}:graded', kwargs: {{api_key: sk-live-1234, hf_token: hf_abcd, "
+            "api_key_env: JUDGE_KEY, max_tokens: 16}}]")
+    job = load_job("grpo", None, [spec])
     assert job.rewards[0].kwargs["api_key"] == "sk-live-1234"  # the job itself keeps it for the run
     text = job_to_yaml(job)
-    assert "sk-live-1234" not in text
+    assert "sk-live-1234" not in text and "hf_abcd" not in text
     kwargs = yaml.safe_load(text)["rewards"][0]["kwargs"]
-    assert kwargs == {"base_url": "http://127.0.0.1:9/v1", "model": "judge", "api_key": "<redacted>",
-                      "api_key_env": "JUDGE_KEY", "max_tokens": 16}
+    assert kwargs == {"api_key": "<redacted>", "hf_token": "<redacted>", "api_key_env": "JUDGE_KEY", "max_tokens": 16}
+    # a rejected job does not echo the secret in its error either
+    with pytest.raises(ConfigError) as rejected:
+        load_job("grpo", None, [spec.replace("max_tokens: 16", "max_tokens: 16, colour: red")])
+    assert "has no option 'colour'" in str(rejected.value) and "sk-live-1234" not in str(rejected.value)
 
 
 def test_a_csv_row_with_invalid_utf8_is_named_and_can_be_skipped(tmp_path):

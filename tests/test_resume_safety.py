@@ -140,3 +140,50 @@ def test_resuming_a_checkpoint_past_the_jobs_last_step_is_an_error(tmp_path):
     Engine(config(tmp_path, max_steps=10, save_steps=10), ToyRecipe(), tmp_path).train()
     with pytest.raises(ValueError, match="at step 10, past this job's last step 4"):
         Engine(config(tmp_path, max_steps=4, resume=True), ToyRecipe(), tmp_path).train()
+
+
+def test_sigterm_to_the_cli_saves_a_checkpoint_and_exits_143(tmp_path, capsys):
+    """What a scheduler (SLURM, Kubernetes) does to a job: SIGTERM while it trains, then wait for it."""
+    import threading
+    import time
+
+    from alignkit.cli import main
+    from tests.helpers import make_tiny_model, make_tiny_tokenizer
+    from tests.test_sft import ROWS
+
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_model(tokenizer).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS * 4))
+    run = tmp_path / "run"
+
+    def scheduler():  # another thread, like another process: signal once training has begun
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    def unhandled(signum, frame):  # without alignkit's handler SIGTERM would end pytest itself
+        raise SystemExit("SIGTERM reached the default handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    watcher = threading.Thread(target=scheduler, daemon=True)
+    watcher.start()
+    try:
+        code = main(["sft", "--set", f"model.name_or_path={tmp_path / 'tiny'}", "--set",
+                     f"data.train={tmp_path / 'train.jsonl'}", "--set", f"training.output_dir={run}",
+                     "--set", "training.max_steps=100000", "--set", "lora.rank=4", "--set", "training.progress=false",
+                     "--set", "training.tensorboard=false", "--set", "data.validation_fraction=0"])
+    finally:
+        watcher.join()
+        signal.signal(signal.SIGTERM, previous)
+    output = capsys.readouterr()
+    assert code == 143
+    assert "SIGTERM: finishing this step and saving a checkpoint" in output.out
+    assert "[alignkit] stopped: SIGTERM at step" in output.err
+    saved = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("step-")
+    assert metric_steps(run) == list(range(1, int(saved[0].split("-")[1]) + 1))
+    assert not (run / ".alignkit.lock").exists()

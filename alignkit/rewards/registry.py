@@ -172,30 +172,17 @@ def get_reward_function(spec: str | Callable, **options: Any) -> Callable[..., l
 
 
 def check_reward_spec(spec: str | Callable, **options: Any) -> None:
-    """Raise `RewardSpecError` for a spec `get_reward_function` would refuse, without building anything:
-    no factory is called, no file is run, no module is imported beyond finding it. Job validation uses
-    it, so a misspelt reward fails before any model is loaded (and before ``--print-config`` prints)."""
-    if callable(spec):
+    """Raise `RewardSpecError` for a spec `get_reward_function` would refuse, without building anything
+    heavy: a registered factory (``reward_model``, ``llm_judge``) is never called, only its options are
+    checked; a ``module:function`` or ``file.py:function`` is imported (once; it is cached) to find the
+    function and check its options. Job validation uses it, so a misspelt reward or option fails before
+    any model is loaded (and before ``--print-config`` prints)."""
+    if callable(spec) or (isinstance(spec, str) and ":" in spec and not _is_windows_drive_only(spec.strip())):
+        get_reward_function(spec, **options)  # imports and binds; calls nothing
         return
     if not isinstance(spec, str) or not spec.strip():
         raise RewardSpecError(f"a reward spec must be a name, 'module:function', 'file.py:function' or a callable, got {spec!r}")
     spec = spec.strip()
-    if ":" in spec and not _is_windows_drive_only(spec):
-        location, _, attribute = spec.rpartition(":")
-        if not location or not attribute:
-            raise RewardSpecError(f"reward spec {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
-        if _looks_like_path(location):
-            if not Path(location).expanduser().is_file():
-                raise RewardSpecError(f"reward spec {spec!r}: file not found: {Path(location).expanduser().resolve()}")
-            return
-        try:
-            found = importlib.util.find_spec(location)
-        except (ImportError, ValueError):
-            found = None
-        if found is None:
-            raise RewardSpecError(f"reward spec {spec!r}: module {location!r} not found (is its folder on sys.path / "
-                                  "PYTHONPATH? for a file, write 'path/to/file.py:function')")
-        return
     if spec.endswith(".py"):
         raise RewardSpecError(f"reward spec {spec!r}: name the function too, as '{spec}:function_name'")
     _load_builtins()
