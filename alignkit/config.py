@@ -125,7 +125,11 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute layers in backward; auto: on when a micro-batch's activations would "
+        "exceed 1 GiB (alignkit/memory.py)")
+    release_memory: bool = Field(True, description="CPU on Linux: return freed activations to the system "
+                                                   "at once (lower peak resident memory)")
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
     eval_at_start: bool = True
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")

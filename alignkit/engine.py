@@ -61,6 +61,12 @@ from alignkit import distributed, run_folder
 from alignkit.config import TrainingConfig
 from alignkit.distributed import ParallelModel
 from alignkit.errors import UserError
+from alignkit.memory import (
+    decide_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    release_freed_memory,
+    uses_gradient_checkpointing,
+)
 from alignkit.seeding import restore_rng_state, rng_state, seed_everything
 from alignkit.trackers import Trackers
 
@@ -324,6 +330,7 @@ class Engine:
         self.total_steps = self._total_steps()
         warmup = config.warmup_steps or int(round(config.warmup_ratio * self.total_steps))
         self.warmup_steps = warmup
+        self._memory_levers()  # before accelerate wraps the model
         # one process: the model as it is; under a launcher: prepared by accelerate (DDP, FSDP2, DeepSpeed)
         self.parallel = ParallelModel(self.model, make_optimizer(self.model, config), self.autocast_dtype)
         self.optimizer = self.parallel.optimizer
@@ -351,6 +358,20 @@ class Engine:
         if precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
+
+    def _memory_levers(self) -> None:
+        """Gradient checkpointing (``auto``: when the recipe's largest micro-batch would keep more
+        than 1 GiB of activations) and, on a CPU, freed memory returned at once (alignkit/memory.py)."""
+        largest = getattr(self.recipe, "largest_micro_batch_tokens", None)
+        setting = self.config.gradient_checkpointing
+        on, why = decide_gradient_checkpointing(setting, self.model, largest() if callable(largest) and
+                                                setting == "auto" else None)
+        if on and not uses_gradient_checkpointing(self.model):
+            enable_gradient_checkpointing(self.model)
+        if setting == "auto" and distributed.is_main_process():
+            print(f"[alignkit] gradient checkpointing {why}")
+        if self.config.release_memory and self.device.type == "cpu":
+            release_freed_memory()
 
     def _total_steps(self) -> int:
         if self.config.max_steps:

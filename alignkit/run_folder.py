@@ -52,15 +52,15 @@ CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINTS_NAME = "checkpoints"
 # What alignkit writes into a run folder: what --overwrite may delete.
-RUN_ENTRIES = frozenset({CONFIG_NAME, METRICS_NAME, "tensorboard", CHECKPOINTS_NAME, "final", "final-merged",
-                         "summary.json", "report.md"})
+RUN_ENTRIES = frozenset({CONFIG_NAME, METRICS_NAME, "tensorboard", "wandb", CHECKPOINTS_NAME, "final",
+                         "final-merged", "summary.json", "report.md", "command.txt"})
 # Keys that change what is logged, evaluated or saved, never the weights a step produces.
 PATH_NEUTRAL_KEYS = frozenset({
     "training.output_dir", "training.resume", "training.overwrite", "training.force_resume",
     "training.eval_steps", "training.eval_at_start", "training.save_steps", "training.save_total_limit",
     "training.logging_steps", "training.tensorboard", "training.progress", "training.early_stopping_metric",
     "training.early_stopping_patience", "training.greater_is_better", "lora.merge_on_save",
-    "eval_max_prompts", "eval_temperature",
+    "eval_max_prompts", "eval_temperature", "training.gradient_checkpointing", "training.release_memory",
 })
 LENGTH_KEYS = ("training.max_steps", "training.epochs")
 _STEP_NAME = re.compile(r"^step-(\d+)$")

@@ -23,6 +23,7 @@ from alignkit.data.templates import apply_chat_template_setting
 from alignkit.engine import Engine
 from alignkit.errors import UsageError
 from alignkit.export.card import write_run_card
+from alignkit.memory import enable_gradient_checkpointing
 from alignkit.methods.registry import get_method
 from alignkit.model import (
     add_lora,
@@ -62,11 +63,8 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
     if job.lora is not None and job.lora.enabled and not is_peft_model(model):
         model = add_lora(model, rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
                          target_modules=job.lora.target_modules, layers=job.lora.layers)
-    if job.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        model.config.use_cache = False
+    if job.training.gradient_checkpointing is True:  # "auto" is decided by the engine, which sees the batches
+        enable_gradient_checkpointing(model)
     apply_chat_template_setting(tokenizer, job.model.chat_template)  # saved with every output
     return model, tokenizer
 
@@ -180,6 +178,11 @@ def process_share(chunk: list[list[int]], batch_size: int, process: int | None =
     parts = -(-len(mine) // batch_size)
     bounds = [round(i * len(mine) / parts) for i in range(parts + 1)]
     return [mine[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+    def largest_batch_tokens(self) -> int:
+        """Rows x longest row of the first epoch's largest micro-batch (later epochs mix rows anew, with
+        batches of the same sizes): what the engine's memory estimate needs."""
+        return max(len(batch) * max(self.lengths[i] for i in batch) for batch in self.epoch(0))
 
 
 # ----------------------------------------------------------------------------- run
