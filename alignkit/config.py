@@ -256,6 +256,19 @@ def is_secret_key(key: str) -> bool:
     return bool(SECRET_KEY.search(str(key))) and not SPECIAL_TOKEN_KEY.search(str(key))
 
 
+_KEY_VALUE_IN_TEXT = re.compile(r"([A-Za-z0-9_.-]+)(\s*[:=]\s*)((?![\[{])['\"]?[^\s,}\]'\"]+['\"]?)")
+
+
+def redact_secret_text(text: str) -> str:
+    """A command line or other text with the values of secret-named ``key: value`` / ``key=value``
+    pairs (as in ``--set "rewards=[{kwargs: {api_key: sk-...}}]"``) replaced by ``<redacted>``."""
+    def replace(match: re.Match) -> str:
+        key = match.group(1).rsplit(".", 1)[-1]
+        return match.group(1) + match.group(2) + REDACTED if is_secret_key(key) else match.group(0)
+
+    return _KEY_VALUE_IN_TEXT.sub(replace, text)
+
+
 def redact_secrets(value: Any) -> Any:
     """A copy with the value of every secret-named key replaced by ``<redacted>``."""
     if isinstance(value, dict):

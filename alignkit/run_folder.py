@@ -420,11 +420,14 @@ class RunFolder:
         os.replace(temporary, self.path / CONFIG_NAME)
         self.started = True
 
-    def release(self) -> None:
-        """Drop the lock; a folder this run created and never started (the job failed before training)
-        is removed again, so a failed start leaves nothing behind."""
+    def release(self, discard: bool = False) -> None:
+        """Drop the lock. ``discard`` (the job failed before its first step): a folder this run created
+        is removed again, so a failed start leaves nothing behind; a folder that existed is kept. A
+        folder this run created and never started is removed either way once empty."""
         self.lock.release()
-        if self.created and not self.started and self.path.is_dir() and not any(self.path.iterdir()):
+        if self.created and discard:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.created and not self.started and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()
 
     def __enter__(self):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from alignkit.cli import main
-from alignkit.config import ConfigError, job_to_yaml
+from alignkit.config import ConfigError, job_to_yaml, redact_secret_text
 from alignkit.methods import load_job
 from alignkit.data import DataError, load_examples
 
@@ -101,6 +101,14 @@ def test_secrets_in_reward_options_are_never_written_out(tmp_path, capsys):
     with pytest.raises(ConfigError) as rejected:
         load_job("grpo", None, [spec.replace("max_tokens: 16", "max_tokens: 16, colour: red")])
     assert "has no option 'colour'" in str(rejected.value) and "sk-live-1234" not in str(rejected.value)
+
+
+def test_secrets_in_a_command_line_are_redacted_and_nothing_else():
+    command = ("alignkit grpo --set \"rewards=[{name: x, kwargs: {api_key: sk-live-1234, max_tokens: 16, "
+               "api_key_env: KEY}}]\" --set model.hf_token=hf_abcd --set data.max_length=512 --set pad_token=x")
+    assert redact_secret_text(command) == (
+        "alignkit grpo --set \"rewards=[{name: x, kwargs: {api_key: <redacted>, max_tokens: 16, "
+        "api_key_env: KEY}}]\" --set model.hf_token=<redacted> --set data.max_length=512 --set pad_token=x")
 
 
 def test_a_csv_row_with_invalid_utf8_is_named_and_can_be_skipped(tmp_path):

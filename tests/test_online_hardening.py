@@ -1,11 +1,11 @@
-"""GRPO/PPO jobs: prompts follow the same length policy as every other row, rewards are checked before
+"""GRPO/PPO jobs: prompts follow the same length rule as every other row (cut or skipped, counted), rewards are checked before
 anything loads, a failing reward is one line, and a secret passed to a reward never reaches the disk."""
 import json
 
 import pytest
 
 from alignkit.cli import main
-from alignkit.data import DataError, PromptExample
+from alignkit.data import PromptExample
 from alignkit.methods import build_job
 from alignkit.methods.grpo import GRPORecipe
 from alignkit.rewards import CombinedReward
@@ -24,23 +24,29 @@ def recipe(tiny_model, tiny_tokenizer, **data):
                       reward=CombinedReward([lambda p, c, **f: [0.0] * len(c)]))
 
 
-def test_a_prompt_over_max_length_is_an_error_naming_the_row(tiny_model, tiny_tokenizer):
-    with pytest.raises(DataError, match=r"mem:long: the prompt is \d+ tokens, over the limit of 56 "
-                                        r"\(data.max_length 64 less 8 sampled tokens\)"):
-        recipe(tiny_model, tiny_tokenizer)
-
-
-def test_long_prompts_are_skipped_or_cut_and_counted(tiny_model, tiny_tokenizer):
+def test_long_prompts_are_cut_from_the_left_or_skipped_and_counted(tiny_model, tiny_tokenizer):
+    cutting = recipe(tiny_model, tiny_tokenizer)  # data.max_length 64 - 8 sampled tokens = 56
+    assert [e.source for e in cutting.train_examples][-1] == "mem:long"
+    whole = cutting.encode_prompt(LONG.prompt)
+    assert len(whole) > 56 and cutting.train_prompt_ids[-1] == whole[-56:]  # the end of the conversation stays
+    assert max(len(ids) for ids in cutting.train_prompt_ids) == 56
+    assert ("train prompts: 1 of 5 cut to their last 56 tokens (prompt + 8 sampled tokens <= data.max_length 64): "
+            "mem:long") in cutting.notes
+    assert "validation prompts: 1 of 1 cut" in " ".join(cutting.notes)
     skipping = recipe(tiny_model, tiny_tokenizer, on_error="skip")
     assert [e.source for e in skipping.train_examples] == ["mem:0", "mem:1", "mem:2", "mem:3"]
     assert skipping.validation_examples == []
-    assert "train prompts: 1 of 5 longer than 56 tokens skipped (data.on_error: skip): mem:long" in skipping.notes
-    cutting = recipe(tiny_model, tiny_tokenizer, max_prompt_length=40)
-    assert [len(ids) for ids in cutting.train_prompt_ids][-1] == 40
-    assert max(len(ids) for ids in cutting.train_prompt_ids) == 40
-    whole = cutting.encode_prompt(LONG.prompt)
-    assert cutting.train_prompt_ids[-1] == whole[-40:]  # the end of the conversation stays
-    assert "train prompts: 1 of 5 cut to 40 tokens from the left" in cutting.notes
+    assert any(note.startswith("train prompts: 1 of 5 longer than 56 tokens skipped (data.on_error: skip)")
+               for note in skipping.notes)
+    explicit = recipe(tiny_model, tiny_tokenizer, on_error="skip", max_prompt_length=40)  # asks for the cut
+    assert len(explicit.train_examples) == 5 and len(explicit.train_prompt_ids[-1]) == 40
+
+
+def test_the_default_max_length_bounds_prompts_unless_thinking_needs_more():
+    assert build_job("grpo", {"max_completion_length": 100}).prompt_token_limit() == 1024 - 100
+    assert build_job("grpo", {"thinking_level": "high"}).prompt_token_limit() is None  # 4096 + 256 > 1024
+    with pytest.raises(Exception, match="leaves no room for a prompt"):
+        build_job("grpo", {"thinking_level": "high", "data": {"max_length": 2048}})
 
 
 @pytest.fixture(scope="module")
