@@ -80,7 +80,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     target = model
     if not hasattr(target, "gradient_checkpointing_enable"):  # a wrapper such as ScalarHeadModel
         target = getattr(model, "backbone", model)
-    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(target, "activation_checkpointing_enable", None)  # transformers >= 5; the old name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(target, "enable_input_require_grads"):
         target.enable_input_require_grads()
     config = getattr(target, "config", None)
