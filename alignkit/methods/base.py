@@ -160,6 +160,11 @@ class BatchSchedule:
             return steps
         return (process_share(chunk, self.batch_size) for chunk in steps)
 
+    def largest_batch_tokens(self) -> int:
+        """Rows x longest row of the first epoch's largest micro-batch (later epochs mix rows anew, with
+        batches of the same sizes): what the engine's memory estimate needs."""
+        return max(len(batch) * max(self.lengths[i] for i in batch) for batch in self.epoch(0))
+
 
 def process_share(chunk: list[list[int]], batch_size: int, process: int | None = None,
                   processes: int | None = None) -> list[list[int]]:
@@ -178,11 +183,6 @@ def process_share(chunk: list[list[int]], batch_size: int, process: int | None =
     parts = -(-len(mine) // batch_size)
     bounds = [round(i * len(mine) / parts) for i in range(parts + 1)]
     return [mine[bounds[i]:bounds[i + 1]] for i in range(parts)]
-
-    def largest_batch_tokens(self) -> int:
-        """Rows x longest row of the first epoch's largest micro-batch (later epochs mix rows anew, with
-        batches of the same sizes): what the engine's memory estimate needs."""
-        return max(len(batch) * max(self.lengths[i] for i in batch) for batch in self.epoch(0))
 
 
 # ----------------------------------------------------------------------------- run
