@@ -62,7 +62,9 @@ def assets(tmp_path_factory):
         "    assert api_key == 'sk-live-1234'\n"
         "    return [float(len(c) % 3) for c in completions]\n\n"
         "def boom(prompts, completions, **fields):\n"
-        "    raise ZeroDivisionError('division by zero in the grader')\n")
+        "    raise ZeroDivisionError('division by zero in the grader')\n\n"
+        "def half(prompts, completions, **fields):\n"
+        "    return [None if i % 2 else 1.0 for i in range(len(completions))]\n")
     return root
 
 
@@ -101,3 +103,12 @@ def test_a_failing_reward_function_is_one_line_not_a_traceback(assets, tmp_path,
     assert error.startswith("alignkit: error: reward function 'boom' failed on item 0: "
                             "ZeroDivisionError: division by zero in the grader")
     assert "Traceback" not in error and len(error.splitlines()) <= 3
+
+
+def test_reward_failures_under_zero_are_counted_in_the_run_report(assets, tmp_path):
+    run = tmp_path / "run"
+    args = grpo(assets, run, f"{{name: '{assets / 'reward.py'}:half'}}") + ["--set", "reward_on_error=zero"]
+    assert main(args) == 0
+    report = (run / "report.md").read_text()
+    assert "## Failures (contained)" in report
+    assert "- reward half: 2 of 4 items failed in 1 batches (0 not called after 3 failures in a row)" in report

@@ -269,7 +269,8 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
     finally:
         if folder is not None:
             folder.release()
-    notes = [*recipe.notes, *(getattr(recipe, "final_notes", lambda: [])())]
+    notes = list(recipe.notes)
+    failures = list(getattr(recipe, "final_notes", lambda: [])())  # e.g. reward functions that failed
     summary = {
         "method": job.method,
         "run_dir": str(run_dir),
@@ -283,6 +284,7 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
         "first_eval": result["eval_history"][0] if result["eval_history"] else {},
         "last_eval": result["eval_history"][-1] if result["eval_history"] else {},
         "notes": notes,
+        "failures": failures,
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -298,6 +300,8 @@ def render_report(summary: dict[str, Any]) -> str:
              + (" (stopped early)" if summary["stopped_early"] else ""), ""]
     if summary["notes"]:
         lines += ["## Data", "", *[f"- {note}" for note in summary["notes"]], ""]
+    if summary.get("failures"):
+        lines += ["## Failures (contained)", "", *[f"- {line}" for line in summary["failures"]], ""]
     first, last = summary["first_eval"], summary["last_eval"]
     if last:
         lines += ["## Validation", "", "| metric | start | end |", "| --- | --- | --- |"]
