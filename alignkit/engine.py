@@ -479,7 +479,7 @@ class Engine:
         path = Path(str(resume))
         if not run_folder.is_complete_checkpoint(path):
             raise FileNotFoundError(f"resume: {path} is not a complete checkpoint folder "
-                                    "(it needs checkpoint.json and state.json)")
+                                    "(it needs trainable.safetensors and state.json)")
         return path
 
     def _resume(self) -> int | None:

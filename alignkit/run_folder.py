@@ -80,7 +80,8 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "checkpoint.json").exists() and (
+    """A checkpoint folder with its weights and state (``step-*`` folders are renamed into place whole)."""
+    return path.is_dir() and (path / "trainable.safetensors").exists() and (
         (path / "state.json").exists() or (path / "state.pt").exists())
 
 
@@ -388,7 +389,7 @@ class RunFolder:
                 resume_from = Path(str(resume))
                 if not is_complete_checkpoint(resume_from):
                     raise RunFolderError(f"resume: {resume_from} is not a complete checkpoint folder "
-                                         "(it needs checkpoint.json and state.json)")
+                                         "(it needs trainable.safetensors and state.json)")
             check_same_job(path, resume_from, job_config, force_resume, notes)
             return [], resume_from
         if not contents:
