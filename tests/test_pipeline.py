@@ -137,7 +137,7 @@ def test_a_killed_pipeline_process_resumes_the_stage_it_was_in(workspace):
     checkpoints = workspace / "out" / "dpo" / "checkpoints"
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and not any((p / "state.pt").exists() for p in checkpoints.glob("step-*")):
+        while time.time() < deadline and not any((p / "state.json").exists() for p in checkpoints.glob("step-*")):
             assert process.poll() is None, "the pipeline ended before it could be killed"
             time.sleep(0.01)
     finally:
@@ -146,7 +146,7 @@ def test_a_killed_pipeline_process_resumes_the_stage_it_was_in(workspace):
     state = json.loads((workspace / "out" / "pipeline.json").read_text())["stages"]
     assert (state["sft"]["status"], state["dpo"]["status"]) == ("done", "running")   # what kill -9 leaves
     assert not (workspace / "out/dpo/final").exists()
-    kept = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*") if (p / "state.pt").exists())
+    kept = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*") if (p / "state.json").exists())
     logged = [json.loads(line)["step"] for line in (workspace / "out/dpo/metrics.jsonl").read_text().splitlines()]
     result = run_pipeline(load_pipeline(path), log=lambda _: None)
     assert actions(result) == {"sft": "skip", "dpo": "resume"}
