@@ -86,7 +86,8 @@ def run_row(name: str, rollouts: int, output_root: Path, eval_at_start: bool, ex
     steps = rollouts * per
     settings = [f"training.max_steps={steps}", f"training.eval_steps={steps}",
                 f"training.eval_at_start={'true' if eval_at_start else 'false'}", "training.save_steps=null",
-                "training.progress=false", "training.tensorboard=false", f"training.output_dir={output_root / name}"]
+                "training.progress=false", "training.tensorboard=false", f"training.output_dir={output_root / name}",
+                "training.overwrite=true"]  # a row run again replaces its earlier run
     job = load_job(method, str(config), overrides + extra + settings)
     started = time.time()
     summary = run_job(job)

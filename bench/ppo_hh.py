@@ -48,7 +48,8 @@ DATA = ROOT / "examples" / "data"
 # cut to 256 tokens here (the prompt's end and the reply kept) so that both models train in minutes on a CPU.
 RM_SETTINGS = ["data.max_length=256", "data.max_prompt_length=160", "training.max_steps=100",
                "training.eval_steps=100", "training.eval_at_start=true", "training.save_steps=null",
-               "training.progress=false", "training.tensorboard=false", "data.on_error=skip"]
+               "training.progress=false", "training.tensorboard=false", "data.on_error=skip",
+               "training.overwrite=true"]  # a stage that did not finish is started afresh
 
 
 def stage_data() -> None:
@@ -82,7 +83,7 @@ def stage_ppo(runs: Path, extra: list[str]) -> dict:
         print(f"ppo: {output} exists, skipped")
         return json.loads((output / "summary.json").read_text())
     overrides = [f"reward_model={runs / 'rm-hh-a' / 'final'}", f"training.output_dir={output}",
-                 "training.progress=false", "training.tensorboard=false", *extra]
+                 "training.progress=false", "training.tensorboard=false", "training.overwrite=true", *extra]
     print("alignkit ppo --config examples/ppo_hh.yaml " + " ".join(f"--set {o}" for o in overrides), flush=True)
     return run_job(load_job("ppo", str(ROOT / "examples" / "ppo_hh.yaml"), overrides))
 

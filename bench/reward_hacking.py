@@ -48,7 +48,7 @@ def train(name: str, rollouts: int, runs: Path) -> Path:
     steps = rollouts * (probe.ppo_epochs * probe.num_mini_batches if method == "ppo" else probe.num_iterations)
     settings = [f"training.max_steps={steps}", f"training.eval_steps={steps}", "training.eval_at_start=false",
                 "training.save_steps=null", "training.progress=false", "training.tensorboard=false",
-                f"training.output_dir={runs / name}"]
+                f"training.output_dir={runs / name}", "training.overwrite=true"]
     run_job(load_job(method, config, overrides + settings))
     return runs / name
 
