@@ -1,16 +1,17 @@
 """Multi-adapter serving: mixed-adapter batches against swapping one adapter in at a time.
 
-Two `alignkit serve` processes on 127.0.0.1 hold the same base model and the same 16 LoRA adapters:
+Several `alignkit serve` processes on 127.0.0.1 hold the same base model and the same 16 LoRA adapters:
 
 * **mixed** (the default server): requests for different adapters share every forward pass (PEFT
   mixed-adapter batches), new requests join the running batch at the next step;
 * **swap** (``--adapter-mode swap``, the comparison point): the adapter of the oldest waiting request
   is merged into the base weights, that adapter's requests run (batched together, new ones of the
   same adapter join), the adapter is unmerged, and the next adapter gets its turn;
-* **swap-per-request** (``--modes swap-per-request``): the same with ``--max-batch 1``, i.e. merge,
-  serve one request, unmerge (requests of the same adapter in a row keep it merged).
+* **swap-per-request** (``--adapter-mode swap-per-request``): the issue's literal baseline: merge the
+  adapter of the oldest request, run that one request alone, unmerge, next request.
 
-The same requests go to both: every prompt distinct, greedy, ``ignore_eos`` so every request decodes
+``--modes`` picks the servers (default: all three; ``mixed-static`` adds the mixed server on the
+static-cache engine). The same requests go to every server: every prompt distinct, greedy, ``ignore_eos`` so every request decodes
 exactly ``--max-tokens`` tokens, adapters assigned round-robin over 1, 4 or 16 distinct adapters, sent by
 ``concurrency`` client threads (httpx, one request at a time each). Per cell: requests/s, generated
 tokens/s (``completion_tokens`` summed / wall seconds), and p50/p95 request latency. One warm-up
@@ -20,7 +21,8 @@ in the machine's load hits both sides of a ratio alike.
 
     python bench/serve.py --tiny                     # tiny random Llama (4 layers, hidden 256): the full grid
     python bench/serve.py --concurrency 1,8 --requests-per-client 2      # the embedded SmolLM2-135M
-    python bench/serve.py --device cuda              # a GPU (the static-cache engine is not used by serve)
+    python bench/serve.py --device cuda --modes mixed,swap,swap-per-request   # a GPU (static-cache engine)
+    python bench/serve.py --tiny --modes mixed,mixed-static                  # the two engines on CPU
     python bench/serve.py --tiny --kernels           # only the LoRA part: PEFT adapter_names vs stacked, in-process
 """
 from __future__ import annotations
@@ -64,8 +66,11 @@ def parse_args(argv=None):
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--modes", default="mixed,swap",
-                        help="mixed, swap (merge one adapter, batch its requests), swap-per-request (merge per request)")
+    parser.add_argument("--modes", default="mixed,swap,swap-per-request",
+                        help="servers to compare: mixed, swap (merge one adapter, batch its requests), "
+                             "swap-per-request (merge, one request, unmerge), mixed-static (mixed on --engine static)")
+    parser.add_argument("--engine", default="auto", choices=["auto", "dynamic", "static"],
+                        help="--engine of the servers (auto: static on CUDA, dynamic on CPU)")
     parser.add_argument("--output", help="also write the rows as JSON here")
     parser.add_argument("--kernels", action="store_true",
                         help="instead: time one forward of 32 rows through PEFT's adapter_names path and the stacked path")
@@ -102,12 +107,14 @@ def make_models(args, folder: Path) -> tuple[str, list[tuple[str, str]], str]:
 
 
 def start_server(args, base: str, adapters, mode: str, port: int):
-    """``mode``: mixed, swap, or swap-per-request (swap with --max-batch 1: merge, one request, unmerge)."""
-    max_batch = 1 if mode == "swap-per-request" else args.max_batch
+    """``mode``: an ``--adapter-mode`` (mixed, swap, swap-per-request), or ``mixed-static``: mixed on the
+    static-cache engine (``--engine static``)."""
+    adapter_mode, engine = ("mixed", "static") if mode == "mixed-static" else (mode, args.engine)
     command = [sys.executable, "-m", "alignkit.cli", "serve", "--model", base, "--served-model-name", "base",
-               "--port", str(port), "--device", args.device, "--max-batch", str(max_batch),
+               "--port", str(port), "--device", args.device, "--max-batch", str(args.max_batch),
                "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024", "--log-level", "warning",
-               "--adapter-mode", "mixed" if mode == "mixed" else "swap"] + [item for name, path in adapters for item in ("--adapter", f"{name}={path}")]
+               "--adapter-mode", adapter_mode, "--engine", engine]
+    command += [item for name, path in adapters for item in ("--adapter", f"{name}={path}")]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"

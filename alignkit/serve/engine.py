@@ -32,9 +32,15 @@ logits, before temperature and top-p), as vLLM and OpenAI report them.
 **Stopping** uses `alignkit.rollout.stops`: the stop tokens are `stop_token_ids` (EOS and chat
 end-of-turn markers), the reply's text ends before the first stop string (`cut_text_at_stop`).
 
-``mode="swap"`` is the comparison point for benchmarks: instead of mixing adapters, the worker
-merges one adapter into the base weights (``merge_adapter``), runs only that adapter's rows (new
-rows of the same adapter still join), and unmerges it before the next adapter's turn.
+Two comparison points for benchmarks replace the mixing:
+
+* ``mode="swap"``: the worker merges one adapter into the base weights (``merge_adapter``), runs
+  only that adapter's rows (every waiting row of that adapter is taken, and new ones still join),
+  and unmerges it before the next adapter's turn. It batches requests of one adapter, so it is the
+  stronger of the two baselines.
+* ``mode="swap-per-request"``: the literal "swap one adapter in per request": take the oldest
+  waiting request (all its rows: its ``n`` choices and prompts), merge its adapter, run that request
+  alone to its end (nothing joins), unmerge, and only then look at the next request.
 
 The worker is the only thread that touches the model; run-time adapter loads and unloads are
 handed to it (`run_exclusive`) and run between two steps.
@@ -63,6 +69,7 @@ from alignkit.serve.mixed_lora import mixed_batch
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+ADAPTER_MODES = ("mixed", "swap", "swap-per-request")
 
 
 class QueueFull(Exception):
@@ -238,25 +245,35 @@ def sample_tokens(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return chosen
 
 
+def choose_engine(requested: str, registry, mode: str, device: torch.device) -> str:
+    """The decoding engine to run: ``"dynamic"`` (transformers' forward, growing cache) or ``"static"``."""
+    if requested not in ("auto", "dynamic", "static"):
+        raise UsageError(f"--engine must be auto, dynamic or static, got {requested!r}")
+    if requested == "dynamic":
+        return "dynamic"
+    return "dynamic"
+
+
 class BatchScheduler:
     """Owns the model in one worker thread; see the module docstring for the policy.
 
     ``registry`` is an `alignkit.serve.adapters.AdapterRegistry` (the model, the tokenizer and the
     adapters). ``max_batch``: rows decoded together; ``max_wait_ms``: how long the first request of
     an idle server waits for company; ``max_queue``: waiting rows beyond which `submit` raises
-    `QueueFull`; ``mode``: ``"mixed"`` (default) or ``"swap"`` (merge one adapter at a time).
+    `QueueFull`; ``mode``: ``"mixed"`` (default), ``"swap"`` (merge one adapter at a time, batching
+    its requests) or ``"swap-per-request"`` (merge, run one request, unmerge).
     """
 
     def __init__(self, registry, max_batch: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256,
-                 mode: str = "mixed"):
+                 mode: str = "mixed", engine: str = "auto"):
         if max_batch < 1:
             raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
             raise UsageError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
         if max_queue < 1:
             raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
-        if mode not in ("mixed", "swap"):
-            raise UsageError(f"--adapter-mode must be 'mixed' or 'swap', got {mode!r}")
+        if mode not in ADAPTER_MODES:
+            raise UsageError(f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}")
         self.registry = registry
         self.tokenizer = registry.tokenizer
         self.max_batch, self.max_wait_s, self.max_queue, self.mode = max_batch, max_wait_ms / 1000.0, max_queue, mode
@@ -271,6 +288,7 @@ class BatchScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._device = next(registry.model.parameters()).device
+        self.engine = choose_engine(engine, registry, mode, self._device)
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -329,6 +347,7 @@ class BatchScheduler:
                 self._admit()
                 if self._running.rows:
                     self._decode()
+                self._after_step()
             except Exception as error:  # a failed forward fails its rows, never the server
                 logger.exception("generation step failed")
                 self._fail_running(f"{type(error).__name__}: {error}")
@@ -350,8 +369,8 @@ class BatchScheduler:
                 except BaseException as error:  # noqa: BLE001 - handed to the caller
                     future.set_exception(error)
 
-    def _take_waiting(self, limit: int, adapter: str | None = None, any_adapter: bool = True) -> list[Row]:
-        """Pop up to ``limit`` live waiting rows (only ``adapter``'s unless ``any_adapter``)."""
+    def _take_waiting(self, limit: int, accept: Callable[[Row], bool] | None = None) -> list[Row]:
+        """Pop up to ``limit`` live waiting rows (only those ``accept`` takes, when given)."""
         taken, kept = [], collections.deque()
         now = time.monotonic()
         with self._condition:
@@ -359,7 +378,7 @@ class BatchScheduler:
                 row = self._waiting.popleft()
                 if row.cancelled or (row.deadline is not None and now > row.deadline):
                     self._finish(row, "cancelled" if row.cancelled else "timeout")
-                elif len(taken) < limit and (any_adapter or row.adapter == adapter):
+                elif len(taken) < limit and (accept is None or accept(row)):
                     taken.append(row)
                 else:
                     kept.append(row)
@@ -369,6 +388,9 @@ class BatchScheduler:
     def _admit(self) -> None:
         room = self.max_batch - len(self._running)
         if room <= 0:
+            return
+        if self.mode == "swap-per-request":
+            self._admit_one_request()
             return
         if not self._running.rows:
             with self._condition:
@@ -383,11 +405,31 @@ class BatchScheduler:
                     adapter = self._waiting[0].adapter if self._waiting else None
                 self._swap_to(adapter)
         if self.mode == "swap":
-            rows = self._take_waiting(room, self._merged, any_adapter=False)
+            merged = self._merged
+            rows = self._take_waiting(room, lambda row: row.adapter == merged)
         else:
             rows = self._take_waiting(room)
         if rows:
             self._prefill(rows)
+
+    def _admit_one_request(self) -> None:
+        """swap-per-request: when the previous request is done, merge the next one's adapter and run it
+        alone (all its rows, at most ``max_batch``); `_after_step` unmerges when it is finished."""
+        if self._running.rows:
+            return
+        with self._condition:
+            first = next((row for row in self._waiting if not row.cancelled), None)
+        if first is None:
+            self._take_waiting(0)          # drops cancelled / timed-out rows
+            return
+        self._swap_to(first.adapter)
+        rows = self._take_waiting(self.max_batch, lambda row: row.sink is first.sink)
+        if rows:
+            self._prefill(rows)
+
+    def _after_step(self) -> None:
+        if self.mode == "swap-per-request" and not self._running.rows and self._merged is not None:
+            self._swap_to(None)
 
     def _swap_to(self, adapter: str | None) -> None:
         model = self.registry.model
@@ -396,6 +438,7 @@ class BatchScheduler:
         if self._merged is not None:
             model.unmerge_adapter()
             self._merged = None
+            self.stats.add("adapter_unmerges")
         if adapter is not None:
             model.merge_adapter(adapter_names=[adapter])
             self._merged = adapter
@@ -413,7 +456,7 @@ class BatchScheduler:
 
     def _model_forward(self, model, rows: list[Row], names: list[str], **inputs) -> torch.Tensor:
         if is_peft_model(model):
-            if self.mode == "swap":
+            if self.mode != "mixed":   # swap modes: the adapter (if any) is merged into the weights
                 if self._merged is None:
                     with model.disable_adapter():
                         output = model(**inputs, use_cache=True, logits_to_keep=1)
