@@ -65,6 +65,7 @@ from alignkit.model.forward import left_pad
 from alignkit.model.peft import is_peft_model, unwrap
 from alignkit.rollout.stops import cut_text_at_stop, stop_token_ids
 from alignkit.serve.mixed_lora import mixed_batch
+from alignkit.serve.static_engine import StaticSlotCache, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,16 @@ def choose_engine(requested: str, registry, mode: str, device: torch.device) -> 
         raise UsageError(f"--engine must be auto, dynamic or static, got {requested!r}")
     if requested == "dynamic":
         return "dynamic"
+    reason = (unsupported_reason(registry.model) if mode == "mixed"
+              else f"--adapter-mode {mode} merges adapters into the weights, which the static engine does not read")
+    if requested == "static":
+        if reason is not None:
+            raise UsageError(f"--engine static cannot serve this model: {reason}; use --engine dynamic")
+        return "static"
+    if device.type == "cuda" and reason is None:
+        return "static"
+    if device.type == "cuda":
+        logger.warning("serving with the dynamic engine: the static-cache engine does not apply (%s)", reason)
     return "dynamic"
 
 
@@ -289,6 +300,8 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._device = next(registry.model.parameters()).device
         self.engine = choose_engine(engine, registry, mode, self._device)
+        self._static = StaticSlotCache(registry, max_batch, self._device) if self.engine == "static" else None
+        registry.static_engine = self._static is not None   # run-time loads refuse what it cannot serve
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -326,6 +339,13 @@ class BatchScheduler:
     def uses_adapter(self, name: str) -> bool:
         with self._condition:
             return any(row.adapter == name for row in list(self._waiting) + self._running.rows)
+
+    def engine_counters(self) -> dict:
+        """The static engine's graph captures, cache allocations and cache length (empty for dynamic)."""
+        if self._static is None:
+            return {}
+        return {f"static_{key}": value for key, value in
+                {**self._static.counters, "cache_length": self._static.length}.items()}
 
     def load(self) -> dict:
         """Rows running and waiting now."""
@@ -445,12 +465,15 @@ class BatchScheduler:
             self.stats.add("adapter_merges")
 
     def _forward(self, kind: str, rows: list[Row], **inputs) -> torch.Tensor:
-        model = self.registry.model
+        """One forward of the dynamic engine (transformers' model, ``DynamicCache``)."""
         names = [row.adapter_name for row in rows]
-        self.stats.forward(kind, names)
+        return self._timed(kind, rows, self._model_forward, self.registry.model, rows, names, **inputs)
+
+    def _timed(self, kind: str, rows: list[Row], function: Callable, *args, **kwargs) -> torch.Tensor:
+        self.stats.forward(kind, [row.adapter_name for row in rows])
         started = time.perf_counter()
         try:
-            return self._model_forward(model, rows, names, **inputs)
+            return function(*args, **kwargs)
         finally:
             self.stats.add_seconds(kind, time.perf_counter() - started)
 
@@ -487,6 +510,9 @@ class BatchScheduler:
             owner.append(unique.setdefault(key, len(unique)))
         firsts = {index: row for row, index in zip(reversed(rows), reversed(owner))}
         distinct = [firsts[i] for i in range(len(unique))]
+        if self._static is not None:
+            self._prefill_static(rows, distinct, owner)
+            return
         input_ids, attention = left_pad([row.prompt for row in distinct], self.pad_id)
         input_ids, attention = input_ids.to(self._device), attention.to(self._device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -506,8 +532,23 @@ class BatchScheduler:
         offset = len(self._running) - len(rows)
         self._emit(logits, list(range(offset, len(self._running))))
 
+    def _prefill_static(self, rows: list[Row], distinct: list[Row], owner: list[int]) -> None:
+        slots = [self.registry.slots.get(row.adapter, 0) if row.adapter is not None else 0 for row in distinct]
+        needed = max(len(row.prompt) + row.options.max_tokens for row in rows)
+        logits = self._timed("prefill", distinct, self._static.prefill, [row.prompt for row in distinct], slots,
+                             owner, self.pad_id, needed)
+        if self._running.rows:
+            self.stats.add("rows_joined_running_batch", len(rows))
+        offset = len(self._running)
+        self._running.rows.extend(rows)
+        self._emit(logits, list(range(offset, len(self._running))))
+
     def _decode(self) -> None:
         running = self._running
+        if self._static is not None:
+            logits = self._timed("decode", running.rows, self._static.decode, [row.tokens[-1] for row in running.rows])
+            self._emit(logits, list(range(len(running))))
+            return
         last = torch.tensor([[row.tokens[-1]] for row in running.rows], device=self._device)
         positions = running.mask.sum(dim=1, keepdim=True)
         running.mask = torch.cat([running.mask, running.mask.new_ones((len(running), 1))], dim=1)
@@ -552,8 +593,7 @@ class BatchScheduler:
             if row.finished:
                 done.add(indices[i])
         if done:
-            keep = [i for i in range(len(self._running)) if i not in done]
-            keep_rows(self._running, keep)
+            self._keep([i for i in range(len(self._running)) if i not in done])
         self.stats.add("tokens_generated", len(tokens))
         self.stats.add_seconds("sample", time.perf_counter() - started)
 
@@ -580,10 +620,20 @@ class BatchScheduler:
         row.sink(FinishEvent(row.choice, reason, list(row.tokens), text, message,
                              None if row.stream else row.events))
 
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the running rows at ``keep`` (and their cache rows)."""
+        if self._static is not None:
+            self._static.keep(keep)
+            self._running.rows = [self._running.rows[i] for i in keep]
+        else:
+            keep_rows(self._running, keep)
+
     def _fail_running(self, message: str) -> None:
         for row in self._running.rows:
             self._finish(row, "error", message)
         self._running = _Running()
+        if self._static is not None:
+            self._static.reset()
         if self._merged is not None:
             try:
                 self.registry.model.unmerge_adapter()
@@ -602,7 +652,7 @@ class BatchScheduler:
         if using:
             for i in using:
                 self._finish(self._running.rows[i], "error", f"adapter {name!r} was unloaded")
-            keep_rows(self._running, [i for i in range(len(self._running)) if i not in set(using)])
+            self._keep([i for i in range(len(self._running)) if i not in set(using)])
         if self._merged == name:
             self.registry.model.unmerge_adapter()
             self._merged = None
