@@ -106,6 +106,8 @@ def unsupported_reason(model) -> str | None:
                 covered.add(id(module))
     for module in model.modules():
         if isinstance(module, LoraLayer):
+            if not (module.lora_A or module.lora_embedding_A):
+                continue            # a wrapper left behind by an unloaded adapter: it adds nothing
             if id(module) not in covered:
                 return "LoRA on a layer other than the attention and MLP projections (e.g. lm_head)"
             if any(getattr(module, "lora_bias", {}).values()):

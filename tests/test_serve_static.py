@@ -1,0 +1,161 @@
+"""`alignkit serve --engine static`: the static-cache engine in the server's decoding path.
+
+The slot cache's logits equal the transformers model's (with the row's own adapter) through prefill,
+decoding, rows joining mid-decode and rows leaving (eagerly, and the bucketed step that CUDA graphs
+replay, run eagerly on CPU); served greedy replies for the base and two adapters, sent concurrently
+and joining a running batch, equal offline generation token for token; what the engine cannot run
+is refused with the reason, at start-up and at run-time adapter loads, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import openai
+import pytest
+import torch
+
+from alignkit.errors import UsageError
+from alignkit.model import add_lora, load_model_and_tokenizer, save_model
+from alignkit.serve import BackgroundServer, build_state
+from alignkit.serve.static_engine import StaticSlotCache
+from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from tests.test_serve import CONVERSATION, _offline, _random_adapter
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-static")
+    tokenizer = make_tiny_tokenizer()
+    base = save_model(make_tiny_model(tokenizer, seed=0), tokenizer, root / "base")
+    adapters = root / "adapters"
+    paths = {"one": _random_adapter(base, adapters / "one", 1), "two": _random_adapter(base, adapters / "two", 2)}
+    model, tokenizer = load_model_and_tokenizer(str(base), device="cpu")
+    head_lora = add_lora(model, rank=4, dropout=0.0, target_modules=["q_proj", "lm_head"])
+    with torch.no_grad():
+        for name, parameter in head_lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.3)
+    paths["head"] = save_model(head_lora, tokenizer, adapters / "head")
+    return {"root": root, "base": base, "adapters": adapters, "tokenizer": tokenizer, **paths}
+
+
+def _reference_logits(model, sequence: list[int], adapter: str | None) -> torch.Tensor:
+    ids = torch.tensor([sequence])
+    if adapter is None:
+        with model.disable_adapter():
+            return model(input_ids=ids).logits[0, -1].float()
+    model.set_adapter(adapter)
+    return model(input_ids=ids).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("emulate_graph", [False, True], ids=["eager", "graph-step"])
+def test_slot_cache_logits_equal_the_model_through_joins_and_departures(files, emulate_graph):
+    state = build_state(str(files["base"]), adapters=[("one", str(files["one"])), ("two", str(files["two"]))],
+                        device="cpu", served_model_name="base", engine="static")
+    registry, pad = state.registry, files["tokenizer"].pad_token_id
+    cache = StaticSlotCache(registry, 4, torch.device("cpu"), emulate_graph=emulate_graph)
+    model = registry.model
+    sequences, adapters = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18]], ["one", None]
+
+    def slot(name):
+        return registry.slots[name] if name else 0
+
+    def check(logits, rows):
+        assert logits.shape[0] == len(rows)
+        for row, values in zip(rows, logits):
+            torch.testing.assert_close(values, _reference_logits(model, sequences[row], adapters[row]),
+                                       atol=2e-5, rtol=1e-5)
+
+    def advance(logits, rows):
+        tokens = logits.argmax(-1).tolist()
+        for row, token in zip(rows, tokens):
+            sequences[row].append(token)
+        return tokens
+
+    with torch.no_grad():
+        logits = cache.prefill([list(s) for s in sequences], [slot(a) for a in adapters], [0, 1], pad, needed=24)
+        check(logits, [0, 1])
+        for _ in range(3):
+            logits = cache.decode(advance(logits, [0, 1]))
+            check(logits, [0, 1])
+        tokens = advance(logits, [0, 1])
+        # two rows join (n=2 of one prompt, adapter "two", shorter prompt), prefilled once
+        sequences += [[20, 21, 22], [20, 21, 22]]
+        adapters += ["two", "two"]
+        joined = cache.prefill([[20, 21, 22]], [slot("two")], [0, 0], pad, needed=24)
+        check(joined, [2, 3])
+        logits = cache.decode(tokens + advance(joined, [2, 3]))
+        check(logits, [0, 1, 2, 3])                       # four rows of three adapters in one step
+        tokens = advance(logits, [0, 1, 2, 3])
+        cache.keep([1, 3])                                # rows 0 and 2 finish: row 3 moves to slot 1
+        logits = cache.decode([tokens[1], tokens[3]])
+        check(logits, [1, 3])
+        logits = cache.decode(advance(logits, [1, 3]))
+        check(logits, [1, 3])
+    assert cache.host_lengths == [len(sequences[1]), len(sequences[3])]
+    assert cache.counters["cache_allocations"] == 1
+    if emulate_graph:  # buckets 2 and 4 were used (2 rows, 4 rows)
+        assert sorted(cache.graphs) == [2, 4] and cache.counters["graph_captures"] == 2
+
+
+def test_served_greedy_replies_with_the_static_engine_equal_offline(files):
+    state = build_state(str(files["base"]), adapters=[("one", str(files["one"])), ("two", str(files["two"]))],
+                        device="cpu", max_wait_ms=200, served_model_name="base", engine="static",
+                        lora_root=str(files["adapters"]))
+    with BackgroundServer(state) as running:
+        client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0, timeout=60)
+
+        def ask(name):
+            return client.chat.completions.create(model=name, messages=CONVERSATION, temperature=0, max_tokens=24,
+                                                  logprobs=True, extra_body={"return_tokens_as_token_ids": True})
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            replies = dict(zip(["base", "one", "two"], pool.map(ask, ["base", "one", "two"])))
+        stats = httpx.get(f"{running.url}/stats").json()
+        assert stats["engine"] == "static" and stats["max_adapters_in_forward"] == 3
+        texts = {}
+        for name, reply in replies.items():
+            ids, text = _offline(files, None if name == "base" else name)
+            served = [int(item.token.removeprefix("token_id:")) for item in reply.choices[0].logprobs.content]
+            assert served == ids, name
+            assert reply.choices[0].message.content.strip() == text, name
+            texts[name] = text
+        assert len(set(texts.values())) == 3, "the adapters must change the replies, or this test shows nothing"
+
+        # requests joining a running batch (other adapters, other prompt lengths) still equal offline
+        long_prompt = [{"role": "user", "content": "please answer the question about the capital city of france"}]
+        first = client.chat.completions.create(model="one", messages=long_prompt, temperature=0, max_tokens=60,
+                                               stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(first)
+        received = [next(chunks), next(chunks)]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            later = {name: pool.submit(client.chat.completions.create, model=name, messages=CONVERSATION,
+                                       temperature=0, max_tokens=24) for name in ("two", "base")}
+            received += list(chunks)
+            joined = {name: future.result().choices[0].message.content for name, future in later.items()}
+        assert httpx.get(f"{running.url}/stats").json().get("rows_joined_running_batch", 0) >= 1
+        for name, text in joined.items():
+            assert text == replies[name].choices[0].message.content, name
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in received if chunk.choices)
+        whole = client.chat.completions.create(model="one", messages=long_prompt, temperature=0, max_tokens=60,
+                                               extra_body={"ignore_eos": True}).choices[0].message.content
+        assert streamed == whole
+
+        # an adapter the static engine cannot run (LoRA on lm_head) is refused; the others keep serving
+        refused = httpx.post(f"{running.base_url}/load_lora_adapter",
+                             json={"lora_name": "head", "lora_path": str(files["head"])})
+        assert refused.status_code == 400 and "lm_head" in refused.json()["error"]["message"]
+        assert "head" not in {m.id for m in client.models.list().data}
+        assert ask("two").choices[0].message.content == replies["two"].choices[0].message.content
+
+
+def test_what_the_static_engine_cannot_run_is_refused_at_start(files):
+    with pytest.raises(UsageError, match="lm_head"):
+        build_state(str(files["base"]), adapters=[("head", str(files["head"]))], device="cpu", engine="static")
+    with pytest.raises(UsageError, match="swap"):
+        build_state(str(files["base"]), adapters=[("one", str(files["one"]))], device="cpu", engine="static",
+                    mode="swap")
+    # auto on CPU is the dynamic engine; the lm_head adapter serves there
+    state = build_state(str(files["base"]), adapters=[("head", str(files["head"]))], device="cpu")
+    assert state.scheduler.engine == "dynamic"
