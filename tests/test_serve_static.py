@@ -185,9 +185,14 @@ def test_served_greedy_replies_with_the_static_engine_equal_offline(files):
         assert ask("two").choices[0].message.content == replies["two"].choices[0].message.content
 
 
-def test_what_the_static_engine_cannot_run_is_refused_at_start(files):
-    with pytest.raises(UsageError, match="lm_head"):
-        build_state(str(files["base"]), adapters=[("head", str(files["head"]))], device="cpu", engine="static")
+def test_what_the_static_engine_cannot_run_is_refused_at_start(files, capsys):
+    from alignkit.cli import main
+
+    assert main(["serve", "--model", str(files["base"]), "--device", "cpu", "--engine", "static",
+                 "--adapter", f"head={files['head']}"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "--engine static cannot serve this model" in message and "lm_head" in message
+    assert "use --engine dynamic" in message and "Traceback" not in message
     with pytest.raises(UsageError, match="swap"):
         build_state(str(files["base"]), adapters=[("one", str(files["one"]))], device="cpu", engine="static",
                     mode="swap")
