@@ -250,9 +250,10 @@ def main(argv=None) -> int:
                     run_cell(servers[mode][1], [name], 1, 1, 2)
             samples: dict[tuple, list[dict]] = {}
             for repeat in range(args.repeats):
-                for count in counts:
-                    names = [name for name, _ in adapters[:count]]
-                    for concurrency in levels:
+                # adapter counts innermost: "16 adapters / 1 adapter" compares cells run back to back
+                for concurrency in levels:
+                    for count in counts:
+                        names = [name for name, _ in adapters[:count]]
                         total = max(args.min_requests, concurrency * args.requests_per_client)
                         for mode in (modes if repeat % 2 == 0 else modes[::-1]):
                             result = run_cell(servers[mode][1], names, concurrency, total, args.max_tokens)
@@ -267,7 +268,8 @@ def main(argv=None) -> int:
                 rows.append(row)
             for mode, (_, url) in servers.items():
                 stats = httpx.get(f"{url}/stats").json()
-                print(f"  {mode} server: {stats.get('mixed_adapter_forwards', 0)} mixed-adapter forwards, at most "
+                print(f"  {mode} server ({stats.get('engine', 'dynamic')} engine): "
+                      f"{stats.get('mixed_adapter_forwards', 0)} mixed-adapter forwards, at most "
                       f"{stats['max_adapters_in_forward']} adapters and {stats['max_rows_in_forward']} rows in one "
                       f"forward, {stats.get('adapter_merges', 0)} merges", flush=True)
         finally:
