@@ -113,6 +113,17 @@ def test_slot_cache_logits_equal_the_model_through_joins_and_departures(files, e
         assert sorted(cache.graphs) == [2, 4] and cache.counters["graph_captures"] == 2
 
 
+def test_a_failed_graph_capture_falls_back_to_eager_steps(files, monkeypatch):
+    def fail(self, bucket):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticSlotCache, "_capture", fail)
+    state = build_state(str(files["base"]), adapters=[("one", str(files["one"])), ("two", str(files["two"]))],
+                        device="cpu", served_model_name="base", engine="static")
+    cache = _walk_through_joins_and_departures(state, files["tokenizer"].pad_token_id, True, ["one", None, "two"])
+    assert cache.counters["graph_capture_failures"] == 1 and not cache.use_graph and not cache.graphs
+
+
 @pytest.mark.parametrize("family", ["qwen2-lora", "mistral-window"])
 def test_slot_cache_on_qwen2_biases_and_a_mistral_sliding_window(files, tmp_path, family):
     """Qwen2 (q/k/v biases) with two adapters; Mistral with a 6-token window that the 17-token
@@ -183,6 +194,18 @@ def test_served_greedy_replies_with_the_static_engine_equal_offline(files):
         assert refused.status_code == 400 and "lm_head" in refused.json()["error"]["message"]
         assert "head" not in {m.id for m in client.models.list().data}
         assert ask("two").choices[0].message.content == replies["two"].choices[0].message.content
+
+        # loads and unloads at run time: the engine reads the new stacked weights and keeps serving
+        before = httpx.get(f"{running.url}/stats").json()
+        loaded = httpx.post(f"{running.base_url}/load_lora_adapter",
+                            json={"lora_name": "two-again", "lora_path": str(files["two"])})
+        assert loaded.status_code == 200, loaded.text
+        assert ask("two-again").choices[0].message.content == replies["two"].choices[0].message.content
+        assert httpx.post(f"{running.base_url}/unload_lora_adapter", json={"lora_name": "one"}).status_code == 200
+        assert ask("two").choices[0].message.content == replies["two"].choices[0].message.content
+        assert ask("base").choices[0].message.content == replies["base"].choices[0].message.content
+        after = httpx.get(f"{running.url}/stats").json()
+        assert after["engine"] == "static" and after.get("finished_error", 0) == before.get("finished_error", 0)
 
 
 def test_what_the_static_engine_cannot_run_is_refused_at_start(files, capsys):

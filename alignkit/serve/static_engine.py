@@ -18,7 +18,8 @@ as a captured CUDA graph. What is different from the rollout engine is what serv
   length; the ``B - n`` spare slots hold length 0 and the base model and their outputs are ignored.
   A graph per bucket is captured the first time it is needed and replayed after that. Capturing
   needs two warm-up steps on the live state: they write the same keys/values the real step
-  writes next, so they leave no trace. On CPU the step runs eagerly over exactly the ``n`` rows
+  writes next, so they leave no trace. A capture that fails (logged once) switches the engine to
+  eager steps instead of failing requests. On CPU the step runs eagerly over exactly the ``n`` rows
   and the cache positions in use.
 * **Cache length.** ``length`` is the longest ``prompt + max_tokens`` of the rows admitted so far,
   rounded up to a power of two (at least 256 positions). A row that needs more grows the cache
@@ -375,7 +376,20 @@ class StaticSlotCache:
     def _replay(self, bucket: int) -> Tensor:
         graph = self.graphs.get(bucket)
         if graph is None:
-            graph = self._capture(bucket)
+            try:
+                graph = self._capture(bucket)
+            except RuntimeError as error:   # decode eagerly rather than fail the requests
+                first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+                logger.warning("static serving engine: CUDA graph capture failed (%s); decoding without graphs",
+                               first_line)
+                self.use_graph = False
+                self.counters["graph_capture_failures"] = self.counters.get("graph_capture_failures", 0) + 1
+                rows = len(self.host_lengths)
+                self._set_lora(self.host_slots, self.slots[:rows])
+                try:
+                    return self._step(rows, max(self.host_lengths) + 1)
+                finally:
+                    self._lora = ("none", None)
         graph.replay()
         return self.graph_logits[bucket]
 
@@ -398,7 +412,8 @@ class StaticSlotCache:
                 if self.pool is None:
                     self.pool = torch.cuda.graph_pool_handle()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                # thread_local: the HTTP threads (e.g. /v1/score on a reward model) may use the GPU meanwhile
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     self.graph_logits[bucket] = self._step(bucket, self.length)
         finally:
             self._lora = ("none", None)   # a captured graph keeps the gathered path it was recorded with
