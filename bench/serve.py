@@ -21,7 +21,7 @@ in the machine's load hits both sides of a ratio alike.
 
     python bench/serve.py --tiny                     # tiny random Llama (4 layers, hidden 256): the full grid
     python bench/serve.py --concurrency 1,8 --requests-per-client 2      # the embedded SmolLM2-135M
-    python bench/serve.py --device cuda --modes mixed,swap,swap-per-request   # a GPU (static-cache engine)
+    python bench/serve.py --device cuda --modes mixed,swap,swap-per-request,mixed-static   # a GPU
     python bench/serve.py --tiny --modes mixed,mixed-static                  # the two engines on CPU
     python bench/serve.py --tiny --kernels           # only the LoRA part: PEFT adapter_names vs stacked, in-process
 """
@@ -69,8 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--modes", default="mixed,swap,swap-per-request",
                         help="servers to compare: mixed, swap (merge one adapter, batch its requests), "
                              "swap-per-request (merge, one request, unmerge), mixed-static (mixed on --engine static)")
-    parser.add_argument("--engine", default="auto", choices=["auto", "dynamic", "static"],
-                        help="--engine of the servers (auto: static on CUDA, dynamic on CPU)")
+    parser.add_argument("--engine", default="dynamic", choices=["auto", "dynamic", "static"],
+                        help="--engine of the mixed and swap servers (default dynamic: the swap modes cannot run "
+                             "on the static engine, so all compare on one engine; mixed-static adds the static one)")
     parser.add_argument("--output", help="also write the rows as JSON here")
     parser.add_argument("--kernels", action="store_true",
                         help="instead: time one forward of 32 rows through PEFT's adapter_names path and the stacked path")
