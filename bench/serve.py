@@ -290,7 +290,8 @@ def print_table(rows: list[dict], counts: list[int], levels: list[int]) -> None:
     header = ["adapters", "concurrency"]
     for mode in modes:
         header += [f"{mode} req/s", f"{mode} tok/s", f"{mode} p50 / p95 s"]
-    header += [f"mixed / {m}" for m in others] + (["mixed / mixed with 1 adapter"] if "mixed" in modes else [])
+    mixing = [m for m in modes if m.startswith("mixed")]     # mixed, mixed-static: their own 1-adapter ratio
+    header += [f"mixed / {m}" for m in others] + [f"{m} / {m} with 1 adapter" for m in mixing]
     print("\n| " + " | ".join(header) + " |")
     print("|" + " ---: |" * len(header))
     for count in counts:
@@ -304,9 +305,9 @@ def print_table(rows: list[dict], counts: list[int], levels: list[int]) -> None:
             for mode in others:
                 other = table.get((mode, count, level))
                 cells.append(f"{mixed['tokens_per_s'] / other['tokens_per_s']:.2f}x" if mixed and other else "")
-            if "mixed" in modes:
-                single = table.get(("mixed", 1, level))
-                cells.append(f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f}x" if mixed and single else "")
+            for mode in mixing:
+                row, single = table.get((mode, count, level)), table.get((mode, 1, level))
+                cells.append(f"{row['tokens_per_s'] / single['tokens_per_s']:.2f}x" if row and single else "")
             print("| " + " | ".join(cells) + " |")
 
 
