@@ -23,6 +23,7 @@ import yaml
 
 from alignkit import distributed
 from alignkit.cli import main as cli_main
+from alignkit.distributed import ParallelModel
 from alignkit.engine import Engine, TrainingDiverged, set_seed
 from alignkit.methods import get_method, load_job
 from alignkit.methods.base import run_job
@@ -33,6 +34,8 @@ from tests.helpers import WORDS, make_tiny_model, make_tiny_tokenizer
 
 STEPS = 3
 PRESETS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+# an SFT job with LoRA whose adapter is also saved merged (final-merged/)
+LORA_MERGED = {"rank": 4, "alpha": 8, "dropout": 0.0, "merge_on_save": True}
 
 
 # ----------------------------------------------------------------------------- assets
@@ -135,8 +138,26 @@ class ScriptedSampler:
                                    tokenizer.pad_token_id, with_logprobs=with_logprobs)
 
 
+LOADED: dict[str, list[int]] = {}  # run -> [bytes of parameters with storage, bytes of all], before preparation
+_RUN = [""]
+
+
+def record_loading() -> None:
+    """Record, per run, how much of the model this process held when the engine prepared it: with
+    low-memory loading the main process holds all of it and the others nothing (meta parameters)."""
+    original = ParallelModel.__init__
+
+    def prepare(self, model, *args, **kwargs):
+        sizes = [(p.numel() * p.element_size(), p.is_meta) for p in model.parameters()]
+        LOADED[_RUN[0]] = [sum(n for n, meta in sizes if not meta), sum(n for n, _ in sizes)]
+        original(self, model, *args, **kwargs)
+
+    ParallelModel.__init__ = prepare
+
+
 def train(assets: Path, method: str, run: str, **top) -> dict:
     """Train the job (SFT through the command line, the others through `run_job`); the run's summary."""
+    _RUN[0] = run
     path = job_file(assets, method, run, **top)
     if method == "sft":
         code = cli_main(["train", str(path)])
@@ -214,10 +235,12 @@ def scenarios(assets: Path, suffix: str) -> dict:
                                                        "resume": True})
     seen["nan"] = fail_on_one_process(assets, "nan")
     seen["interrupt"] = fail_on_one_process(assets, "interrupt")
-    use_fsdp2()
-    for method in ("sft", "dpo", "grpo"):
+    use_fsdp2()  # the preset loads the weights on the main process only (fsdp_cpu_ram_efficient_loading)
+    for method in ("sft", "dpo", "grpo", "rm"):
         train(assets, method, f"{method}-fsdp2-{suffix}",
               training={"save_steps": 2, "eval_steps": STEPS if method != "grpo" else None})
+    train(assets, "sft", f"sft-lora-fsdp2-{suffix}", lora=LORA_MERGED, training={"eval_steps": None})
+    seen["loaded"] = LOADED
     return seen
 
 
@@ -250,6 +273,7 @@ def main(argv: list[str]) -> None:
     out = Path(argv[2])
     writes: list[str] = []
     audit_writes(assets / "runs", writes)
+    record_loading()
     seen = scenarios(assets, str(distributed.world_size()))
     report = {"rank": distributed.rank(), "processes": distributed.world_size(), "seen": seen, "writes": writes}
     out.mkdir(parents=True, exist_ok=True)
