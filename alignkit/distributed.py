@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
+from transformers import PreTrainedModel
 
 from alignkit.errors import UsageError
 
@@ -255,6 +256,20 @@ class TrainingModule(torch.nn.Module):
     def forward(self, function: Callable, *args, **kwargs):
         return function(*args, **kwargs)
 
+    def tie_weights(self) -> None:
+        """Tie each transformers model's output layer to its input embeddings again, where its configuration
+        says so: accelerate calls this around FSDP2's low-memory loading, which replaces every parameter
+        (without it a tied output layer would become a second, untrained copy)."""
+        tie_weights(self.model)
+
+
+def tie_weights(model: torch.nn.Module) -> None:
+    """``tie_weights()`` of every transformers model inside ``model`` (an output layer tied to the input
+    embeddings becomes that one parameter again, where the configuration says so)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()
+
 
 def _precision_name(autocast_dtype: torch.dtype | None, model: torch.nn.Module) -> str:
     """accelerate's ``mixed_precision`` for this run. DDP: "no" (alignkit's own autocast and the model's
@@ -431,6 +446,7 @@ class ParallelModel:
         swapped: list[tuple[str, Any]] = []
         if owner is not None and self._skeleton is not None:  # the main process
             self._skeleton.load_state_dict(full, assign=True)
+            tie_weights(self._skeleton)  # assigning gave tied weights two tensors
             whole = dict(self._skeleton.named_modules())
             counterpart = {id(module): whole[path] for path, module in modules}
             for name, value in list(vars(owner).items()):

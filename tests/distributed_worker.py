@@ -47,6 +47,9 @@ def make_assets(folder: Path) -> None:
     model = make_tiny_model(tokenizer)
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
+    tied = make_tiny_model(tokenizer, tie_word_embeddings=True)  # one parameter for input and output embeddings
+    tied.save_pretrained(folder / "model-tied")
+    tokenizer.save_pretrained(folder / "model-tied")
     generator = torch.Generator().manual_seed(7)
 
     def text(n):
@@ -111,6 +114,11 @@ def job_file(assets: Path, method: str, run: str, **top) -> Path:
         path.write_text(json.dumps(job))  # JSON is YAML
     distributed.barrier()
     return path
+
+
+def tied_model(assets: Path) -> dict:
+    """The ``model:`` section of a job on the tiny model whose output layer is its input embeddings."""
+    return {"name_or_path": str(assets / "model-tied"), "device": "cpu"}
 
 
 def count_yes(prompts, completions, **fields):
@@ -240,6 +248,9 @@ def scenarios(assets: Path, suffix: str) -> dict:
         train(assets, method, f"{method}-fsdp2-{suffix}",
               training={"save_steps": 2, "eval_steps": STEPS if method != "grpo" else None})
     train(assets, "sft", f"sft-lora-fsdp2-{suffix}", lora=LORA_MERGED, training={"eval_steps": None})
+    train(assets, "sft", f"sft-tied-fsdp2-{suffix}", model=tied_model(assets), training={"eval_steps": None})
+    # full fine-tuning with a KL term: the frozen reference copy is sent whole to the other process
+    train(assets, "grpo", f"grpo-full-fsdp2-{suffix}", lora=None)
     seen["loaded"] = LOADED
     return seen
 

@@ -69,6 +69,8 @@ def runs(tmp_path_factory):
     for method in ("sft", "dpo", "rm", "kto", "grpo", "ppo"):  # the same jobs, one process
         worker.train(assets, method, f"{method}-1")
     worker.train(assets, "sft", "sft-lora-1", lora=worker.LORA_MERGED, training={"eval_steps": None})
+    worker.train(assets, "grpo", "grpo-full-1", lora=None)
+    worker.train(assets, "sft", "sft-tied-1", model=worker.tied_model(assets), training={"eval_steps": None})
     return assets, reports
 
 
@@ -220,13 +222,21 @@ def test_fsdp2_preset_loads_the_weights_on_the_main_process_only(runs):
     above still equal one process."""
     assets, reports = runs
     main, other = (report["seen"]["loaded"] for report in reports)
-    runs_checked = {"sft-fsdp2-2", "dpo-fsdp2-2", "grpo-fsdp2-2", "rm-fsdp2-2", "sft-lora-fsdp2-2"}
+    runs_checked = {"sft-fsdp2-2", "dpo-fsdp2-2", "grpo-fsdp2-2", "rm-fsdp2-2", "sft-lora-fsdp2-2",
+                    "grpo-full-fsdp2-2", "sft-tied-fsdp2-2"}
     assert runs_checked <= main.keys() and runs_checked <= other.keys()
     for run in runs_checked:
         held, total = main[run]
         assert total > 100_000 and held == total  # the tiny model's float32 weights, all read by the main process
         assert other[run] == [0, total]           # nothing on the other process before FSDP2 filled its shards
     assert other["sft-2"] == main["sft-2"]  # under DDP every process loads the whole model
+    # a model whose output layer is its input embeddings (SmolLM2's case) stays tied: one trained parameter,
+    # saved once (the keys of final/ are one process's keys)
+    assert largest_difference(final_tensors(assets / "runs" / "sft-tied-fsdp2-2"),
+                              final_tensors(assets / "runs" / "sft-tied-1")) <= TOLERANCE
+    # GRPO without LoRA: its frozen reference copy (received from the main process) gave the same updates
+    assert largest_difference(final_tensors(assets / "runs" / "grpo-full-fsdp2-2"),
+                              final_tensors(assets / "runs" / "grpo-full-1")) <= TOLERANCE
 
 
 def merged_tensors(run: Path) -> dict[str, torch.Tensor]:

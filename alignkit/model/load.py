@@ -452,6 +452,7 @@ def empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
     builds when only the main one loads the weights (`alignkit.distributed.low_memory_loading`)."""
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as loading does (tied input and output embeddings are one parameter)
     _name_model(model, getattr(config, "name_or_path", "") or "")
     return model
 
