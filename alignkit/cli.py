@@ -15,6 +15,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 
 import alignkit
@@ -43,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.handler(args)
-    except KeyboardInterrupt as interrupt:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C: 130; SIGTERM (schedulers): 143
         if _main_process():
             print(f"\n[alignkit] stopped: {interrupt}", file=sys.stderr)
-        return 130
+        return 128 + getattr(interrupt, "signal_number", signal.SIGINT)
     except (UserError, FileNotFoundError) as error:
         if _main_process():  # under a launcher every process meets the same error: one line
             print(f"alignkit: error: {error}", file=sys.stderr)

@@ -13,10 +13,16 @@ overrides any key (the value is parsed as YAML, so ``--set training.max_steps=10
 Each method's job class (registered with `alignkit.methods.register_method`) adds its own keys;
 managed fine-tuning names (``samplesPerPrompt`` ...) are mapped to ours through each job's ``ALIASES``
 before validation. Loading a job by method name is `alignkit.methods.load_job`.
+A key written twice in one mapping is an error naming both lines (YAML alone keeps the last);
+NaN and infinite numbers are refused in every float field. Values of keys named like secrets
+(``api_key``, ``token``, ``secret``, ``password``) are never written out: `job_to_yaml` shows them as
+``<redacted>``.
 """
 from __future__ import annotations
 
 import difflib
+import re
+import string
 import time
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
@@ -42,7 +48,8 @@ class ConfigError(UserError, ValueError):
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -99,6 +106,9 @@ class DataConfig(Section):
     seed: int = 0
 
 
+OUTPUT_DIR_PLACEHOLDERS = ("method", "time")
+
+
 class TrainingConfig(Section):
     output_dir: str = "runs/{method}"
     epochs: float = Field(1.0, gt=0)
@@ -115,7 +125,11 @@ class TrainingConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute layers in backward; auto: on when a micro-batch's activations would "
+        "exceed 1 GiB (alignkit/memory.py)")
+    release_memory: bool = Field(True, description="CPU on Linux: return freed activations to the system "
+                                                   "at once (lower peak resident memory)")
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps (and at the end)")
     eval_at_start: bool = True
     save_steps: int | None = Field(None, gt=0, description="checkpoint every N steps")
@@ -126,6 +140,8 @@ class TrainingConfig(Section):
     greater_is_better: bool | None = None
     seed: int = 42
     resume: bool | str = Field(False, description="true: last checkpoint in output_dir; or a checkpoint path")
+    overwrite: bool = Field(False, description="delete a previous run in output_dir and start afresh")
+    force_resume: bool = Field(False, description="resume even when the job differs from the checkpoint's")
     tensorboard: bool = True
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"],
                                  description="tensorboard, wandb, trackio, mlflow; all; none (alignkit.trackers)")
@@ -137,6 +153,19 @@ class TrainingConfig(Section):
         from alignkit.trackers import normalize_report_to
 
         return normalize_report_to(value)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_placeholders(cls, value: str) -> str:
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as error:
+            raise ValueError(f"{error} (write a literal brace as {{{{ or }}}})") from None
+        unknown = sorted(names - set(OUTPUT_DIR_PLACEHOLDERS))
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; known: "
+                             + ", ".join(f"{{{name}}}" for name in OUTPUT_DIR_PLACEHOLDERS))
+        return value
 
 
 class Job(Section):
@@ -173,6 +202,82 @@ class Job(Section):
 
 
 # ----------------------------------------------------------------------------- parsing helpers
+
+def duplicate_keys(text: str) -> list[tuple[str, int, int]]:
+    """``(dotted key, first line, second line)`` for every key written twice in one YAML mapping."""
+    found: list[tuple[str, int, int]] = []
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                dotted = f"{prefix}.{key}" if prefix else str(key)
+                if key is not None and key != "<<":
+                    line = key_node.start_mark.line + 1
+                    if key in seen:
+                        found.append((dotted, seen[key], line))
+                    else:
+                        seen[key] = line
+                walk(value_node, dotted)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{prefix}.{index}" if prefix else str(index))
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    return found
+
+
+def load_yaml(path: str | Path) -> Any:
+    """A YAML file's content; `ConfigError` naming the file for invalid YAML or a key written twice."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        duplicates = duplicate_keys(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if duplicates:
+        key, first, second = duplicates[0]
+        raise ConfigError(f"{path}: key '{key}' is written twice (lines {first} and {second}); YAML would silently "
+                          "keep the second: merge them into one")
+    return data
+
+
+SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|apikey|secret|secret[_-]key|password|passwd|token|"
+                        r"access[_-]?token|auth[_-]?token|bearer)$", re.IGNORECASE)
+SPECIAL_TOKEN_KEY = re.compile(r"(^|_)(pad|eos|bos|unk|sep|cls|mask)_token$", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def is_secret_key(key: str) -> bool:
+    """Keys whose values are credentials (``api_key``, ``hf_token``, ``client_secret``...); not
+    ``max_tokens`` or ``api_key_env`` (the *name* of a variable), nor ``pad_token``."""
+    return bool(SECRET_KEY.search(str(key))) and not SPECIAL_TOKEN_KEY.search(str(key))
+
+
+_KEY_VALUE_IN_TEXT = re.compile(r"([A-Za-z0-9_.-]+)(\s*[:=]\s*)((?![\[{])['\"]?[^\s,}\]'\"]+['\"]?)")
+
+
+def redact_secret_text(text: str) -> str:
+    """A command line or other text with the values of secret-named ``key: value`` / ``key=value``
+    pairs (as in ``--set "rewards=[{kwargs: {api_key: sk-...}}]"``) replaced by ``<redacted>``."""
+    def replace(match: re.Match) -> str:
+        key = match.group(1).rsplit(".", 1)[-1]
+        return match.group(1) + match.group(2) + REDACTED if is_secret_key(key) else match.group(0)
+
+    return _KEY_VALUE_IN_TEXT.sub(replace, text)
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy with the value of every secret-named key replaced by ``<redacted>``."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if is_secret_key(k) and v not in (None, "") else redact_secrets(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(v) for v in value]
+    return value
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], parsed value). The value is read as YAML."""
@@ -219,10 +324,17 @@ def apply_aliases(raw: dict, aliases: dict[str, str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"'{alias}' maps to '{target}' but '{part}' is not a section")
-        if path[-1] in node and node[path[-1]] != value:
+        if path[-1] in node and not _same_value(node[path[-1]], value):
             raise ConfigError(f"'{alias}' ({value!r}) and '{target}' ({node[path[-1]]!r}) disagree; give one")
-        node[path[-1]] = value
+        node.setdefault(path[-1], value)
     return raw
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, with text compared without case or surrounding spaces (names like thinking levels)."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a.strip().casefold() == b.strip().casefold()
+    return a == b
 
 
 def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
@@ -259,7 +371,13 @@ def format_validation_error(error: ValidationError, model_cls: type[BaseModel], 
                 hint = f"; {special}"
             lines.append(f"  unknown key '{dotted}'{hint} (valid here: {', '.join(valid)})")
         else:
-            lines.append(f"  {dotted}: {item.get('msg')} (got {item.get('input')!r})")
+            message = str(item.get("msg", "")).removeprefix("Value error, ")
+            if not loc:  # a check of the whole job (e.g. two keys that disagree): its input is everything
+                lines.append(f"  {message}")
+                continue
+            shown = repr(redact_secrets(item.get("input")))
+            shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            lines.append(f"  {dotted}: {message} (got {shown})")
     return "\n".join(lines)
 
 
@@ -270,14 +388,16 @@ def read_job_file(path: str | Path | None) -> tuple[dict, str]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
     return raw, str(path)
 
 
+def job_config(job: Job) -> dict:
+    """The resolved job as plain data, secrets redacted: what a run folder's ``config.yaml`` holds."""
+    return redact_secrets(job.model_dump(mode="json"))
+
+
 def job_to_yaml(job: Job) -> str:
-    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(job_config(job), sort_keys=False)

@@ -28,17 +28,23 @@ state, so a run resumes under any number of processes.
 Checkpoints hold the trainable weights (adapter or full model: every parameter with
 ``requires_grad``), the optimizer, the scheduler, every RNG state, the step, the early-stopping
 state and the recipe's own state. They are written to a temporary folder and renamed, so a crash
-never leaves a half-written checkpoint. ``resume`` reloads the newest one, and because recipes
+never leaves a half-written checkpoint. Nothing in a checkpoint is pickled: tensors go to
+``trainable.safetensors`` / ``state.safetensors`` and everything else to ``state.json``, so loading
+one can never run code (an older ``state.pt`` is read with ``torch.load(weights_only=True)``, tensors
+and plain values only). ``resume`` reloads the newest one (by step number), and because recipes
 produce their updates deterministically from ``start_step``, a resumed run reproduces the
-uninterrupted one step for step. Ctrl-C writes a checkpoint before leaving; a NaN or infinite loss
-stops the run, keeps the last good checkpoint and says which step diverged.
+uninterrupted one step for step. Ctrl-C (SIGINT) and SIGTERM (what SLURM and Kubernetes send)
+finish the current step, write a checkpoint and leave (`TrainingInterrupted`; the CLI exits 130 or
+143); a NaN or infinite loss stops the run, keeps the last good checkpoint and says which step
+diverged. The run folder's rules (locks, debris, metrics cut back on resume) are in
+`alignkit.run_folder`.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import random
+import pickle
 import shutil
 import signal
 import time
@@ -51,15 +57,38 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from alignkit import distributed
+from alignkit import distributed, run_folder
 from alignkit.config import TrainingConfig
 from alignkit.distributed import ParallelModel
 from alignkit.errors import UserError
+from alignkit.memory import (
+    decide_gradient_checkpointing,
+    enable_gradient_checkpointing,
+    release_freed_memory,
+    uses_gradient_checkpointing,
+)
+from alignkit.seeding import restore_rng_state, rng_state, seed_everything
 from alignkit.trackers import Trackers
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class TrainingDiverged(UserError, RuntimeError):
     """Raised when a loss or gradient norm is NaN/inf; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after a checkpoint; ``signal_number`` says which (the CLI exits
+    with 128 + it: 130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal_number = signal_number
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be loaded safely or does not fit this run."""
 
 
 class Recipe(Protocol):
@@ -80,27 +109,6 @@ class Recipe(Protocol):
 
 
 # ----------------------------------------------------------------------------- small pieces
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def learning_rate_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at `step` (0-based).
@@ -167,6 +175,101 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
+# ----------------------------------------------------------------------------- resume state without pickle
+
+def encode_state(value: Any, tensors: dict[str, torch.Tensor], where: str = "state") -> Any:
+    """A JSON-able copy of ``value`` with every tensor / NumPy array moved into ``tensors``.
+
+    Tensors become ``{"__tensor__": key}``, arrays ``{"__ndarray__": key, "dtype": ...}``, tuples
+    ``{"__tuple__": [...]}`` and dicts with non-string keys ``{"__dict__": [[key, value], ...]}``.
+    Anything else (an arbitrary object) is refused: it could only be stored by pickling it.
+    """
+    if isinstance(value, torch.Tensor):
+        key = f"tensor_{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        key = f"tensor_{len(tensors)}"
+        kind = value.dtype.kind
+        wide = value.astype(np.int64 if kind in "iu" else np.float64 if kind == "f" else value.dtype)
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(wide)).clone()
+        return {"__ndarray__": key, "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, torch.Size)):
+        return {"__tuple__": [encode_state(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode_state(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: encode_state(v, tensors, f"{where}.{k}") for k, v in value.items()}
+        return {"__dict__": [[encode_state(k, tensors, where), encode_state(v, tensors, f"{where}[{k!r}]")]
+                             for k, v in value.items()]}
+    raise TypeError(f"checkpoint state {where} is a {type(value).__name__}; a checkpoint stores tensors, arrays, "
+                    "numbers, strings, lists, tuples and dicts only")
+
+
+def decode_state(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `encode_state`."""
+    if isinstance(value, list):
+        return [decode_state(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy().astype(np.dtype(value["dtype"]))
+    if "__tuple__" in value:
+        return tuple(decode_state(v, tensors) for v in value["__tuple__"])
+    if "__dict__" in value:
+        return {_hashable(decode_state(k, tensors)): decode_state(v, tensors) for k, v in value["__dict__"]}
+    return {k: decode_state(v, tensors) for k, v in value.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+def save_state(state: dict, folder: Path) -> None:
+    """``state.json`` + ``state.safetensors`` in ``folder``."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = encode_state(state, tensors)
+    save_file(tensors, str(folder / "state.safetensors"))
+    (folder / "state.json").write_text(json.dumps(encoded))
+
+
+def load_state(folder: Path) -> dict:
+    """Read what `save_state` wrote; an older ``state.pt`` is read with ``weights_only=True`` (tensors,
+    plain values and NumPy arrays only), and refused when it holds anything else."""
+    if (folder / "state.json").exists():
+        tensors = load_file(str(folder / "state.safetensors")) if (folder / "state.safetensors").exists() else {}
+        try:
+            return decode_state(json.loads((folder / "state.json").read_text()), tensors)
+        except (json.JSONDecodeError, KeyError) as error:
+            raise CheckpointError(f"{folder}: state.json is damaged ({type(error).__name__}: {error})") from None
+    legacy = folder / "state.pt"
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _numpy_reconstruct()]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(legacy, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                     "it holds objects other than tensors and plain values")
+        raise CheckpointError(
+            f"{legacy}: refusing to load: {first}. Loading such a file could run arbitrary code; a checkpoint "
+            "written by alignkit holds tensors and plain values only") from None
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
 def _is_finite(value: float) -> bool:
     return not (math.isnan(value) or math.isinf(value))
 
@@ -184,10 +287,13 @@ class NullLogger:
 class MetricsLogger:
     """Writes metrics as JSON lines and to the trackers of ``report_to`` (`alignkit.trackers`)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, report_to: Iterable[str] = ("tensorboard",)):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, report_to: Iterable[str] = ("tensorboard",),
+                 purge_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a")
-        self.trackers = Trackers([name for name in report_to if tensorboard or name != "tensorboard"], run_dir)
+        # purge_step: on resume, TensorBoard hides the events logged after the checkpoint
+        self.trackers = Trackers([name for name in report_to if tensorboard or name != "tensorboard"], run_dir,
+                                 purge_step=purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
@@ -224,6 +330,7 @@ class Engine:
         self.total_steps = self._total_steps()
         warmup = config.warmup_steps or int(round(config.warmup_ratio * self.total_steps))
         self.warmup_steps = warmup
+        self._memory_levers()  # before accelerate wraps the model
         # one process: the model as it is; under a launcher: prepared by accelerate (DDP, FSDP2, DeepSpeed)
         self.parallel = ParallelModel(self.model, make_optimizer(self.model, config), self.autocast_dtype)
         self.optimizer = self.parallel.optimizer
@@ -238,8 +345,8 @@ class Engine:
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.stopped_early = False
-        self._interrupted = False
-        self._stop_requested = False  # a Ctrl-C seen by any process, agreed on after each step
+        self._interrupted: int | None = None  # the signal (Ctrl-C, SIGTERM) that asked this process to stop
+        self._stop_requested: int | None = None  # a stop signal seen by any process, agreed on after each step
         self._spare = None  # the last micro-batch run: what a process with an empty share repeats
 
     # -- setup
@@ -251,6 +358,20 @@ class Engine:
         if precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
+
+    def _memory_levers(self) -> None:
+        """Gradient checkpointing (``auto``: when the recipe's largest micro-batch would keep more
+        than 1 GiB of activations) and, on a CPU, freed memory returned at once (alignkit/memory.py)."""
+        largest = getattr(self.recipe, "largest_micro_batch_tokens", None)
+        setting = self.config.gradient_checkpointing
+        on, why = decide_gradient_checkpointing(setting, self.model, largest() if callable(largest) and
+                                                setting == "auto" else None)
+        if on and not uses_gradient_checkpointing(self.model):
+            enable_gradient_checkpointing(self.model)
+        if setting == "auto" and distributed.is_main_process():
+            print(f"[alignkit] gradient checkpointing {why}")
+        if self.config.release_memory and self.device.type == "cpu":
+            release_freed_memory()
 
     def _total_steps(self) -> int:
         if self.config.max_steps:
@@ -298,32 +419,28 @@ class Engine:
             }
             if processes > 1:
                 state["process_rng"] = process_rng
-            torch.save(state, tmp / "state.pt")
+            save_state(state, tmp)
+            config = self.run_dir / run_folder.CONFIG_NAME
+            if config.exists():  # the job that wrote this checkpoint, for the resume check
+                shutil.copyfile(config, tmp / run_folder.CONFIG_NAME)
             (tmp / "checkpoint.json").write_text(json.dumps({"step": self.step, "total_steps": self.total_steps,
                                                              "processes": processes}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            self._prune_checkpoints()
+            run_folder.prune_checkpoints(self.checkpoint_dir, self.config.save_total_limit)
         distributed.barrier()
         return final
 
-    def _prune_checkpoints(self) -> None:
-        kept = sorted(self.checkpoint_dir.glob("step-*"))
-        for old in kept[: -self.config.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(p for p in self.checkpoint_dir.glob("step-*") if (p / "state.pt").exists())
-        return found[-1] if found else None
+        return run_folder.latest_checkpoint(self.checkpoint_dir)
 
     def load_checkpoint(self, path: Path) -> None:
         """The main process reads the checkpoint and hands it to the others; it may come from a run with
         any number of processes."""
         loaded = None
         if self.is_main:
-            loaded = (load_file(str(path / "trainable.safetensors")),
-                      torch.load(path / "state.pt", map_location="cpu", weights_only=False))
+            loaded = (load_file(str(path / "trainable.safetensors")), load_state(path))
         weights, state = distributed.broadcast_object(loaded)
         check_trainable_names(self.model, weights, path)
         self.parallel.load_trainable_state(weights)
@@ -360,9 +477,34 @@ class Engine:
                 self.say(f"[alignkit] resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
             return found
         path = Path(str(resume))
-        if not (path / "state.pt").exists():
-            raise FileNotFoundError(f"resume: {path} is not a checkpoint folder (no state.pt)")
+        if not run_folder.is_complete_checkpoint(path):
+            raise FileNotFoundError(f"resume: {path} is not a complete checkpoint folder "
+                                    "(it needs trainable.safetensors and state.json)")
         return path
+
+    def _resume(self) -> int | None:
+        """Load the checkpoint to resume from (if any) and make the folder agree with it: metrics and
+        checkpoints after its step are removed. Returns the step TensorBoard purges from, or None."""
+        if self.config.resume is False or self.config.resume is None:
+            return None
+        resume_from = self._resume_point()
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+            if self.step > self.total_steps:
+                raise CheckpointError(
+                    f"resume: {resume_from} is at step {self.step}, past this job's last step {self.total_steps}; "
+                    "raise training.max_steps or start afresh")
+            self.say(f"[alignkit] resumed from {resume_from} at step {self.step}")
+        if self.is_main:
+            later = run_folder.remove_checkpoints_after(self.checkpoint_dir, self.step)
+            if later:
+                self.say(f"[alignkit] resume: removed checkpoints after step {self.step} "
+                         f"({', '.join(p.name for p in later)}); those steps are trained again")
+            cut = run_folder.cut_metrics(self.run_dir / run_folder.METRICS_NAME, self.step if self.step else None)
+            if cut:
+                self.say(f"[alignkit] resume: removed {cut} metrics.jsonl lines logged after step {self.step}")
+        distributed.barrier()
+        return self.step + 1 if self.step else 0
 
     # -- evaluation and early stopping
     def evaluate(self) -> dict[str, float]:
@@ -395,16 +537,17 @@ class Engine:
     def train(self) -> dict[str, Any]:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        set_seed(self.config.seed)
+            debris = run_folder.clean_debris(self.run_dir)
+            if debris:
+                self.say(f"[alignkit] removed {len(debris)} half-written checkpoint folder(s) of processes that "
+                         "are gone: " + ", ".join(p.name for p in debris))
+        seed_everything(self.config.seed)
         if self.parallel.processes > 1:
             self.say(f"[alignkit] {self.parallel.processes} processes ({self.parallel.kind}): each step's rows are "
                      "shared out, the loss is the mean over the whole global batch")
-        resume_from = self._resume_point()
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-            self.say(f"[alignkit] resumed from {resume_from} at step {self.step}")
-        logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard, report_to=self.config.report_to) \
-            if self.is_main else NullLogger()
+        purge_step = self._resume()
+        logger = MetricsLogger(self.run_dir, tensorboard=self.config.tensorboard, report_to=self.config.report_to,
+                               purge_step=purge_step) if self.is_main else NullLogger()
         self.model.train()
         if self.step == 0 and self.config.eval_at_start and self.config.eval_steps is not None:
             count = validation_count(self.recipe)
@@ -449,7 +592,9 @@ class Engine:
                 if self._stop_requested or (self._interrupted and self.parallel.processes == 1):
                     path = self.save_checkpoint()
                     saved_on_stop = True
-                    raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved to {path}")
+                    number = self._stop_requested or self._interrupted
+                    name = SIGNAL_NAMES.get(number, f"signal {number}")
+                    raise TrainingInterrupted(f"{name} at step {self.step}; checkpoint saved to {path}", number)
                 if stop:
                     self.stopped_early = True
                     self.say(f"[alignkit] early stopping at step {self.step}: "
@@ -467,7 +612,7 @@ class Engine:
             if progress is not None:
                 progress.close()
             logger.close()
-            signal.signal(signal.SIGINT, previous_handler)
+            self._restore_handlers(previous_handler)
         if self.config.save_steps:
             self.save_checkpoint()
         return {"steps": self.step, "history": self.history, "eval_history": self.eval_history,
@@ -512,7 +657,7 @@ class Engine:
         problem = next((p for _, p, _ in reports if p is not None), None)
         if problem is not None:
             self._diverged(problem)
-        self._stop_requested = any(stop for _, _, stop in reports)
+        self._stop_requested = next((stop for _, _, stop in reports if stop), None)
         combined: dict[str, float] = {}
         for report, _, _ in reports:
             for key, value in report.items():
@@ -556,17 +701,29 @@ class Engine:
             "Try a lower learning_rate, max_grad_norm, or fp32 precision."
         )
 
-    def _install_interrupt_handler(self):
-        def handler(signum, frame):
-            if self._interrupted:  # second Ctrl-C: leave now
-                raise KeyboardInterrupt
-            self._interrupted = True
-            self.say("\n[alignkit] Ctrl-C: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+    def _install_interrupt_handler(self) -> dict:
+        """SIGINT (Ctrl-C) and SIGTERM (schedulers): finish the step, save, leave. A second signal
+        leaves at once, without a checkpoint."""
 
-        try:
-            return signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not in the main thread
-            return signal.getsignal(signal.SIGINT)
+        def handler(signum, frame):
+            name = SIGNAL_NAMES.get(signum, f"signal {signum}")
+            if self._interrupted:  # the second signal: leave now
+                raise TrainingInterrupted(f"{name} again at step {self.step}: stopped without a checkpoint", signum)
+            self._interrupted = signum
+            self.say(f"\n[alignkit] {name}: finishing this step and saving a checkpoint ({name} again to abort)")
+
+        previous = {}
+        for number in HANDLED_SIGNALS:
+            try:
+                previous[number] = signal.signal(number, handler)
+            except ValueError:  # not in the main thread: signals stay with whoever handles them
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_handlers(previous: dict) -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
     def _progress_bar(self):
         if not self.config.progress or not self.is_main:

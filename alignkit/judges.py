@@ -78,6 +78,11 @@ class JudgeError(UserError, RuntimeError):
     """A backend failed in a way retries cannot fix (bad URL, refused key, server error after retries)."""
 
 
+class EndpointDown(JudgeError):
+    """The endpoint failed ``max_consecutive_failures`` requests in a row; it is not called again until
+    ``reset_circuit()`` (which `CombinedReward` calls at the start of every batch, i.e. every step)."""
+
+
 # ---------------------------------------------------------------------------------------- backends
 
 
@@ -201,20 +206,63 @@ class OpenAICompatibleBackend:
     answers are retried ``max_retries`` times with exponential back-off; other 4xx answers fail at
     once with the server's message. Up to ``max_workers`` requests run in parallel.
     ``calls`` counts HTTP requests made (retries included).
+
+    Circuit breaker: after ``max_consecutive_failures`` requests in a row have failed (each after its
+    retries), the endpoint is taken as down and every further request fails at once with
+    `EndpointDown`, without touching the network, until ``reset_circuit()``. A dead endpoint thus
+    costs one round of retries per step instead of one per completion. ``failed_requests``,
+    ``skipped_requests`` (refused while down) and ``circuit_opened`` count what happened.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  max_retries: int = 3, backoff_s: float = 1.0, max_workers: int = 4,
-                 extra_body: dict | None = None):
+                 extra_body: dict | None = None, max_consecutive_failures: int = 3):
         if not re.match(r"^https?://", base_url or ""):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if max_consecutive_failures < 1:
+            raise ValueError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures}")
         self.base_url = base_url.rstrip("/")
         self.model, self.api_key_env, self.timeout = model, api_key_env, timeout
         self.max_retries, self.backoff_s, self.max_workers = max_retries, backoff_s, max(1, max_workers)
         self.extra_body = dict(extra_body or {})
         self.identity = f"openai:{self.base_url}:{model}"
         self.calls = 0
+        self.max_consecutive_failures = max_consecutive_failures
+        self.consecutive_failures = 0
+        self.failed_requests = 0
+        self.skipped_requests = 0
+        self.circuit_opened = 0
+        self.down_reason: str | None = None
         self._lock = threading.Lock()
+
+    def reset_circuit(self) -> None:
+        """Call the endpoint again (a new step): forget the failures that opened the circuit."""
+        with self._lock:
+            self.down_reason, self.consecutive_failures = None, 0
+
+    def circuit_stats(self) -> dict:
+        return {"endpoint": f"{self.base_url}/chat/completions", "failed_requests": self.failed_requests,
+                "skipped_requests": self.skipped_requests, "circuit_opened": self.circuit_opened}
+
+    def _refuse_if_down(self) -> None:
+        with self._lock:
+            if self.down_reason is None:
+                return
+            self.skipped_requests += 1
+            reason = self.down_reason
+        raise EndpointDown(reason)
+
+    def _record(self, error: JudgeError | None) -> None:
+        with self._lock:
+            if error is None:
+                self.consecutive_failures = 0
+                return
+            self.failed_requests += 1
+            self.consecutive_failures += 1
+            if self.down_reason is None and self.consecutive_failures >= self.max_consecutive_failures:
+                self.circuit_opened += 1
+                self.down_reason = (f"{self.base_url}/chat/completions is not called again until the next step: "
+                                    f"{self.consecutive_failures} requests in a row failed; last: {error}")
 
     def complete(self, conversations: list[Conversation], temperature: float = 0.0,
                  max_tokens: int = 512) -> list[str]:
@@ -224,6 +272,18 @@ class OpenAICompatibleBackend:
             return list(pool.map(lambda c: self._one(c, temperature, max_tokens), conversations))
 
     def _one(self, messages: Conversation, temperature: float, max_tokens: int) -> str:
+        self._refuse_if_down()
+        try:
+            answer = self._request(messages, temperature, max_tokens)
+        except EndpointDown:
+            raise
+        except JudgeError as error:
+            self._record(error)
+            raise
+        self._record(None)
+        return answer
+
+    def _request(self, messages: Conversation, temperature: float, max_tokens: int) -> str:
         body = {"model": self.model, "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
                 "temperature": temperature, "max_tokens": max_tokens, **self.extra_body}
         data = json.dumps(body).encode()
@@ -236,6 +296,7 @@ class OpenAICompatibleBackend:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                self._refuse_if_down()  # other requests found the endpoint down meanwhile: stop retrying
             with self._lock:
                 self.calls += 1
             request = urllib.request.Request(url, data=data, headers=headers, method="POST")
@@ -857,6 +918,9 @@ def llm_judge_reward(model: str | None = None, base_url: str | None = None, api_
         return [judge.normalize(v) for v in judge.score(prompts, completions)]
 
     llm_judge.judge = judge  # type: ignore[attr-defined]
+    if hasattr(backend, "reset_circuit"):  # CombinedReward resets it every batch and reports its counts
+        llm_judge.reset_circuit = backend.reset_circuit  # type: ignore[attr-defined]
+        llm_judge.circuit_stats = backend.circuit_stats  # type: ignore[attr-defined]
     return llm_judge
 
 

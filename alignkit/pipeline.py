@@ -70,6 +70,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import ValidationError
 
+from alignkit import run_folder
 from alignkit.config import (
     ConfigError,
     apply_overrides,
@@ -578,7 +579,7 @@ def _outputs_exist(pipeline: Pipeline, stage: Stage) -> bool:
 
 
 def _checkpoints(folder: Path) -> bool:
-    return any((p / "state.pt").exists() for p in (folder / "checkpoints").glob("step-*"))
+    return run_folder.latest_checkpoint(folder / "checkpoints") is not None
 
 
 def plan(pipeline: Pipeline, state: State, only: list[str] | None = None, start: str | None = None,

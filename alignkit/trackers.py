@@ -100,11 +100,12 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 class TensorBoardTracker:
     name = "tensorboard"
+    purge_step: int | None = None  # on resume: events from this step on are hidden (logged again)
 
     def start(self, run_dir: Path, config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self.purge_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -193,7 +194,8 @@ def _run_config(run_dir: Path) -> dict:
 class Trackers:
     """The trackers of one run: ``log`` sends a record to each, ``close`` ends each. Failures are reported once."""
 
-    def __init__(self, names: list[str], run_dir: str | Path, config: dict | None = None):
+    def __init__(self, names: list[str], run_dir: str | Path, config: dict | None = None,
+                 purge_step: int | None = None):
         run_dir = Path(run_dir)
         self.active: list = []
         if not names or not _is_main_process():
@@ -204,6 +206,8 @@ class Trackers:
                 _say(f"report_to: {name} is not installed ({INSTALL[name]}); not reporting to it")
                 continue
             tracker = TRACKER_CLASSES[name]()
+            if purge_step is not None and hasattr(tracker, "purge_step"):
+                tracker.purge_step = purge_step
             try:
                 tracker.start(run_dir, config)
             except Exception as error:  # a tracker is optional: say why and go on

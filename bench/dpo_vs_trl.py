@@ -196,7 +196,9 @@ def worker_alignkit(args, rows, naive_logprobs: bool = False) -> dict:
         "data": {"max_length": args.max_length},
         "training": {"output_dir": str(workdir / "run"), "epochs": args.epochs, "batch_size": args.batch_size,
                      "learning_rate": args.learning_rate, "lr_scheduler": "constant", "max_grad_norm": 1.0,
-                     "precision": "fp32", "progress": False, "tensorboard": False, "seed": args.seed},
+                     "precision": "fp32", "progress": False, "tensorboard": False, "seed": args.seed,
+                     # as measured in bench/RESULTS.md, like TRL's side: no checkpointing, default allocator
+                     "gradient_checkpointing": False, "release_memory": False},
     })
     _, timing = timed_training(device, lambda: DPORecipe(job, model=model, tokenizer=tokenizer, train=examples,
                                                          validation=[]),

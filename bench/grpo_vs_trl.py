@@ -145,7 +145,7 @@ def run_alignkit(args, rows, out: dict) -> None:
                      "batch_size": args.micro_batch or args.prompts * args.generations, "max_grad_norm": 1.0,
                      "weight_decay": 0.0, "seed": args.seed, "output_dir": tempfile.mkdtemp(),
                      "progress": False, "tensorboard": False, "precision": "fp32",
-                     "gradient_checkpointing": args.gradient_checkpointing}})
+                     "gradient_checkpointing": args.gradient_checkpointing, "release_memory": False}})
     from alignkit.rollout.hf import HFGenerateBackend
 
     backend = HFGenerateBackend(compute_logprobs=False, share_prefix=not args.no_share_prompt)

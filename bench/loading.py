@@ -48,7 +48,8 @@ def worker(job_path: str, out: str) -> None:
     import torch
 
     from alignkit import distributed
-    from alignkit.engine import Engine, set_seed
+    from alignkit.engine import Engine
+    from alignkit.seeding import seed_everything
     from alignkit.methods import get_method, load_job
 
     torch.set_num_threads(1)
@@ -56,7 +57,7 @@ def worker(job_path: str, out: str) -> None:
     distributed.barrier()
     memory = {"imported_mb": status_mb("VmRSS")}
     reset_peak()
-    set_seed(job.training.seed)
+    seed_everything(job.training.seed)
     recipe = get_method("sft").recipe(job)
     memory["load_peak_mb"] = status_mb("VmHWM")
     memory["held_after_load_mb"] = sum(p.numel() * p.element_size() for p in recipe.model.parameters()

@@ -76,7 +76,8 @@ def worker(job_path: str, out: str, sync: bool) -> None:
 
     from alignkit import distributed
     from alignkit.distributed import ParallelModel
-    from alignkit.engine import Engine, set_seed
+    from alignkit.engine import Engine
+    from alignkit.seeding import seed_everything
     from alignkit.methods import get_method, load_job
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -84,7 +85,7 @@ def worker(job_path: str, out: str, sync: bool) -> None:
         micro_batch = ParallelModel.micro_batch
         ParallelModel.micro_batch = lambda self, last: micro_batch(self, last=False)
     job = load_job("sft", job_path, [f"training.output_dir={Path(out).with_suffix('')}-run"])
-    set_seed(job.training.seed)  # the same LoRA initialisation in every configuration
+    seed_everything(job.training.seed)  # the same LoRA initialisation in every configuration
     recipe = get_method("sft").recipe(job)
     engine = Engine(job.training, recipe, job.output_dir())
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here on: training only

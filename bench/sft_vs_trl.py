@@ -91,7 +91,9 @@ def worker_alignkit(args, rows) -> dict:
             f"training.output_dir={out}", f"training.max_steps={args.steps}", f"training.batch_size={args.batch_size}",
             "training.learning_rate=1e-4", "training.lr_scheduler=constant", "training.progress=false",
             "training.tensorboard=false", "training.max_grad_norm=1.0", f"data.max_length={args.max_length}",
-            "group_by_length=false", "data.validation_fraction=0"])
+            "group_by_length=false", "data.validation_fraction=0",
+            # as measured in bench/RESULTS.md, like TRL's side: no checkpointing, default allocator
+            "training.gradient_checkpointing=false", "training.release_memory=false"])
         recipe = SFTRecipe(job, model=model, tokenizer=tokenizer, train=examples, validation=[])
         tokens = sum(len(row.input_ids) for row in recipe.train_rows)
         result = Engine(job.training, recipe, out).train()

@@ -49,14 +49,14 @@ step "4/4 train on what was written: SFT then DPO, a few LoRA steps each"
 if [ -s "$OUT/revise/sft.jsonl" ]; then
     alignkit sft --set data.train="$OUT/revise/sft.jsonl" --set data.validation_fraction=0 \
         --set data.max_length=384 --set training.max_steps=3 --set training.batch_size=2 \
-        --set training.eval_at_start=false --set training.output_dir="$OUT/sft"
+        --set training.eval_at_start=false --set training.output_dir="$OUT/sft" --overwrite
 else
     echo "no revision survived (empty, or only repeating the critique); skipping SFT"
 fi
 if [ -s "$OUT/pairs/pairs.jsonl" ]; then
     alignkit dpo --set data.train="$OUT/pairs/pairs.jsonl" --set data.validation_fraction=0 \
         --set data.max_length=384 --set training.max_steps=2 --set training.batch_size=2 \
-        --set training.eval_at_start=false --set training.output_dir="$OUT/dpo"
+        --set training.eval_at_start=false --set training.output_dir="$OUT/dpo" --overwrite
 else
     echo "no pairs survived judging (all ties / near-duplicates); skipping DPO"
 fi

@@ -54,8 +54,9 @@ def main() -> int:
     held_out = [json.loads(line) for line in valid_file.read_text().splitlines()]
     # format check on one phrasing of each held-out (topic, product) pair and one more: 20 questions
     questions = [row["messages"][0]["content"] for row in held_out][::2][:args.questions]
+    # training.overwrite: each quickstart run starts afresh in the same run folder
     overrides = [f"data.train={train_file}", f"data.validation={valid_file}", "training.eval_at_start=true",
-                 *args.overrides]
+                 "training.overwrite=true", *args.overrides]
     job = load_job("sft", args.config, overrides)
 
     print(f"[quickstart] base model: {job.model.name_or_path}; {len(questions)} held-out questions")

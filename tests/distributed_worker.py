@@ -24,7 +24,8 @@ import yaml
 from alignkit import distributed
 from alignkit.cli import main as cli_main
 from alignkit.distributed import ParallelModel
-from alignkit.engine import Engine, TrainingDiverged, set_seed
+from alignkit.engine import Engine, TrainingDiverged
+from alignkit.seeding import seed_everything
 from alignkit.methods import get_method, load_job
 from alignkit.methods.base import run_job
 from alignkit.methods.sft import SFTRecipe
@@ -174,7 +175,7 @@ def train(assets: Path, method: str, run: str, **top) -> dict:
     job = load_job(None, path)
     recipe = None
     if method in ("grpo", "ppo"):
-        set_seed(job.training.seed)  # what run_job does before it builds a recipe
+        seed_everything(job.training.seed)  # what run_job does before it builds a recipe
         recipe = get_method(method).recipe(job, backend=ScriptedSampler())
     return run_job(job, recipe=recipe)
 

@@ -70,3 +70,11 @@ def make_tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+def save_tiny_model(folder):
+    """A tiny random model and its tokenizer saved as a model folder (what `from_pretrained` reads)."""
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -97,7 +97,7 @@ def test_max_length_bounds_prompt_plus_completion_in_online_methods():
     job = build_job("grpo", {"max_length": 300, "max_completion_length": 100, "thinking_budget": 50})
     assert job.prompt_token_limit() == 150
     assert build_job("grpo", {"max_prompt_length": 99, "max_length": 1000}).prompt_token_limit() == 99
-    assert build_job("ppo", {}).prompt_token_limit() is None  # not set: prompts are not cut
+    assert build_job("ppo", {}).prompt_token_limit() == 1024 - 256  # the default max_length bounds them too
     with pytest.raises(ConfigError, match=r"data.max_length \(100\) leaves no room for a prompt"):
         build_job("grpo", {"max_length": 100, "max_completion_length": 100})
 

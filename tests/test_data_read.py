@@ -173,5 +173,6 @@ def test_hub_rows_sources_config_and_split(monkeypatch, tmp_path):
     list(read_rows("hf://owner/name", split="validation"))
     assert calls[-1] == ("owner/name", None, "validation")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # offline, a bare id is "no such file" at once
     list(read_rows("owner/bare"))  # a bare id that is not a local path goes to the hub
     assert calls[-1] == ("owner/bare", None, "train")

@@ -124,7 +124,7 @@ def test_checkpoint_limit_and_atomic_layout(tmp_path):
     assert names == ["step-0000006", "step-0000009"]
     for name in names:
         assert {p.name for p in (tmp_path / "checkpoints" / name).iterdir()} == \
-            {"trainable.safetensors", "state.pt", "checkpoint.json"}
+            {"trainable.safetensors", "state.json", "state.safetensors", "checkpoint.json"}
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):

@@ -144,9 +144,16 @@ def test_reward_errors_raise_or_count(tmp_path, tiny_model, tiny_tokenizer):
     with pytest.raises(Exception, match="broken"):
         Engine(job.training, make_recipe(job, tiny_model, tiny_tokenizer, reward=broken), tmp_path / "r").train()
     job = make_job(tmp_path, reward_on_error="zero", training={"max_steps": 1})
-    result = Engine(job.training, make_recipe(job, tiny_model, tiny_tokenizer, reward=broken), tmp_path / "r2").train()
-    assert result["history"][0]["rollout/reward_errors"] == 32
-    assert result["history"][0]["rollout/zero_spread_share"] == 1.0
+    # every completion of the step failed: scores of 0 would train on nothing, so the run stops
+    with pytest.raises(Exception, match="'broken' failed on every one of the 32 completions"):
+        Engine(job.training, make_recipe(job, tiny_model, tiny_tokenizer, reward=broken), tmp_path / "r2").train()
+
+    def broken_half(prompts, completions, **fields):
+        return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+    result = Engine(job.training, make_recipe(job, tiny_model, tiny_tokenizer, reward=broken_half),
+                    tmp_path / "r3").train()
+    assert result["history"][0]["rollout/reward_errors"] == 16
 
 
 def test_managed_rft_keys_resolve_to_the_same_config():

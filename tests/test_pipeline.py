@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from alignkit.pipeline import PipelineError, State, load_pipeline, plan, run_pipeline
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [("what is the capital of france?", "paris", "rome"), ("what is the capital of italy?", "rome", "paris"),
@@ -23,9 +23,7 @@ QUESTIONS = [("what is the capital of france?", "paris", "rome"), ("what is the 
 def workspace(tmp_path, monkeypatch):
     """A tiny model folder, SFT rows and preference pairs, and the pipeline file writer."""
     monkeypatch.chdir(tmp_path)
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_model(tmp_path / "tiny")
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n"
                                                 for q, a, _ in QUESTIONS * 2))
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": r}) + "\n"
@@ -137,7 +135,7 @@ def test_a_killed_pipeline_process_resumes_the_stage_it_was_in(workspace):
     checkpoints = workspace / "out" / "dpo" / "checkpoints"
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and not any((p / "state.pt").exists() for p in checkpoints.glob("step-*")):
+        while time.time() < deadline and not any((p / "state.json").exists() for p in checkpoints.glob("step-*")):
             assert process.poll() is None, "the pipeline ended before it could be killed"
             time.sleep(0.01)
     finally:
@@ -146,7 +144,7 @@ def test_a_killed_pipeline_process_resumes_the_stage_it_was_in(workspace):
     state = json.loads((workspace / "out" / "pipeline.json").read_text())["stages"]
     assert (state["sft"]["status"], state["dpo"]["status"]) == ("done", "running")   # what kill -9 leaves
     assert not (workspace / "out/dpo/final").exists()
-    kept = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*") if (p / "state.pt").exists())
+    kept = max(int(p.name.split("-")[1]) for p in checkpoints.glob("step-*") if (p / "state.json").exists())
     logged = [json.loads(line)["step"] for line in (workspace / "out/dpo/metrics.jsonl").read_text().splitlines()]
     result = run_pipeline(load_pipeline(path), log=lambda _: None)
     assert actions(result) == {"sft": "skip", "dpo": "resume"}

@@ -163,3 +163,23 @@ def test_every_sampler_shares_one_stop_rule(tiny_model, tiny_tokenizer):
         assert generate_ids(tiny_model, tok, [prompt], max_new_tokens=3) == [[]]
     finally:
         tiny_model.generation_config.eos_token_id = eos
+
+
+def test_vllm_is_started_from_a_folder_it_can_read(tmp_path, tiny_model, tiny_tokenizer, monkeypatch):
+    """alignkit's names (the embedded alias, an adapter folder) are resolved to a model folder for vLLM."""
+    from peft import LoraConfig, get_peft_model
+
+    import alignkit.rollout.vllm as vllm_backend
+    from alignkit.rollout.vllm import vllm_model_source
+
+    base = tmp_path / "base"
+    tiny_model.save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    adapter = tmp_path / "adapter"
+    tiny_model.name_or_path = str(base)    # what from_pretrained(base) would have recorded
+    get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(adapter)
+    assert vllm_model_source(str(adapter)) == str(base.resolve())
+    assert vllm_model_source(str(base)) == str(base.resolve())
+    monkeypatch.setattr(vllm_backend, "ensure_embedded_model", lambda: base)
+    assert vllm_model_source("smollm2-135m-instruct") == str(base)
+    assert vllm_model_source("some-org/some-model") == "some-org/some-model"

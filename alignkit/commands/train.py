@@ -16,7 +16,12 @@ def _add_job_arguments(parser: argparse.ArgumentParser, positional: bool = False
     parser.add_argument("--config", "-c", help="YAML job file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set training.learning_rate=1e-4 (repeatable)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the same job from the last checkpoint in output_dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the previous run in output_dir and start afresh")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="with --resume: continue even though the job differs from the checkpoint's")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
@@ -33,8 +38,12 @@ def register(commands) -> None:
 def train(args) -> int:
     config = args.config or getattr(args, "config_file", None)
     overrides = list(args.overrides)
-    if args.resume:
+    if args.resume or args.force_resume:
         overrides.append("training.resume=true")
+    if args.overwrite:
+        overrides.append("training.overwrite=true")
+    if args.force_resume:
+        overrides.append("training.force_resume=true")
     job = load_job(args.method, config, overrides)
     if args.print_config:
         print(job_to_yaml(job))

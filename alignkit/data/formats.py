@@ -49,6 +49,7 @@ Which shapes serve which kind of example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -314,9 +315,12 @@ class _Row:
         if isinstance(value, bool):
             raise self.error("wrong type: expected a number, got boolean", "margin")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise self.error(f"wrong type: expected a number, got {_type_name(value)} {value!r}", "margin") from None
+        if not math.isfinite(number):
+            raise self.error(f"expected a finite number, got {value!r}", "margin")
+        return number
 
     def label(self) -> bool:
         value = self.get("label")

@@ -66,10 +66,13 @@ def iter_records(path_or_hub_id: PathLike, split: str | None = None) -> Iterator
         return
     path = Path(target)
     if not path.exists():
-        if _looks_like_hub_id(target):
+        local_reason = _why_local(target)
+        if _looks_like_hub_id(target) and local_reason is None:
             yield from _check_not_empty(_read_hub(target, split), HUB_PREFIX + target)
             return
-        raise FileNotFoundError(f"data file not found: {target}")
+        hint = (f" ({local_reason}, so it is not tried as a hub data set; write hf://{target} for one)"
+                if _looks_like_hub_id(target) else "")
+        raise FileNotFoundError(f"data file not found: {target}: no such file{hint}")
     if path.is_dir():
         raise DataError(f"is a directory, expected a data file ({', '.join(ACCEPTED_EXTENSIONS)})", source=target)
     kind = file_kind(path)
@@ -97,6 +100,17 @@ def _looks_like_hub_id(target: str) -> bool:
     if target.lower().endswith(ACCEPTED_EXTENSIONS + (".gz",)) or target.startswith((".", "/", "~")):
         return False
     return bool(_HUB_ID.match(target))
+
+
+def _why_local(target: str) -> str | None:
+    """Why a missing bare ``owner/name`` is a local path rather than a hub id, or None."""
+    first = target.split("/", 1)[0]
+    if first and Path(first).is_dir():
+        return f"the folder '{first}' exists here"
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set"
+    return None
 
 
 def _check_not_empty(records: Iterator[tuple[str, Record]], name: str) -> Iterator[tuple[str, Record]]:
@@ -190,36 +204,51 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Record]]:
     name = str(path)
     delimiter = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle, delimiter=delimiter)
-            header: list[str] | None = None
-            previous_line = 0
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as error:
-                    raise DataError(f"invalid CSV: {error}", source=f"{name}:{reader.line_num}") from None
-                start_line, previous_line = previous_line + 1, reader.line_num
-                if not values or (len(values) == 1 and not values[0].strip() and header is not None):
-                    continue
-                source = f"{name}:{start_line}"
-                if header is None:
-                    header = [column.strip() for column in values]
-                    duplicates = sorted({c for c in header if header.count(c) > 1})
-                    if duplicates:
-                        raise DataError(f"duplicate column names in the header: {', '.join(duplicates)}", source=source)
-                    continue
-                if len(values) != len(header):
-                    yield source, DataError(
-                        f"row has {len(values)} fields but the header has {len(header)} "
-                        f"({', '.join(header)})", source=source)
-                    continue
-                yield source, dict(zip(header, values))
-    except UnicodeDecodeError as error:
-        raise DataError(f"not valid UTF-8 text ({error.reason})", source=name) from None
+    # Undecodable bytes become lone surrogates (\udc80-\udcff) so that one bad record is reported
+    # with its line (and skipped under on_error: skip) instead of failing the whole file.
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header: list[str] | None = None
+        previous_line = 0
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as error:
+                raise DataError(f"invalid CSV: {error}", source=f"{name}:{reader.line_num}") from None
+            start_line, previous_line = previous_line + 1, reader.line_num
+            if not values or (len(values) == 1 and not values[0].strip() and header is not None):
+                continue
+            source = f"{name}:{start_line}"
+            bad = _undecodable(values, header)
+            if header is None:
+                if bad is not None:
+                    raise DataError(f"the header is not valid UTF-8 text ({bad})", source=source)
+                header = [column.strip() for column in values]
+                duplicates = sorted({c for c in header if header.count(c) > 1})
+                if duplicates:
+                    raise DataError(f"duplicate column names in the header: {', '.join(duplicates)}", source=source)
+                continue
+            if len(values) != len(header):
+                yield source, DataError(
+                    f"row has {len(values)} fields but the header has {len(header)} "
+                    f"({', '.join(header)})", source=source)
+                continue
+            if bad is not None:
+                yield source, DataError(f"not valid UTF-8 text ({bad})", source=source)
+                continue
+            yield source, dict(zip(header, values))
+
+
+def _undecodable(values: list[str], header: list[str] | None) -> str | None:
+    """Where a CSV record holds bytes that were not UTF-8 (decoded as lone surrogates), or None."""
+    for column, value in enumerate(values):
+        for offset, character in enumerate(value):
+            if "\udc80" <= character <= "\udcff":
+                where = f"column '{header[column]}'" if header and column < len(header) else f"column {column + 1}"
+                return f"byte 0x{ord(character) - 0xDC00:02x} in {where}, character {offset + 1}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- Parquet

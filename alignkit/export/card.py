@@ -33,6 +33,7 @@ import yaml
 from huggingface_hub import ModelCardData
 
 from alignkit import __version__
+from alignkit.config import job_config, redact_secret_text
 from alignkit.evaluate.report import _fmt as format_number
 from alignkit.evaluate.report import _fmt_interval, headline_rows
 from alignkit.model.heads import HEAD_CONFIG
@@ -398,9 +399,9 @@ def write_run_card(job, summary: dict) -> list[Path]:
     Called once by ``run_job`` after the final model is saved; returns the cards written.
     """
     run_dir = Path(summary["run_dir"])
-    (run_dir / COMMAND_FILE).write_text(command_line() + "\n")
-    facts = RunFacts(run_dir, job.model_dump(mode="json"), summary, command_line(),
-                     find_eval_reports(run_dir))
+    command = redact_secret_text(command_line())  # a secret given with --set stays off the disk
+    (run_dir / COMMAND_FILE).write_text(command + "\n")
+    facts = RunFacts(run_dir, job_config(job), summary, command, find_eval_reports(run_dir))
     written = []
     for folder in (Path(summary["final"]), Path(f"{summary['final']}-merged")):
         if folder.is_dir():

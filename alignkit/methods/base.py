@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -16,13 +15,15 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from alignkit import distributed
-from alignkit.config import Job, job_to_yaml
+from alignkit.config import Job, job_config, job_to_yaml
 from alignkit.data import length_bucketed_batches
 from alignkit.data.check import prepare_job_data
 from alignkit.data.mixing import load_training_data
 from alignkit.data.templates import apply_chat_template_setting
-from alignkit.engine import Engine, set_seed
+from alignkit.engine import Engine
+from alignkit.errors import UsageError
 from alignkit.export.card import write_run_card
+from alignkit.memory import enable_gradient_checkpointing
 from alignkit.methods.registry import get_method
 from alignkit.model import (
     add_lora,
@@ -32,6 +33,8 @@ from alignkit.model import (
     merge_adapter,
     unwrap,
 )
+from alignkit.run_folder import RunFolder
+from alignkit.seeding import seed_everything
 
 # ----------------------------------------------------------------------------- model
 
@@ -65,11 +68,8 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
     if job.lora is not None and job.lora.enabled and not is_peft_model(model):
         model = add_lora(model, rank=job.lora.rank, alpha=job.lora.alpha, dropout=job.lora.dropout,
                          target_modules=job.lora.target_modules, layers=job.lora.layers)
-    if job.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        model.config.use_cache = False
+    if job.training.gradient_checkpointing is True:  # "auto" is decided by the engine, which sees the batches
+        enable_gradient_checkpointing(model)
     apply_chat_template_setting(tokenizer, job.model.chat_template)  # saved with every output
     return model, tokenizer
 
@@ -165,6 +165,11 @@ class BatchSchedule:
             return steps
         return (process_share(chunk, self.batch_size) for chunk in steps)
 
+    def largest_batch_tokens(self) -> int:
+        """Rows x longest row of the first epoch's largest micro-batch (later epochs mix rows anew, with
+        batches of the same sizes): what the engine's memory estimate needs."""
+        return max(len(batch) * max(self.lengths[i] for i in batch) for batch in self.epoch(0))
+
 
 def process_share(chunk: list[list[int]], batch_size: int, process: int | None = None,
                   processes: int | None = None) -> list[list[int]]:
@@ -197,16 +202,42 @@ def check_data_first(job: Job) -> tuple[list, list, list[str]]:
     return train, validation, list(job.notes) + ([template_note] if template_note else []) + notes
 
 
+def open_run_folder(run_dir: Path, job: Job, main: bool) -> RunFolder | None:
+    """The main process opens the run folder under `alignkit.run_folder`'s rules (and holds its lock);
+    the others learn whether that worked, so that every process stops on the same one-line error."""
+    training, folder, problem = job.training, None, None
+    if main:
+        try:
+            folder = RunFolder.open(run_dir, job_config(job), resume=training.resume, overwrite=training.overwrite,
+                                    force_resume=training.force_resume)
+        except UsageError as error:
+            problem = error
+    message = distributed.broadcast_object(str(problem) if problem else None)
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise UsageError(message)
+    return folder
+
+
 def run_job(job: Job, recipe=None) -> dict[str, Any]:
     """Train `job` end to end; returns a summary with the run folder and the metric history.
 
     The data is read and checked first (`check_data_first`), then the recipe is built (model loaded),
-    then the engine runs. A run that fails before its first step leaves no run folder behind (one it
-    did not create is left as it was). ``recipe`` is the job's recipe when already built (tests,
-    benchmarks). Under ``accelerate launch`` / ``torchrun`` every process runs this, and only the
-    main one writes the run folder (config, metrics, checkpoints, final model, report).
+    then the engine runs. The run folder follows `alignkit.run_folder`'s rules (a folder holding a run
+    needs ``training.resume`` or ``training.overwrite``; one live process per folder). Every RNG is
+    seeded before the model is built, so LoRA and head initialisation follow ``training.seed`` (the
+    same on every process). Nothing is written to the folder before the recipe (model, data, rewards)
+    is built, and a run that fails before its first step leaves no run folder behind (one it did not
+    create is left as it was). ``recipe`` is the job's recipe when already built (tests, benchmarks).
+    Under ``accelerate launch`` / ``torchrun`` every process runs this, and only the main one takes the
+    folder's lock and writes the run folder (config, metrics, checkpoints, final model, report).
     """
     method = get_method(job.method)
+    training = job.training
+    if training.resume not in (False, None) and "{time}" in training.output_dir:
+        raise UsageError(f"training.output_dir {training.output_dir!r} holds {{time}}, a new folder at every start: "
+                         "give the run folder to resume as training.output_dir")
     data: dict[str, Any] = {}
     notes = list(job.notes)
     if job.data.train and recipe is None:  # a method without data files reads what it wants itself
@@ -216,30 +247,35 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
             data = {"train": train, "validation": validation}  # (GRPO/PPO take them through **parts)
     run_dir = Path(distributed.broadcast_object(str(job.output_dir())))  # one {time} for every process
     main = distributed.is_main_process()
-    created = not run_dir.exists()
+    folder = open_run_folder(run_dir, job, main)
     started = time.time()
     try:
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(job_to_yaml(job))
         if recipe is None:
-            set_seed(job.training.seed)  # model surgery (LoRA, heads) starts from the same RNG on every process
+            seed_everything(training.seed)  # model surgery (LoRA, heads) starts from the same RNG on every process
             recipe = method.recipe(job, **data)
             recipe.notes = notes + list(getattr(recipe, "notes", []))
+        recipe.notes = [*(folder.notes if folder else []), *getattr(recipe, "notes", [])]
         if main:
-            for line in getattr(recipe, "notes", []):
+            folder.start(job_to_yaml(job))
+            for line in recipe.notes:
                 print(f"[alignkit] {line}")
-        engine = Engine(job.training, recipe, run_dir)
+        engine = Engine(training, recipe, run_dir)
     except BaseException:
-        if created and main:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if folder is not None:
+            folder.release(discard=True)
         raise
-    result = engine.train()
-    final_dir = run_dir / "final"
-    with engine.parallel.saving(recipe):  # whole weights, even when FSDP2 shards them
-        if main:
-            recipe.save_final(final_dir)
-    distributed.barrier()
+    try:
+        result = engine.train()
+        final_dir = run_dir / "final"
+        with engine.parallel.saving(recipe):  # whole weights, even when FSDP2 shards them
+            if main:
+                recipe.save_final(final_dir)
+        distributed.barrier()
+    finally:
+        if folder is not None:
+            folder.release()
+    notes = list(recipe.notes)
+    failures = list(getattr(recipe, "final_notes", lambda: [])())  # e.g. reward functions that failed
     summary = {
         "method": job.method,
         "run_dir": str(run_dir),
@@ -252,7 +288,8 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
         "last_train": result["history"][-1] if result["history"] else {},
         "first_eval": result["eval_history"][0] if result["eval_history"] else {},
         "last_eval": result["eval_history"][-1] if result["eval_history"] else {},
-        "notes": getattr(recipe, "notes", []),
+        "notes": notes,
+        "failures": failures,
     }
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -268,6 +305,8 @@ def render_report(summary: dict[str, Any]) -> str:
              + (" (stopped early)" if summary["stopped_early"] else ""), ""]
     if summary["notes"]:
         lines += ["## Data", "", *[f"- {note}" for note in summary["notes"]], ""]
+    if summary.get("failures"):
+        lines += ["## Failures (contained)", "", *[f"- {line}" for line in summary["failures"]], ""]
     first, last = summary["first_eval"], summary["last_eval"]
     if last:
         lines += ["## Validation", "", "| metric | start | end |", "| --- | --- | --- |"]

@@ -305,6 +305,9 @@ class DPORecipe:
     def steps_per_epoch(self) -> int:
         return self.schedule.steps_per_epoch()
 
+    def largest_micro_batch_tokens(self) -> int:
+        return 2 * self.schedule.largest_batch_tokens()  # a chosen and a rejected row per pair
+
     def updates(self, start_step: int):
         for chunk in self.schedule.updates(start_step):
             yield [self.training_batch(indices) for indices in chunk]

@@ -44,6 +44,7 @@ import torch
 from pydantic import Field, model_validator
 
 from alignkit.losses import group_advantages, kl_k3, masked_mean, ppo_clip_loss
+from alignkit.memory import uses_gradient_checkpointing
 from alignkit.methods.online import (
     CompletionBatch,
     GroupedCompletionBatch,
@@ -102,7 +103,7 @@ class GRPORecipe(OnlineRecipe):
         return rollout
 
     def grouped(self) -> bool:
-        return self.job.share_prompt_forward and not self.job.training.gradient_checkpointing
+        return self.job.share_prompt_forward and not uses_gradient_checkpointing(self.policy)
 
     def micro_batches(self, rollout: Rollout, position: int) -> list[CompletionBatch | GroupedCompletionBatch]:
         job, group = self.job, self.job.num_generations

@@ -58,6 +58,7 @@ from alignkit.model.forward import (
 )
 from alignkit.reference import ReferencePolicy, eval_mode
 from alignkit.rewards import CombinedReward, RewardResult, load_reward_plugins, reward_inputs
+from alignkit.rewards.registry import check_reward_spec
 from alignkit.rollout import SamplingParams, get_backend, padding_id
 
 # ----------------------------------------------------------------------------- thinking
@@ -96,6 +97,12 @@ class RewardTerm(Section):
     weight: float = 1.0
     kwargs: dict[str, Any] = Field(default_factory=dict, description="options of the function or factory")
     label: str | None = None
+
+    @model_validator(mode="after")
+    def _known(self):
+        """An unknown name or option fails here, before any model loads (nothing is built)."""
+        check_reward_spec(self.name, **self.kwargs)
+        return self
 
 
 class OnlineJob(Job):
@@ -136,12 +143,14 @@ class OnlineJob(Job):
         return self.thinking_budget if self.thinking_budget is not None else THINKING_BUDGETS[self.thinking_level]
 
     def prompt_token_limit(self) -> int | None:
-        """Tokens a prompt keeps (cut from the left): ``data.max_prompt_length``, and, when
-        ``data.max_length`` is set, what it leaves after the sampled tokens, so that ``max_length``
-        bounds prompt + completion here as in every other method."""
+        """Tokens a prompt keeps: ``data.max_prompt_length``, and what ``data.max_length`` leaves after
+        the sampled tokens, so that ``max_length`` bounds prompt + completion here as in every other
+        method. The default ``max_length`` applies too, unless the sampled tokens alone exceed it (a
+        large thinking budget): then only an explicit ``max_length`` is an error."""
         limits = [self.data.max_prompt_length] if self.data.max_prompt_length else []
-        if "max_length" in self.data.model_fields_set:
-            limits.append(self.data.max_length - self.max_completion_length - self.thinking_tokens())
+        room = self.data.max_length - self.max_completion_length - self.thinking_tokens()
+        if "max_length" in self.data.model_fields_set or room >= 1:
+            limits.append(room)
         return min(limits) if limits else None
 
     @model_validator(mode="after")
@@ -290,8 +299,11 @@ class OnlineRecipe:
         distributed.check_split(job.prompts_per_step, "prompt groups", f"prompts_per_step {job.prompts_per_step}")
         self.train_examples, self.validation_examples = train, validation
         self.thinking = job.thinking_tokens()
-        self.train_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.train_examples]
-        self.validation_prompt_ids = [self.encode_prompt(ex.prompt) for ex in self.validation_examples]
+        self.train_examples, self.train_prompt_ids = self.encode_prompts(self.train_examples, "train")
+        if not self.train_examples:
+            raise UsageError("no training prompts left after the prompt length limit")
+        self.validation_examples, self.validation_prompt_ids = self.encode_prompts(self.validation_examples,
+                                                                                    "validation")
         self.reward = reward if reward is not None else build_reward(job, self.extra_reward_terms())
         if backend is None:
             backend = get_backend(job.rollout_backend, model=model, max_batch_size=job.generation_batch_size,
@@ -321,9 +333,33 @@ class OnlineRecipe:
                 messages[0]["content"] = messages[0]["content"].rstrip() + "\n\n" + instruction
             else:
                 messages.insert(0, {"role": "system", "content": instruction})
-        ids = tokenize_prompt(self.tokenizer, messages)
-        limit = self.job.prompt_token_limit()
-        return ids[-limit:] if limit and len(ids) > limit else ids
+        return tokenize_prompt(self.tokenizer, messages)
+
+    def encode_prompts(self, examples: list, which: str) -> tuple[list, list[list[int]]]:
+        """Token ids of each prompt under the length rule of every other row (`OnlineJob.prompt_token_limit`):
+        a longer prompt is cut from the left (the latest turns stay), or skipped with ``data.on_error:
+        skip`` (unless ``data.max_prompt_length`` asks for the cut); both are counted in the notes."""
+        limit, data = self.job.prompt_token_limit(), self.job.data
+        skip = data.on_error == "skip" and not data.max_prompt_length
+        kept, ids, cut, skipped = [], [], [], []
+        for example in examples:
+            row = self.encode_prompt(example.prompt)
+            if limit is not None and len(row) > limit:
+                if skip:
+                    skipped.append(example.source)
+                    continue
+                row = row[-limit:]
+                cut.append(example.source)
+            kept.append(example)
+            ids.append(row)
+        for sources, what in ((cut, f"cut to their last {limit} tokens"),
+                              (skipped, f"longer than {limit} tokens skipped (data.on_error: skip)")):
+            if sources:
+                shown = ", ".join(sources[:3]) + (" ..." if len(sources) > 3 else "")
+                self.notes.append(f"{which} prompts: {len(sources)} of {len(examples)} {what} "
+                                  f"(prompt + {self.job.max_completion_length + self.thinking} sampled tokens "
+                                  f"<= data.max_length {data.max_length}): {shown}")
+        return kept, ids
 
     def sampling_params(self, temperature: float, seed: int | None = None) -> SamplingParams:
         return SamplingParams(max_new_tokens=self.job.max_completion_length + self.thinking,
@@ -508,6 +544,10 @@ class OnlineRecipe:
 
     def state_dict(self) -> dict:
         return {"current": self.current.state() if self.current is not None else None}
+
+    def final_notes(self) -> list[str]:
+        """For the run report: how often each reward function (and judge endpoint) failed."""
+        return self.reward.report_lines() if hasattr(self.reward, "report_lines") else []
 
     def load_state_dict(self, state: dict) -> None:
         current = state.get("current")

@@ -59,6 +59,9 @@ class RewardRecipe:
     def steps_per_epoch(self) -> int:
         return self.schedule.steps_per_epoch()
 
+    def largest_micro_batch_tokens(self) -> int:
+        return 2 * self.schedule.largest_batch_tokens()  # a chosen and a rejected row per pair
+
     def updates(self, start_step: int):
         for chunk in self.schedule.updates(start_step):
             yield [self.collate([self.train_pairs[i] for i in indices]) for indices in chunk]

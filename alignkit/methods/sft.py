@@ -64,6 +64,9 @@ class SFTRecipe:
     def steps_per_epoch(self) -> int:
         return self.schedule.steps_per_epoch()
 
+    def largest_micro_batch_tokens(self) -> int:
+        return self.schedule.largest_batch_tokens()
+
     def updates(self, start_step: int):
         for chunk in self.schedule.updates(start_step):
             yield [self.collate([self.train_rows[i] for i in indices]) for indices in chunk]

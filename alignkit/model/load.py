@@ -195,7 +195,7 @@ def resolve_model(name_or_path: str | os.PathLike = EMBEDDED_MODEL) -> ModelSour
             if not base:
                 raise ModelLoadError(
                     f"model '{name}': {adapter_config} names no base model "
-                    "(base_model_name_or_path); load the base model and pass adapter='{name}'"
+                    f"(base_model_name_or_path); load the base model and pass adapter='{name}'"
                 )
             return ModelSource("adapter", str(path.resolve()), name, base=str(base))
         ggufs = sorted(path.glob("*.gguf"))

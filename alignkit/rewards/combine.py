@@ -13,6 +13,15 @@ is counted in ``RewardResult.errors`` and the first messages are kept in ``error
 A whole-batch call that raises (or returns the wrong length) is retried one item at a time, so that
 the bad items are found and the good ones keep their values; reward functions with side effects
 (API calls) may thus see good items twice on that rare path.
+
+Contained failures. After ``max_consecutive_failures`` items in a row have failed in that item-by-item
+pass, the function is not called again for the rest of the batch (a dead endpoint is not retried
+once per completion); the items left are counted in ``RewardResult.skipped``. When a function fails
+on every item of a batch of two or more, even under ``on_error="zero"``, a `RewardFunctionError`
+says so and the run stops: all-zero scores would train on nothing. A function that has a
+``reset_circuit()`` (the ``llm_judge`` reward over HTTP) has it called at the start of every batch,
+so an endpoint found down in one step is tried again in the next. ``CombinedReward.stats`` holds the
+counts per function over the whole run (for the run report).
 """
 from __future__ import annotations
 
@@ -31,9 +40,10 @@ class RewardFunctionError(UserError, RuntimeError):
     """A reward function failed; ``function``, ``index`` (None for a whole batch), ``prompt``,
     ``completion`` and ``cause`` say where and why."""
 
-    def __init__(self, function: str, index: int | None, prompt: Any, completion: Any, cause: BaseException | str):
+    def __init__(self, function: str, index: int | None, prompt: Any, completion: Any, cause: BaseException | str,
+                 where: str | None = None):
         self.function, self.index, self.prompt, self.completion, self.cause = function, index, prompt, completion, cause
-        super().__init__(_describe_failure(function, index, prompt, completion, cause))
+        super().__init__(_describe_failure(function, index, prompt, completion, cause, where))
 
 
 def _truncate(text: Any, limit: int = _MAX_SHOWN) -> str:
@@ -43,9 +53,10 @@ def _truncate(text: Any, limit: int = _MAX_SHOWN) -> str:
     return f"{text[:limit]!r}... ({len(text) - limit} more chars)"
 
 
-def _describe_failure(function: str, index: int | None, prompt: Any, completion: Any, cause: BaseException | str) -> str:
+def _describe_failure(function: str, index: int | None, prompt: Any, completion: Any, cause: BaseException | str,
+                      where: str | None = None) -> str:
     reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(cause)
-    where = f"item {index}" if index is not None else "the batch (each item alone succeeded)"
+    where = where or (f"item {index}" if index is not None else "the batch (each item alone succeeded)")
     lines = [f"reward function {function!r} failed on {where}: {reason}"]
     if index is not None:
         lines.append(f"  prompt:     {_truncate(prompt)}")
@@ -101,9 +112,11 @@ class RewardResult:
     per_function: dict[str, list[float]]
     errors: int = 0
     error_messages: list[str] = field(default_factory=list)
+    skipped: int = 0  # items not scored because their function had failed too often in a row
 
     def summary(self) -> dict[str, float]:
-        """Means for logging: ``reward``, ``reward_std``, ``rewards/<label>``, ``reward_errors``."""
+        """Means for logging: ``reward``, ``reward_std``, ``rewards/<label>``, ``reward_errors``
+        (failed items, skipped ones included)."""
         n = len(self.total)
         mean = sum(self.total) / n if n else 0.0
         std = math.sqrt(sum((t - mean) ** 2 for t in self.total) / n) if n else 0.0
@@ -122,9 +135,13 @@ class CombinedReward:
         specs: Sequence[RewardSpec | str | Callable | Mapping[str, Any]] | RewardSpec | str | Callable,
         on_error: str = "raise",
         max_error_messages: int = 5,
+        max_consecutive_failures: int = 3,
     ):
         if on_error not in ("raise", "zero"):
             raise UsageError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+        if max_consecutive_failures < 1:
+            raise UsageError(f"max_consecutive_failures must be >= 1, got {max_consecutive_failures}")
+        self.max_consecutive_failures = max_consecutive_failures
         if isinstance(specs, (RewardSpec, str, Mapping)) or callable(specs):
             specs = [specs]
         self.specs = [RewardSpec.coerce(s) for s in specs]
@@ -145,6 +162,24 @@ class CombinedReward:
             self.labels.append(label)
             self.weights.append(weight)
             self.functions.append(get_reward_function(spec.name, **spec.kwargs))
+        self.stats = {label: {"batches": 0, "items": 0, "errors": 0, "skipped": 0} for label in self.labels}
+
+    def report_lines(self) -> list[str]:
+        """One line per function that failed at least once over the run (for the run report)."""
+        lines = []
+        for label, function in zip(self.labels, self.functions):
+            counts = self.stats[label]
+            circuit = getattr(function, "circuit_stats", None)
+            endpoint = circuit() if callable(circuit) else None
+            if not counts["errors"] and not (endpoint and endpoint["failed_requests"]):
+                continue
+            line = (f"reward {label}: {counts['errors']} of {counts['items']} items failed in {counts['batches']} "
+                    f"batches ({counts['skipped']} not called after {self.max_consecutive_failures} failures in a row)")
+            if endpoint:
+                line += (f"; endpoint {endpoint['endpoint']}: {endpoint['failed_requests']} requests failed, "
+                         f"{endpoint['skipped_requests']} refused while down, down {endpoint['circuit_opened']} times")
+            lines.append(line)
+        return lines
 
     def __repr__(self) -> str:
         terms = " + ".join(f"{w:g}*{label}" for w, label in zip(self.weights, self.labels))
@@ -162,7 +197,24 @@ class CombinedReward:
 
         result = RewardResult(total=[0.0] * n, per_function={})
         for label, weight, function in zip(self.labels, self.weights, self.functions):
+            reset = getattr(function, "reset_circuit", None)
+            if callable(reset):
+                reset()
+            errors_before, skipped_before, messages_before = result.errors, result.skipped, len(result.error_messages)
             values = self._call_one(label, function, prompts, completions, fields, result)
+            failed = result.errors - errors_before
+            counts = self.stats[label]
+            counts["batches"] += 1
+            counts["items"] += n
+            counts["errors"] += failed
+            counts["skipped"] += result.skipped - skipped_before
+            if n >= 2 and failed >= n:
+                first = result.error_messages[messages_before] if len(result.error_messages) > messages_before else ""
+                raise RewardFunctionError(
+                    label, None, None, None,
+                    f"{first.splitlines()[0] if first else 'no value'}. With every score 0 this step would train on "
+                    "nothing, so the run stops here",
+                    where=f"every one of the {n} completions of this batch")
             result.per_function[label] = values
             result.total = [t + weight * v for t, v in zip(result.total, values)]
         return result
@@ -200,8 +252,16 @@ class CombinedReward:
             return values
 
         # The batch is unusable: call item by item to find the bad ones and keep the good ones.
-        values, failed = [], 0
+        values, failed, in_a_row = [], 0, 0
         for i in range(n):
+            if in_a_row >= self.max_consecutive_failures:  # contained: not called for the rest of the batch
+                result.skipped += n - i
+                for j in range(i, n):
+                    self._fail(result, label, j, prompts[j], completions[j],
+                               f"not called: it failed on {in_a_row} items in a row in this batch")
+                values.extend([0.0] * (n - i))
+                failed += n - i
+                break
             item_fields = {name: _slice(column, i) for name, column in fields.items()}
             try:
                 item = _as_list(function(prompts[i : i + 1], completions[i : i + 1], **item_fields))
@@ -213,7 +273,10 @@ class CombinedReward:
                 number, problem = 0.0, error
             if problem is not None:
                 failed += 1
+                in_a_row += 1
                 self._fail(result, label, i, prompts[i], completions[i], problem)
+            else:
+                in_a_row = 0
             values.append(number)
         if failed == 0:
             # Only the batch call failed; items alone are fine (a batch-dependent bug). Report it once.

@@ -171,6 +171,36 @@ def get_reward_function(spec: str | Callable, **options: Any) -> Callable[..., l
     return _bind(entry.target, options, spec)
 
 
+def check_reward_spec(spec: str | Callable, **options: Any) -> None:
+    """Raise `RewardSpecError` for a spec `get_reward_function` would refuse, without building anything
+    heavy: a registered factory (``reward_model``, ``llm_judge``) is never called, only its options are
+    checked; a ``module:function`` or ``file.py:function`` is imported (once; it is cached) to find the
+    function and check its options. Job validation uses it, so a misspelt reward or option fails before
+    any model is loaded (and before ``--print-config`` prints)."""
+    if callable(spec) or (isinstance(spec, str) and ":" in spec and not _is_windows_drive_only(spec.strip())):
+        get_reward_function(spec, **options)  # imports and binds; calls nothing
+        return
+    if not isinstance(spec, str) or not spec.strip():
+        raise RewardSpecError(f"a reward spec must be a name, 'module:function', 'file.py:function' or a callable, got {spec!r}")
+    spec = spec.strip()
+    if spec.endswith(".py"):
+        raise RewardSpecError(f"reward spec {spec!r}: name the function too, as '{spec}:function_name'")
+    _load_builtins()
+    load_reward_plugins()
+    entry = _REGISTRY.get(spec)
+    if entry is None:
+        get_reward_function(spec)  # raises the unknown-name error with its suggestion
+    if entry.kind == "factory":
+        try:
+            inspect.signature(entry.target).bind(**options)
+        except TypeError as error:
+            raise RewardSpecError(f"reward function {spec!r}: {error}{_option_hint(entry.target, options)}") from None
+        except ValueError:
+            pass
+    else:
+        _bind(entry.target, options, spec)
+
+
 # -- helpers ---------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from alignkit.model.load import ModelLoadError, ensure_embedded_model, resolve_model
 from alignkit.model.peft import is_peft_model, unwrap
 from alignkit.rollout.base import RolloutBatch, SamplingParams, padding_id
 from alignkit.rollout.hf import build_rollout_batch
@@ -36,6 +37,24 @@ def policy_weights(model):
             yield name, tensor.detach().clone()
     finally:
         model.unmerge_adapter()
+
+
+def vllm_model_source(name: str) -> str:
+    """What vLLM is started from: a folder it can read (the policy's weights are synced in afterwards).
+
+    alignkit's own names (the embedded model's alias, an adapter folder) mean nothing to vLLM, so
+    they are resolved to a folder with ``config.json``: the embedded model's safetensors copy, an
+    adapter's base. Hub ids and folders pass through.
+    """
+    try:
+        source = resolve_model(name)
+    except ModelLoadError:
+        return name
+    if source.kind == "embedded":
+        return str(ensure_embedded_model())
+    if source.kind == "adapter" and source.base:
+        return vllm_model_source(source.base)
+    return source.location if source.kind == "local" else name
 
 
 class VLLMBackend:
@@ -66,7 +85,7 @@ class VLLMBackend:
             from vllm import LLM
 
             base = unwrap(model)
-            source = getattr(base.config, "_name_or_path", None) or base.name_or_path
+            source = vllm_model_source(getattr(base.config, "_name_or_path", None) or base.name_or_path)
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
             options = {k: v for k, v in self.options.items() if v is not None}
             self.llm = LLM(model=source, dtype=dtype, enable_prefix_caching=True, **options)
