@@ -252,6 +252,10 @@ def scenarios(assets: Path, suffix: str) -> dict:
     train(assets, "sft", f"sft-tied-fsdp2-{suffix}", model=tied_model(assets), training={"eval_steps": None})
     # full fine-tuning with a KL term: the frozen reference copy is sent whole to the other process
     train(assets, "grpo", f"grpo-full-fsdp2-{suffix}", lora=None)
+    # the step-2 checkpoint of the FSDP2 SFT run resumed under FSDP2 (its model built empty again on the
+    # second process, then the checkpoint's whole weights and optimizer state loaded into the shards)
+    checkpoint = assets / "runs" / f"sft-fsdp2-{suffix}" / "checkpoints" / "step-0000002"
+    train(assets, "sft", f"sft-fsdp2-resumed-{suffix}", training={"resume": str(checkpoint), "eval_steps": None})
     seen["loaded"] = LOADED
     return seen
 

@@ -170,6 +170,10 @@ def test_resume_under_two_and_under_one_process_equals_the_uninterrupted_run(run
     assert json.loads((checkpoint / "checkpoint.json").read_text())["processes"] == 2
     worker.train(assets, "sft", "from-fsdp2", training={"resume": str(checkpoint), "eval_steps": None})
     assert largest_difference(final_tensors(assets / "runs" / "from-fsdp2"), uninterrupted) <= TOLERANCE
+    # and under FSDP2 again, loading once (the second process's model empty until the shards arrive)
+    resumed_fsdp2 = assets / "runs" / "sft-fsdp2-resumed-2"
+    assert [json.loads(line)["step"] for line in (resumed_fsdp2 / "metrics.jsonl").read_text().splitlines()] == [3]
+    assert largest_difference(final_tensors(resumed_fsdp2), uninterrupted) <= TOLERANCE
 
 
 def test_only_the_main_process_writes(runs):
