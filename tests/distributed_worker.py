@@ -245,9 +245,9 @@ def scenarios(assets: Path, suffix: str) -> dict:
     seen["nan"] = fail_on_one_process(assets, "nan")
     seen["interrupt"] = fail_on_one_process(assets, "interrupt")
     use_fsdp2()  # the preset loads the weights on the main process only (fsdp_cpu_ram_efficient_loading)
-    for method in ("sft", "dpo", "grpo", "rm"):
+    for method in ("sft", "dpo", "grpo", "rm", "ppo"):
         train(assets, method, f"{method}-fsdp2-{suffix}",
-              training={"save_steps": 2, "eval_steps": STEPS if method != "grpo" else None})
+              training={"save_steps": 2, "eval_steps": STEPS if method not in ("grpo", "ppo") else None})
     train(assets, "sft", f"sft-lora-fsdp2-{suffix}", lora=LORA_MERGED, training={"eval_steps": None})
     train(assets, "sft", f"sft-tied-fsdp2-{suffix}", model=tied_model(assets), training={"eval_steps": None})
     # full fine-tuning with a KL term: the frozen reference copy is sent whole to the other process

@@ -212,12 +212,13 @@ def test_nan_and_ctrl_c_on_one_process_stop_every_process_at_the_same_step(runs)
     assert checkpoints == ["step-0000002"]
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo", "grpo", "rm"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo", "rm", "ppo"])
 def test_fsdp2_makes_the_same_updates_as_one_process(runs, method):
     assets, _ = runs
     two = assets / "runs" / f"{method}-fsdp2-2"
     assert json.loads((two / "summary.json").read_text())["data_parallel"] == "fsdp2"
-    assert largest_difference(final_tensors(two), final_tensors(assets / "runs" / f"{method}-1")) <= TOLERANCE
+    tolerance = 5 * TOLERANCE if method == "ppo" else TOLERANCE  # as under DDP: the critic's adapter starts at 0
+    assert largest_difference(final_tensors(two), final_tensors(assets / "runs" / f"{method}-1")) <= tolerance
 
 
 def test_fsdp2_preset_loads_the_weights_on_the_main_process_only(runs):
@@ -226,7 +227,7 @@ def test_fsdp2_preset_loads_the_weights_on_the_main_process_only(runs):
     above still equal one process."""
     assets, reports = runs
     main, other = (report["seen"]["loaded"] for report in reports)
-    runs_checked = {"sft-fsdp2-2", "dpo-fsdp2-2", "grpo-fsdp2-2", "rm-fsdp2-2", "sft-lora-fsdp2-2",
+    runs_checked = {"sft-fsdp2-2", "dpo-fsdp2-2", "grpo-fsdp2-2", "rm-fsdp2-2", "ppo-fsdp2-2", "sft-lora-fsdp2-2",
                     "grpo-full-fsdp2-2", "sft-tied-fsdp2-2"}
     assert runs_checked <= main.keys() and runs_checked <= other.keys()
     for run in runs_checked:
