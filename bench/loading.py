@@ -49,8 +49,8 @@ def worker(job_path: str, out: str) -> None:
 
     from alignkit import distributed
     from alignkit.engine import Engine
-    from alignkit.seeding import seed_everything
     from alignkit.methods import get_method, load_job
+    from alignkit.seeding import seed_everything
 
     torch.set_num_threads(1)
     job = load_job("sft", job_path, [f"training.output_dir={Path(out).with_suffix('')}-run"])

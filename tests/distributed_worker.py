@@ -25,13 +25,13 @@ from alignkit import distributed
 from alignkit.cli import main as cli_main
 from alignkit.distributed import ParallelModel
 from alignkit.engine import Engine, TrainingDiverged
-from alignkit.seeding import seed_everything
 from alignkit.methods import get_method, load_job
 from alignkit.methods.base import run_job
 from alignkit.methods.sft import SFTRecipe
 from alignkit.rollout.hf import build_rollout_batch
 from alignkit.rollout.stops import stop_token_ids
-from tests.helpers import WORDS, make_tiny_model, make_tiny_tokenizer
+from alignkit.seeding import seed_everything
+from tests.helpers import WORDS, save_tiny_model
 
 STEPS = 3
 PRESETS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
@@ -44,13 +44,8 @@ LORA_MERGED = {"rank": 4, "alpha": 8, "dropout": 0.0, "merge_on_save": True}
 def make_assets(folder: Path) -> None:
     """A tiny Llama + tokenizer and small data files whose rows have very different lengths."""
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tiny_tokenizer()
-    model = make_tiny_model(tokenizer)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    tied = make_tiny_model(tokenizer, tie_word_embeddings=True)  # one parameter for input and output embeddings
-    tied.save_pretrained(folder / "model-tied")
-    tokenizer.save_pretrained(folder / "model-tied")
+    save_tiny_model(folder / "model")
+    save_tiny_model(folder / "model-tied", tie_word_embeddings=True)  # one parameter for input and output embeddings
     generator = torch.Generator().manual_seed(7)
 
     def text(n):

@@ -72,9 +72,9 @@ def make_tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int
     return model
 
 
-def save_tiny_model(folder):
+def save_tiny_model(folder, tie_word_embeddings: bool = False):
     """A tiny random model and its tokenizer saved as a model folder (what `from_pretrained` reads)."""
     tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(folder)
+    make_tiny_model(tokenizer, tie_word_embeddings=tie_word_embeddings).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

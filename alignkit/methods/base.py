@@ -51,10 +51,10 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
     device = job.model.device
     if device == "auto":  # under a launcher: this process's device (cuda:<local rank>), else the default
         device = distributed.device()
-    options = dict(device=None if device == "auto" else device,
-                   dtype=None if job.model.dtype == "auto" else job.model.dtype,
-                   trust_remote_code=job.model.trust_remote_code, adapter=job.model.adapter,
-                   is_trainable=saved_adapter == "continue")
+    options = {"device": None if device == "auto" else device,
+               "dtype": None if job.model.dtype == "auto" else job.model.dtype,
+               "trust_remote_code": job.model.trust_remote_code, "adapter": job.model.adapter,
+               "is_trainable": saved_adapter == "continue"}
     if distributed.low_memory_loading():  # only the main process reads the weights; the others build it empty
         main = distributed.is_main_process()
         model, tokenizer = load_model_and_tokenizer(job.model.name_or_path, **options) if main else (None, None)
