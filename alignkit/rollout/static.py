@@ -385,15 +385,17 @@ def _tile_for_groups(mask: Tensor, group: int) -> Tensor:
     return mask.repeat(1, 1, group, 1) if group > 1 and mask.shape[2] > 1 else mask
 
 
-def _mlp(x: Tensor, layer: _LayerWeights) -> Tensor:
-    return _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
+def _mlp(x: Tensor, layer: _LayerWeights, linear=_linear) -> Tensor:
+    """``linear(x, weight_bias)`` applies one projection (the serving engine passes one that adds
+    each row's own LoRA, `alignkit.serve.static_engine`)."""
+    return linear(F.silu(linear(x, layer.gate)) * linear(x, layer.up), layer.down)
 
 
-def _project_qkv(x: Tensor, layer: _LayerWeights, weights: _Weights, cos: Tensor, sin: Tensor):
+def _project_qkv(x: Tensor, layer: _LayerWeights, weights: _Weights, cos: Tensor, sin: Tensor, linear=_linear):
     rows, length, _ = x.shape
-    q = _linear(x, layer.q).view(rows, length, weights.heads, weights.head_dim).transpose(1, 2)
-    k = _linear(x, layer.k).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
-    v = _linear(x, layer.v).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
+    q = linear(x, layer.q).view(rows, length, weights.heads, weights.head_dim).transpose(1, 2)
+    k = linear(x, layer.k).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
+    v = linear(x, layer.v).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
     return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
 
 
