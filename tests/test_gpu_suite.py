@@ -105,6 +105,9 @@ def test_dry_run_measurements_match_what_the_sizes_imply(dry_run):
     assert served["greedy agreement"][0]["identical_requests"] == sizes["serve_static"]["requests"]
     assert [row["engine"] for row in served["engines"]] == ["dynamic", "static"]
     assert all(row["max_adapters_in_forward"] == 3 and row["finished_errors"] == 0 for row in served["engines"])
+    swap = served["against swapping"][0]   # the baseline: one merge per request (2 of 3 use an adapter)
+    assert swap["requests"] == sizes["serve_static"]["swap_requests"] and swap["merges"] == 2
+    assert swap["mixed_over_swap"] == pytest.approx(swap["mixed_tokens_per_s"] / swap["tokens_per_s"])
 
 
 def test_dry_run_writes_markdown_and_the_full_log(dry_run):
