@@ -56,16 +56,18 @@ from torch import Tensor
 
 from alignkit.model.peft import is_peft_model
 from alignkit.rollout.static import (
-    _additive,
-    _extract_weights,
-    _grouped_attention,
-    _mlp,
-    _project_qkv,
-    _rms_norm,
-    _rotary,
-    _tile_for_groups,
-    _Unsupported,
-    _Weights,
+    DecoderWeights,
+    UnsupportedModel,
+    additive_mask,
+    apply_rotary,
+    extract_weights,
+    gated_mlp,
+    grouped_attention,
+    project_qkv,
+    rms_norm,
+    tile_for_groups,
+)
+from alignkit.rollout.static import (
     unsupported_reason as model_unsupported_reason,
 )
 from alignkit.serve import mixed_lora
@@ -142,7 +144,7 @@ class StaticSlotCache:
         self.use_graph = (self.device.type == "cuda" and use_cuda_graph) or emulate_graph
         self.emulate_graph = emulate_graph and self.device.type != "cuda"
         self.buckets = _buckets(max_batch)
-        self.weights: _Weights | None = None
+        self.weights: DecoderWeights | None = None
         self.version = None
         self.length = 0
         self.keys: list[Tensor] = []
@@ -169,10 +171,10 @@ class StaticSlotCache:
         model = self.registry.model
         reason = unsupported_reason(model)
         if reason is not None:
-            raise _Unsupported(reason)
+            raise UnsupportedModel(reason)
         if is_peft_model(model):
             with model.disable_adapter():           # the base weights, as views
-                weights = _extract_weights(model)
+                weights = extract_weights(model)
             decoder = getattr(model.get_base_model(), model.get_base_model().base_model_prefix)
             for layer_weights, layer in zip(weights.layers, decoder.layers):
                 for block, name, field in PROJECTIONS:
@@ -181,7 +183,7 @@ class StaticSlotCache:
                     stack = getattr(module, "_alignkit_stack", None)
                     setattr(layer_weights, field, Projection(weight, bias, stack))
         else:
-            weights = _extract_weights(model)
+            weights = extract_weights(model)
         if self.weights is not None and (weights.kv_heads, weights.head_dim, len(weights.layers), weights.dtype) != (
                 self.weights.kv_heads, self.weights.head_dim, len(self.weights.layers), self.weights.dtype):
             self.length, self.keys, self.values = 0, [], []
@@ -289,7 +291,7 @@ class StaticSlotCache:
         sizes = torch.tensor([len(ids) for ids in prompts], device=device)
         index = torch.arange(width, device=device)
         positions = index[None, :].expand(len(prompts), width)
-        cos, sin = _rotary(positions, w)
+        cos, sin = apply_rotary(positions, w)
         query, key = index[:, None], index[None, :]
         base_mask = (key <= query)[None] & (key < sizes[:, None, None])         # [prompts, T, T]
         rows = torch.tensor(owner, device=device)
@@ -300,13 +302,13 @@ class StaticSlotCache:
         for number, layer in enumerate(w.layers):
             if layer.window not in masks:
                 mask = base_mask if layer.window is None else base_mask & (query - key < layer.window)[None]
-                masks[layer.window] = _tile_for_groups(_additive(mask[:, None], w.dtype), w.heads // w.kv_heads)
-            h = _rms_norm(x, layer.input_norm, w.eps)
-            q, k, v = _project_qkv(h, layer, w, cos, sin, linear=self._linear)
+                masks[layer.window] = tile_for_groups(additive_mask(mask[:, None], w.dtype), w.heads // w.kv_heads)
+            h = rms_norm(x, layer.input_norm, w.eps)
+            q, k, v = project_qkv(h, layer, w, cos, sin, linear=self._linear)
             self.keys[number][new, :, :width].copy_(k.index_select(0, rows))
             self.values[number][new, :, :width].copy_(v.index_select(0, rows))
-            x = x + self._linear(_grouped_attention(q, k, v, masks[layer.window], w.kv_heads), layer.o)
-            x = x + _mlp(_rms_norm(x, layer.post_norm, w.eps), layer, linear=self._linear)
+            x = x + self._linear(grouped_attention(q, k, v, masks[layer.window], w.kv_heads), layer.o)
+            x = x + gated_mlp(rms_norm(x, layer.post_norm, w.eps), layer, linear=self._linear)
         last = x[torch.arange(len(prompts), device=device), sizes - 1]
         logits = self._logits(last).index_select(0, rows)
         self._lora = ("none", None)
@@ -320,7 +322,7 @@ class StaticSlotCache:
 
     def _logits(self, hidden: Tensor) -> Tensor:
         w = self.weights
-        return F.linear(_rms_norm(hidden, w.norm, w.eps), w.head[0], w.head[1]).float()
+        return F.linear(rms_norm(hidden, w.norm, w.eps), w.head[0], w.head[1]).float()
 
     # ------------------------------------------------------------------ decode
 
@@ -329,7 +331,7 @@ class StaticSlotCache:
         row's new key/value at its own position ``lengths[i]`` and returns float32 logits ``[rows, V]``."""
         w = self.weights
         lengths = self.lengths[:rows]
-        cos, sin = _rotary(lengths[:, None], w)
+        cos, sin = apply_rotary(lengths[:, None], w)
         slot_range = self.slot_range[:length]
         valid = slot_range[None, :] <= lengths[:, None]                          # [rows, length]
         row_index = torch.arange(rows, device=self.device)
@@ -339,16 +341,16 @@ class StaticSlotCache:
             if layer.window not in masks:
                 mask = valid if layer.window is None else valid & (
                     slot_range[None, :] > lengths[:, None] - layer.window)
-                masks[layer.window] = _additive(mask[:, None, None], w.dtype)   # [rows, 1, 1, length]
-            h = _rms_norm(x, layer.input_norm, w.eps)
-            q, k, v = _project_qkv(h, layer, w, cos, sin, linear=self._linear)
+                masks[layer.window] = additive_mask(mask[:, None, None], w.dtype)   # [rows, 1, 1, length]
+            h = rms_norm(x, layer.input_norm, w.eps)
+            q, k, v = project_qkv(h, layer, w, cos, sin, linear=self._linear)
             keys, values = self.keys[number][:rows], self.values[number][:rows]
             keys[row_index, :, lengths] = k[:, :, 0]
             values[row_index, :, lengths] = v[:, :, 0]
-            attended = _grouped_attention(q, keys[:, :, :length], values[:, :, :length], masks[layer.window],
+            attended = grouped_attention(q, keys[:, :, :length], values[:, :, :length], masks[layer.window],
                                           w.kv_heads)
             x = x + self._linear(attended, layer.o)
-            x = x + _mlp(_rms_norm(x, layer.post_norm, w.eps), layer, linear=self._linear)
+            x = x + gated_mlp(rms_norm(x, layer.post_norm, w.eps), layer, linear=self._linear)
         return self._logits(x[:, 0])
 
     @torch.no_grad()
