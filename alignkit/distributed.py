@@ -15,10 +15,19 @@ once. See ``docs/scaling.md``.
 
 `ParallelModel` is the engine's side: it wraps the recipe's model for accelerate (DDP, FSDP2 or
 DeepSpeed, as the launch configuration says) without the recipes knowing.
+
+Loading once (`low_memory_loading`): under FSDP2 with ``fsdp_cpu_ram_efficient_loading: true`` (the
+``fsdp2.yaml`` preset) only the main process reads the weights; the others build the same model on
+PyTorch's ``meta`` device (shapes, no storage), LoRA and heads included, and accelerate's FSDP2
+preparation shards the empty model and sends every process its shard of the main process's values
+(``fsdp2_load_full_state_dict``, a broadcast per tensor). What a recipe does before that with real
+weights (DPO's reference pass, deciding whether an adapter is fresh, a frozen reference copy) is done
+by the main process alone, or its values are sent to the others (`fill_from_main`).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from typing import Any, Callable, Iterator
 
@@ -33,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule
+from transformers import PreTrainedModel
 
 from alignkit.errors import UsageError
 
@@ -82,6 +92,55 @@ def device() -> torch.device | None:
 def barrier() -> None:
     if world_size() > 1:
         torch.distributed.barrier()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def low_memory_loading() -> bool:
+    """True when only the main process reads the model's weights and the others build it empty (meta):
+    a launched FSDP2 run whose accelerate configuration says ``fsdp_cpu_ram_efficient_loading: true``."""
+    return (launched() and _flag("ACCELERATE_USE_FSDP") and _flag("FSDP_CPU_RAM_EFFICIENT_LOADING")
+            and os.environ.get("FSDP_VERSION", "2").strip() == "2")
+
+
+def holds_weights(model: torch.nn.Module) -> bool:
+    """False for a model built empty (on the meta device) that waits for the main process's values."""
+    return not any(parameter.is_meta for parameter in model.parameters())
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device ``model`` computes on in this process: its parameters' device, or, for a model built
+    empty until FSDP2 fills it (`low_memory_loading`), this process's device."""
+    parameter = next(model.parameters())
+    if parameter.is_meta:
+        return device() or torch.device("cpu")
+    return parameter.device
+
+
+def fill_from_main(module: torch.nn.Module) -> torch.nn.Module:
+    """Give a module that is empty on the processes other than the main one (built from a model loaded
+    with `low_memory_loading`) the main process's values, on this process's device: for the modules that
+    must stay whole on every process (a frozen reference copy). A collective; a no-op when every process
+    holds its weights."""
+    if world_size() == 1 or all(gather_objects(holds_weights(module))):
+        return module
+    if not holds_weights(module):
+        module.to_empty(device=device() or torch.device("cpu"))
+    with torch.no_grad():
+        for _, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
+    return module
+
+
+def empty_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules whose parameters are on the meta device (no storage; small buffers
+    are copied): the skeleton a gathered state dict is loaded into (``load_state_dict(assign=True)``)."""
+    memo = {id(parameter): torch.nn.Parameter(torch.empty_like(parameter, device="meta"),
+                                              requires_grad=parameter.requires_grad)
+            for parameter in model.parameters()}
+    return copy.deepcopy(model, memo)
 
 
 # ----------------------------------------------------------------------------- splitting work
@@ -197,6 +256,20 @@ class TrainingModule(torch.nn.Module):
     def forward(self, function: Callable, *args, **kwargs):
         return function(*args, **kwargs)
 
+    def tie_weights(self) -> None:
+        """Tie each transformers model's output layer to its input embeddings again, where its configuration
+        says so: accelerate calls this around FSDP2's low-memory loading, which replaces every parameter
+        (without it a tied output layer would become a second, untrained copy)."""
+        tie_weights(self.model)
+
+
+def tie_weights(model: torch.nn.Module) -> None:
+    """``tie_weights()`` of every transformers model inside ``model`` (an output layer tied to the input
+    embeddings becomes that one parameter again, where the configuration says so)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.tie_weights()
+
 
 def _precision_name(autocast_dtype: torch.dtype | None, model: torch.nn.Module) -> str:
     """accelerate's ``mixed_precision`` for this run. DDP: "no" (alignkit's own autocast and the model's
@@ -225,6 +298,7 @@ class ParallelModel:
         self.optimizer = optimizer
         self.accelerator = None
         self.wrapped: torch.nn.Module | None = None
+        self._skeleton: torch.nn.Module | None = None
         self.processes = world_size()
         if not launched():
             return
@@ -234,12 +308,24 @@ class ParallelModel:
             _fsdp2_on_cpu(self.accelerator)
         if _uses_cpu() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             _deepspeed_on_cpu(self.accelerator)
+        # FSDP2: the modules of the model without storage, kept by the main process to hold the gathered
+        # weights when saving (an FSDP2 model cannot be copied, and merging an adapter copies the model)
+        self._skeleton = empty_copy(model) if self.accelerator.is_fsdp2 and is_main_process() else None
         if self.kind == "deepspeed":
             # alignkit makes its own batches: DeepSpeed's batch-size keys only feed its logging
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
                 config["train_micro_batch_size_per_gpu"] = 1
+        # a model built empty (low-memory loading): accelerate pairs the optimizer's parameters with their
+        # sharded replacements by storage address, which empty parameters do not have; pair them by name
+        names = {id(parameter): name for name, parameter in model.named_parameters()}
+        order = None if holds_weights(model) else [[names[id(p)] for p in group["params"]]
+                                                    for group in optimizer.param_groups]
         self.wrapped, self.optimizer = self.accelerator.prepare(TrainingModule(model), optimizer)
+        if order is not None:
+            current = dict(self.model.named_parameters())
+            for group, group_names in zip(_inner_optimizer(self.optimizer).param_groups, order):
+                group["params"] = [current[name] for name in group_names]
 
     # -- what the launch configuration chose
     @property
@@ -339,10 +425,13 @@ class ParallelModel:
                 module.reshard()
 
     @contextlib.contextmanager
-    def saving(self) -> Iterator[None]:
-        """Inside, the model can be saved as usual (``save_pretrained``, a head's ``state_dict()``) on
-        the main process: with FSDP2 every module's ``state_dict()`` returns its whole weights, gathered
-        to the main process's CPU (a collective: every process must enter). A no-op otherwise."""
+    def saving(self, owner: Any = None) -> Iterator[None]:
+        """Inside, the model can be saved as usual (``save_pretrained``, a head's ``state_dict()``, a merged
+        copy of a LoRA model) on the main process. With FSDP2 the whole weights are gathered to the main
+        process's CPU (a collective: every process must enter): every module's ``state_dict()`` returns
+        them, and each attribute of ``owner`` (the recipe) that is the model or one of its modules is, on
+        the main process, replaced by the same module of an ordinary (unsharded) copy holding them, so
+        that saving code may copy it (``save_model(..., merge=True)``). A no-op otherwise."""
         if self.zero3:
             with self._gathered():
                 yield
@@ -354,9 +443,21 @@ class ParallelModel:
         modules = list(self.model.named_modules())
         for path, module in modules:
             module.state_dict = _whole_state_dict(full, f"{path}." if path else "")
+        swapped: list[tuple[str, Any]] = []
+        if owner is not None and self._skeleton is not None:  # the main process
+            self._skeleton.load_state_dict(full, assign=True)
+            tie_weights(self._skeleton)  # assigning gave tied weights two tensors
+            whole = dict(self._skeleton.named_modules())
+            counterpart = {id(module): whole[path] for path, module in modules}
+            for name, value in list(vars(owner).items()):
+                if isinstance(value, torch.nn.Module) and id(value) in counterpart:
+                    swapped.append((name, value))
+                    setattr(owner, name, counterpart[id(value)])
         try:
             yield
         finally:
+            for name, value in swapped:
+                setattr(owner, name, value)
             for _, module in modules:
                 del module.state_dict
 

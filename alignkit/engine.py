@@ -325,7 +325,7 @@ class Engine:
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.model = recipe.model
-        self.device = next(self.model.parameters()).device
+        self.device = distributed.model_device(self.model)
         self.autocast_dtype = self._autocast_dtype()
         self.total_steps = self._total_steps()
         warmup = config.warmup_steps or int(round(config.warmup_ratio * self.total_steps))

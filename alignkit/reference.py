@@ -26,6 +26,7 @@ import hashlib
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+from alignkit import distributed
 from alignkit.model.peft import freeze, is_peft_model
 
 MODES = ("adapters_off", "reference_adapter", "frozen_copy", "separate_model", "starting_policy")
@@ -56,6 +57,14 @@ def weights_fingerprint(model, skip_lora: bool = False) -> str:
     return digest.hexdigest()
 
 
+def _agreed(question, model) -> bool:
+    """``question(model)`` as the main process answers it, when the other processes' copy of ``model`` is
+    still empty (`alignkit.distributed.low_memory_loading`); every process's own answer otherwise."""
+    if not distributed.low_memory_loading():
+        return question(model)
+    return distributed.broadcast_object(question(model) if distributed.is_main_process() else None)
+
+
 @contextlib.contextmanager
 def eval_mode(model):
     """``model`` in eval mode inside the block, its previous mode restored after."""
@@ -80,7 +89,8 @@ class ReferencePolicy:
         self.policy, self.mode = policy, mode
         self.module = module
         if mode == "frozen_copy" and module is None:
-            self.module = freeze(copy.deepcopy(policy))
+            # stays whole on every process: with low-memory loading the others receive the main one's values
+            self.module = distributed.fill_from_main(freeze(copy.deepcopy(policy)))
         elif mode == "separate_model":
             freeze(module)
         elif mode == "reference_adapter":
@@ -94,7 +104,7 @@ class ReferencePolicy:
         update) the policy as it is now."""
         if reference_model is not None:
             return cls(policy, "separate_model", reference_model)
-        if is_peft_model(policy) and adapter_is_identity(policy):
+        if is_peft_model(policy) and _agreed(adapter_is_identity, policy):
             return cls(policy, "adapters_off")
         if not live:
             return cls(policy, "starting_policy")

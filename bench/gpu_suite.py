@@ -25,6 +25,8 @@ one step, not the lease:
   dpo_vs_trl        DPO step time, alignkit vs TRL's DPOTrainer (bench/dpo_vs_trl.py's workers)
   grpo_vs_trl       GRPO step time, alignkit vs TRL's GRPOTrainer (bench/grpo_vs_trl.py's workers)
   vllm              the vLLM rollout backend, when vLLM imports (otherwise a line saying so)
+  serve_static      `alignkit serve`'s static-cache engine vs its dynamic one on the same mixed-adapter
+                    requests (base + 2 adapters), in-process: greedy agreement, tokens/s, graphs captured
 
 A comparison runs each side (the peer, then alignkit) in its own process, so peak memory is each
 one's own. Every record a step makes is written to its result file at once, so a step killed at
@@ -130,6 +132,10 @@ STEPS = [
     Step("vllm", "vLLM rollout backend", "step_vllm", (120, 240), sizes={
         "device": {"batch_size": 256, "new_tokens": 128},
         "dry": {"batch_size": 2, "new_tokens": 4}}),
+    Step("serve_static", "serving: static-cache engine vs dynamic, base + 2 adapters mixed", "step_serve_static",
+         (90, 240), sizes={
+             "device": {"requests": 32, "new_tokens": 64, "rank": 16, "swap_requests": 6},
+             "dry": {"requests": 4, "new_tokens": 4, "rank": 4, "swap_requests": 3}}),
 ]
 STEP_NAMES = [step.name for step in STEPS]
 
@@ -962,6 +968,120 @@ def step_vllm(context: dict, record: Recorder) -> None:
     record.row("vllm", batch=sizes["batch_size"], new_tokens=sizes["new_tokens"], tokens_per_s=generated / seconds,
                ms_per_step=1000 * seconds / sizes["new_tokens"], vllm=_import_status("vllm"))
     record.summary(f"vLLM backend: {generated / seconds:,.0f} tokens/s at batch {sizes['batch_size']}")
+
+
+def _serve_requests(scheduler, prompts, adapters, new_tokens):
+    """Submit one greedy request per prompt (adapters round-robin) to a running scheduler; wait for all."""
+    import threading
+
+    from alignkit.serve.engine import FinishEvent, Row, SamplingOptions
+
+    done, finished, lock = threading.Event(), {}, threading.Lock()
+
+    def sink_for(index):
+        def sink(event):
+            if isinstance(event, FinishEvent):
+                with lock:
+                    finished[index] = event
+                    if len(finished) == len(prompts):
+                        done.set()
+        return sink
+
+    options = SamplingOptions(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    started = time.perf_counter()
+    scheduler.submit([Row(0, adapters[i % len(adapters)], prompt, options, sink_for(i), stream=False)
+                      for i, prompt in enumerate(prompts)])
+    if not done.wait(300):
+        raise RuntimeError("the scheduler did not finish the requests in 300 s")
+    seconds = time.perf_counter() - started
+    return [finished[i] for i in range(len(prompts))], seconds
+
+
+def step_serve_static(context: dict, record: Recorder) -> None:
+    """`alignkit serve`'s two engines on the same requests, driven in-process (no HTTP: the device image
+    has no web stack): greedy agreement, tokens/s, decode ms per step, CUDA graphs captured."""
+    import torch
+
+    from alignkit.model import add_lora, load_model_and_tokenizer, resolve_model, save_model
+    from alignkit.serve.adapters import AdapterRegistry
+    from alignkit.serve.engine import BatchScheduler
+
+    bench = _bench_module("rollout")
+    sizes = _sizes(context, "serve_static")
+    device = context["device"]
+    record.sizes(f"{sizes['requests']} greedy requests ({sizes['new_tokens']} new tokens, EOS ignored) sent at once, "
+                 f"round-robin over the base and 2 random LoRA adapters (r{sizes['rank']}, all linear layers), "
+                 "max batch = requests; one warm-up round, then one timed round per engine")
+    folder = Path(context["work"]) / "serve-adapters"
+    adapters = []
+    for index in range(2):
+        model, tokenizer = load_model_and_tokenizer(context["model"], device="cpu")
+        model = add_lora(model, rank=sizes["rank"], dropout=0.0)
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+        adapters.append((f"adapter{index}", str(save_model(model, tokenizer, folder / f"adapter{index}"))))
+        del model
+    prompts = bench.make_prompts(tokenizer, sizes["requests"])
+    results = {}
+    for engine in ("dynamic", "static"):
+        model, tokenizer = load_model_and_tokenizer(context["model"], device=device)
+        model.eval()
+        registry = AdapterRegistry(model, tokenizer, "base", resolve_model(context["model"]))
+        for name, path in adapters:
+            registry.load(name, path)
+        scheduler = BatchScheduler(registry, max_batch=sizes["requests"], max_wait_ms=50,
+                                   max_queue=4 * sizes["requests"], engine=engine).start()
+        try:
+            names = [None] + [name for name, _ in adapters]
+            _serve_requests(scheduler, prompts, names, sizes["new_tokens"])     # warm-up (graphs captured)
+            before = scheduler.stats.snapshot()
+            events, seconds = _serve_requests(scheduler, prompts, names, sizes["new_tokens"])
+            after = scheduler.stats.snapshot()
+        finally:
+            scheduler.stop()
+        steps = after.get("decode_forwards", 0) - before.get("decode_forwards", 0)
+        decode_seconds = after.get("decode_seconds", 0.0) - before.get("decode_seconds", 0.0)
+        generated = sum(len(event.tokens) for event in events)
+        results[engine] = [event.tokens for event in events]
+        record.row("engines", engine=scheduler.engine, requests=len(prompts), tokens_per_s=generated / seconds,
+                   decode_ms_per_step=1000 * decode_seconds / max(steps, 1), decode_steps=steps,
+                   max_adapters_in_forward=after["max_adapters_in_forward"],
+                   finished_errors=after.get("finished_error", 0), **scheduler.engine_counters())
+        del scheduler, registry, model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    identical = sum(a == b for a, b in zip(results["dynamic"], results["static"]))
+    record.row("greedy agreement", identical_requests=identical, requests=len(prompts))
+    rows = {row["engine"]: row for row in record.data["tables"]["engines"]}
+    # The issue's baseline, one adapter merged in per request: requests run one at a time, so its
+    # tokens/s does not depend on how many wait; timing the first few gives its rate.
+    model, tokenizer = load_model_and_tokenizer(context["model"], device=device)
+    model.eval()
+    registry = AdapterRegistry(model, tokenizer, "base", resolve_model(context["model"]))
+    for name, path in adapters:
+        registry.load(name, path)
+    scheduler = BatchScheduler(registry, max_batch=sizes["requests"], max_wait_ms=50,
+                               max_queue=4 * sizes["requests"], mode="swap-per-request", engine="dynamic").start()
+    try:
+        few = prompts[:sizes["swap_requests"]]
+        events, seconds = _serve_requests(scheduler, few, [None] + [name for name, _ in adapters], sizes["new_tokens"])
+        merges = scheduler.stats.snapshot().get("adapter_merges", 0)
+    finally:
+        scheduler.stop()
+    swap_rate = sum(len(event.tokens) for event in events) / seconds
+    best = max(rows.values(), key=lambda row: row["tokens_per_s"])
+    record.row("against swapping", baseline="swap-per-request (dynamic engine)", requests=len(few), merges=merges,
+               tokens_per_s=swap_rate, mixed_engine=best["engine"], mixed_tokens_per_s=best["tokens_per_s"],
+               mixed_over_swap=ratio(best["tokens_per_s"], swap_rate))
+    del scheduler, registry, model
+    speedup = ratio(rows["static"]["tokens_per_s"], rows["dynamic"]["tokens_per_s"])
+    record.summary(f"static engine {rows['static']['tokens_per_s']:,.0f} tokens/s vs dynamic "
+                   f"{rows['dynamic']['tokens_per_s']:,.0f} ({_format(speedup)}x); greedy identical "
+                   f"{identical}/{len(prompts)} requests; {rows['static'].get('static_graph_captures', 0)} graphs; "
+                   f"mixed {_format(ratio(best['tokens_per_s'], swap_rate))}x swap-per-request")
 
 
 # ----------------------------------------------------------------------------- results (orchestrator side)

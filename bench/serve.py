@@ -1,16 +1,17 @@
 """Multi-adapter serving: mixed-adapter batches against swapping one adapter in at a time.
 
-Two `alignkit serve` processes on 127.0.0.1 hold the same base model and the same 16 LoRA adapters:
+Several `alignkit serve` processes on 127.0.0.1 hold the same base model and the same 16 LoRA adapters:
 
 * **mixed** (the default server): requests for different adapters share every forward pass (PEFT
   mixed-adapter batches), new requests join the running batch at the next step;
 * **swap** (``--adapter-mode swap``, the comparison point): the adapter of the oldest waiting request
   is merged into the base weights, that adapter's requests run (batched together, new ones of the
   same adapter join), the adapter is unmerged, and the next adapter gets its turn;
-* **swap-per-request** (``--modes swap-per-request``): the same with ``--max-batch 1``, i.e. merge,
-  serve one request, unmerge (requests of the same adapter in a row keep it merged).
+* **swap-per-request** (``--adapter-mode swap-per-request``): the issue's literal baseline: merge the
+  adapter of the oldest request, run that one request alone, unmerge, next request.
 
-The same requests go to both: every prompt distinct, greedy, ``ignore_eos`` so every request decodes
+``--modes`` picks the servers (default: all three; ``mixed-static`` adds the mixed server on the
+static-cache engine). The same requests go to every server: every prompt distinct, greedy, ``ignore_eos`` so every request decodes
 exactly ``--max-tokens`` tokens, adapters assigned round-robin over 1, 4 or 16 distinct adapters, sent by
 ``concurrency`` client threads (httpx, one request at a time each). Per cell: requests/s, generated
 tokens/s (``completion_tokens`` summed / wall seconds), and p50/p95 request latency. One warm-up
@@ -20,7 +21,8 @@ in the machine's load hits both sides of a ratio alike.
 
     python bench/serve.py --tiny                     # tiny random Llama (4 layers, hidden 256): the full grid
     python bench/serve.py --concurrency 1,8 --requests-per-client 2      # the embedded SmolLM2-135M
-    python bench/serve.py --device cuda              # a GPU (the static-cache engine is not used by serve)
+    python bench/serve.py --device cuda --modes mixed,swap,swap-per-request,mixed-static   # a GPU
+    python bench/serve.py --tiny --modes mixed,mixed-static                  # the two engines on CPU
     python bench/serve.py --tiny --kernels           # only the LoRA part: PEFT adapter_names vs stacked, in-process
 """
 from __future__ import annotations
@@ -64,8 +66,12 @@ def parse_args(argv=None):
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (OMP_NUM_THREADS)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--modes", default="mixed,swap",
-                        help="mixed, swap (merge one adapter, batch its requests), swap-per-request (merge per request)")
+    parser.add_argument("--modes", default="mixed,swap,swap-per-request",
+                        help="servers to compare: mixed, swap (merge one adapter, batch its requests), "
+                             "swap-per-request (merge, one request, unmerge), mixed-static (mixed on --engine static)")
+    parser.add_argument("--engine", default="dynamic", choices=["auto", "dynamic", "static"],
+                        help="--engine of the mixed and swap servers (default dynamic: the swap modes cannot run "
+                             "on the static engine, so all compare on one engine; mixed-static adds the static one)")
     parser.add_argument("--output", help="also write the rows as JSON here")
     parser.add_argument("--kernels", action="store_true",
                         help="instead: time one forward of 32 rows through PEFT's adapter_names path and the stacked path")
@@ -102,12 +108,14 @@ def make_models(args, folder: Path) -> tuple[str, list[tuple[str, str]], str]:
 
 
 def start_server(args, base: str, adapters, mode: str, port: int):
-    """``mode``: mixed, swap, or swap-per-request (swap with --max-batch 1: merge, one request, unmerge)."""
-    max_batch = 1 if mode == "swap-per-request" else args.max_batch
+    """``mode``: an ``--adapter-mode`` (mixed, swap, swap-per-request), or ``mixed-static``: mixed on the
+    static-cache engine (``--engine static``)."""
+    adapter_mode, engine = ("mixed", "static") if mode == "mixed-static" else (mode, args.engine)
     command = [sys.executable, "-m", "alignkit.cli", "serve", "--model", base, "--served-model-name", "base",
-               "--port", str(port), "--device", args.device, "--max-batch", str(max_batch),
+               "--port", str(port), "--device", args.device, "--max-batch", str(args.max_batch),
                "--max-wait-ms", str(args.max_wait_ms), "--max-queue", "1024", "--log-level", "warning",
-               "--adapter-mode", "mixed" if mode == "mixed" else "swap"] + [item for name, path in adapters for item in ("--adapter", f"{name}={path}")]
+               "--adapter-mode", adapter_mode, "--engine", engine]
+    command += [item for name, path in adapters for item in ("--adapter", f"{name}={path}")]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -243,9 +251,10 @@ def main(argv=None) -> int:
                     run_cell(servers[mode][1], [name], 1, 1, 2)
             samples: dict[tuple, list[dict]] = {}
             for repeat in range(args.repeats):
-                for count in counts:
-                    names = [name for name, _ in adapters[:count]]
-                    for concurrency in levels:
+                # adapter counts innermost: "16 adapters / 1 adapter" compares cells run back to back
+                for concurrency in levels:
+                    for count in counts:
+                        names = [name for name, _ in adapters[:count]]
                         total = max(args.min_requests, concurrency * args.requests_per_client)
                         for mode in (modes if repeat % 2 == 0 else modes[::-1]):
                             result = run_cell(servers[mode][1], names, concurrency, total, args.max_tokens)
@@ -260,7 +269,8 @@ def main(argv=None) -> int:
                 rows.append(row)
             for mode, (_, url) in servers.items():
                 stats = httpx.get(f"{url}/stats").json()
-                print(f"  {mode} server: {stats.get('mixed_adapter_forwards', 0)} mixed-adapter forwards, at most "
+                print(f"  {mode} server ({stats.get('engine', 'dynamic')} engine): "
+                      f"{stats.get('mixed_adapter_forwards', 0)} mixed-adapter forwards, at most "
                       f"{stats['max_adapters_in_forward']} adapters and {stats['max_rows_in_forward']} rows in one "
                       f"forward, {stats.get('adapter_merges', 0)} merges", flush=True)
         finally:
@@ -280,7 +290,8 @@ def print_table(rows: list[dict], counts: list[int], levels: list[int]) -> None:
     header = ["adapters", "concurrency"]
     for mode in modes:
         header += [f"{mode} req/s", f"{mode} tok/s", f"{mode} p50 / p95 s"]
-    header += [f"mixed / {m}" for m in others] + (["mixed / mixed with 1 adapter"] if "mixed" in modes else [])
+    mixing = [m for m in modes if m.startswith("mixed")]     # mixed, mixed-static: their own 1-adapter ratio
+    header += [f"mixed / {m}" for m in others] + [f"{m} / {m} with 1 adapter" for m in mixing]
     print("\n| " + " | ".join(header) + " |")
     print("|" + " ---: |" * len(header))
     for count in counts:
@@ -294,9 +305,9 @@ def print_table(rows: list[dict], counts: list[int], levels: list[int]) -> None:
             for mode in others:
                 other = table.get((mode, count, level))
                 cells.append(f"{mixed['tokens_per_s'] / other['tokens_per_s']:.2f}x" if mixed and other else "")
-            if "mixed" in modes:
-                single = table.get(("mixed", 1, level))
-                cells.append(f"{mixed['tokens_per_s'] / single['tokens_per_s']:.2f}x" if mixed and single else "")
+            for mode in mixing:
+                row, single = table.get((mode, count, level)), table.get((mode, 1, level))
+                cells.append(f"{row['tokens_per_s'] / single['tokens_per_s']:.2f}x" if row and single else "")
             print("| " + " | ".join(cells) + " |")
 
 

@@ -23,17 +23,20 @@ import yaml
 
 from alignkit import distributed
 from alignkit.cli import main as cli_main
+from alignkit.distributed import ParallelModel
 from alignkit.engine import Engine, TrainingDiverged
-from alignkit.seeding import seed_everything
 from alignkit.methods import get_method, load_job
 from alignkit.methods.base import run_job
 from alignkit.methods.sft import SFTRecipe
 from alignkit.rollout.hf import build_rollout_batch
 from alignkit.rollout.stops import stop_token_ids
-from tests.helpers import WORDS, make_tiny_model, make_tiny_tokenizer
+from alignkit.seeding import seed_everything
+from tests.helpers import WORDS, save_tiny_model
 
 STEPS = 3
 PRESETS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+# an SFT job with LoRA whose adapter is also saved merged (final-merged/)
+LORA_MERGED = {"rank": 4, "alpha": 8, "dropout": 0.0, "merge_on_save": True}
 
 
 # ----------------------------------------------------------------------------- assets
@@ -41,10 +44,8 @@ PRESETS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 def make_assets(folder: Path) -> None:
     """A tiny Llama + tokenizer and small data files whose rows have very different lengths."""
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tiny_tokenizer()
-    model = make_tiny_model(tokenizer)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
+    save_tiny_model(folder / "model")
+    save_tiny_model(folder / "model-tied", tie_word_embeddings=True)  # one parameter for input and output embeddings
     generator = torch.Generator().manual_seed(7)
 
     def text(n):
@@ -111,6 +112,11 @@ def job_file(assets: Path, method: str, run: str, **top) -> Path:
     return path
 
 
+def tied_model(assets: Path) -> dict:
+    """The ``model:`` section of a job on the tiny model whose output layer is its input embeddings."""
+    return {"name_or_path": str(assets / "model-tied"), "device": "cpu"}
+
+
 def count_yes(prompts, completions, **fields):
     return [c.count("yes") / 2 for c in completions]
 
@@ -136,8 +142,26 @@ class ScriptedSampler:
                                    tokenizer.pad_token_id, with_logprobs=with_logprobs)
 
 
+LOADED: dict[str, list[int]] = {}  # run -> [bytes of parameters with storage, bytes of all], before preparation
+_RUN = [""]
+
+
+def record_loading() -> None:
+    """Record, per run, how much of the model this process held when the engine prepared it: with
+    low-memory loading the main process holds all of it and the others nothing (meta parameters)."""
+    original = ParallelModel.__init__
+
+    def prepare(self, model, *args, **kwargs):
+        sizes = [(p.numel() * p.element_size(), p.is_meta) for p in model.parameters()]
+        LOADED[_RUN[0]] = [sum(n for n, meta in sizes if not meta), sum(n for n, _ in sizes)]
+        original(self, model, *args, **kwargs)
+
+    ParallelModel.__init__ = prepare
+
+
 def train(assets: Path, method: str, run: str, **top) -> dict:
     """Train the job (SFT through the command line, the others through `run_job`); the run's summary."""
+    _RUN[0] = run
     path = job_file(assets, method, run, **top)
     if method == "sft":
         code = cli_main(["train", str(path)])
@@ -215,10 +239,19 @@ def scenarios(assets: Path, suffix: str) -> dict:
                                                        "resume": True})
     seen["nan"] = fail_on_one_process(assets, "nan")
     seen["interrupt"] = fail_on_one_process(assets, "interrupt")
-    use_fsdp2()
-    for method in ("sft", "dpo", "grpo"):
+    use_fsdp2()  # the preset loads the weights on the main process only (fsdp_cpu_ram_efficient_loading)
+    for method in ("sft", "dpo", "grpo", "rm", "ppo"):
         train(assets, method, f"{method}-fsdp2-{suffix}",
-              training={"save_steps": 2, "eval_steps": STEPS if method != "grpo" else None})
+              training={"save_steps": 2, "eval_steps": STEPS if method not in ("grpo", "ppo") else None})
+    train(assets, "sft", f"sft-lora-fsdp2-{suffix}", lora=LORA_MERGED, training={"eval_steps": None})
+    train(assets, "sft", f"sft-tied-fsdp2-{suffix}", model=tied_model(assets), training={"eval_steps": None})
+    # full fine-tuning with a KL term: the frozen reference copy is sent whole to the other process
+    train(assets, "grpo", f"grpo-full-fsdp2-{suffix}", lora=None)
+    # the step-2 checkpoint of the FSDP2 SFT run resumed under FSDP2 (its model built empty again on the
+    # second process, then the checkpoint's whole weights and optimizer state loaded into the shards)
+    checkpoint = assets / "runs" / f"sft-fsdp2-{suffix}" / "checkpoints" / "step-0000002"
+    train(assets, "sft", f"sft-fsdp2-resumed-{suffix}", training={"resume": str(checkpoint), "eval_steps": None})
+    seen["loaded"] = LOADED
     return seen
 
 
@@ -251,6 +284,7 @@ def main(argv: list[str]) -> None:
     out = Path(argv[2])
     writes: list[str] = []
     audit_writes(assets / "runs", writes)
+    record_loading()
     seen = scenarios(assets, str(distributed.world_size()))
     report = {"rank": distributed.rank(), "processes": distributed.world_size(), "seen": seen, "writes": writes}
     out.mkdir(parents=True, exist_ok=True)

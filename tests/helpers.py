@@ -53,8 +53,10 @@ def make_tiny_tokenizer(chat_template: str | None = CHATML, vocab_size: int = 40
     return fast
 
 
-def make_tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0):
-    """A random Llama with a few layers whose vocabulary matches `tokenizer`."""
+def make_tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0,
+                    tie_word_embeddings: bool = False):
+    """A random Llama with a few layers whose vocabulary matches `tokenizer` (its output layer tied to the
+    input embeddings when asked, as in SmolLM2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -63,8 +65,16 @@ def make_tiny_model(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+def save_tiny_model(folder, tie_word_embeddings: bool = False):
+    """A tiny random model and its tokenizer saved as a model folder (what `from_pretrained` reads)."""
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_model(tokenizer, tie_word_embeddings=tie_word_embeddings).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

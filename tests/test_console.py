@@ -9,7 +9,7 @@ import torch
 from alignkit.cli import build_parser, main
 from alignkit.console import quiet_libraries
 from alignkit.generation import chat_generate_with_status, stream_chat
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import make_tiny_model, make_tiny_tokenizer, save_tiny_model
 
 CONVERSATION = [{"role": "user", "content": "what is the capital of france?"}]
 # a token of the tiny vocabulary that is a whole word with its leading space (so streaming flushes per word)
@@ -64,9 +64,7 @@ def test_finished_and_cut_off_replies():
 
 
 def test_generate_command_streams_and_marks_a_cut_off_reply(tmp_path, capsys):
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_tiny_model(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("> hello\n")

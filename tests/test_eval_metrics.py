@@ -11,17 +11,6 @@ from alignkit.evaluate.metrics import run_metrics
 from alignkit.evaluate.stats import pass_at_k, wilson_interval
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from two threads, and on a busy machine OpenMP's spinning makes each
-    small matmul up to 100x slower; restored afterwards for the rest of the suite."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 def write_jsonl(path, rows):

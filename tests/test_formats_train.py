@@ -5,11 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.data import (ChatExample, FatalDataError, TextExample, load_examples, tokenize_chat)
+from alignkit.data import (
+    ChatExample,
+    FatalDataError,
+    TextExample,
+    load_examples,
+    tokenize_chat,
+)
 from alignkit.data.templates import named_template
 from alignkit.methods import build_job
 from alignkit.methods.base import run_job
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import make_tiny_tokenizer, save_tiny_model
 
 FORMATS = Path(__file__).parent / "data" / "formats"
 
@@ -18,9 +24,7 @@ FORMATS = Path(__file__).parent / "data" / "formats"
 def model_folder(tmp_path_factory):
     """A tiny Llama and its ChatML tokenizer (whose template has no tool format), saved as a model folder."""
     folder = tmp_path_factory.mktemp("tiny-model")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model(folder)
     return folder
 
 

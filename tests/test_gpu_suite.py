@@ -100,6 +100,14 @@ def test_dry_run_measurements_match_what_the_sizes_imply(dry_run):
     dpo = next(row for row in steps["dpo_vs_trl"]["tables"]["dpo"] if row["trainer"] == "alignkit")
     assert dpo["pairs"] == sizes["dpo_vs_trl"]["pairs"]
     assert dpo["steps"] == sizes["dpo_vs_trl"]["pairs"] // sizes["dpo_vs_trl"]["batch_size"]
+    # serve_static: on CPU in float32 the server's two engines give the same greedy tokens, adapters mixed
+    served = steps["serve_static"]["tables"]
+    assert served["greedy agreement"][0]["identical_requests"] == sizes["serve_static"]["requests"]
+    assert [row["engine"] for row in served["engines"]] == ["dynamic", "static"]
+    assert all(row["max_adapters_in_forward"] == 3 and row["finished_errors"] == 0 for row in served["engines"])
+    swap = served["against swapping"][0]   # the baseline: one merge per request (2 of 3 use an adapter)
+    assert swap["requests"] == sizes["serve_static"]["swap_requests"] and swap["merges"] == 2
+    assert swap["mixed_over_swap"] == pytest.approx(swap["mixed_tokens_per_s"] / swap["tokens_per_s"])
 
 
 def test_dry_run_writes_markdown_and_the_full_log(dry_run):

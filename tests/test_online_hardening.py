@@ -9,7 +9,7 @@ from alignkit.data import PromptExample
 from alignkit.methods import build_job
 from alignkit.methods.grpo import GRPORecipe
 from alignkit.rewards import CombinedReward
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import save_tiny_model
 
 SHORT = [PromptExample(prompt=[{"role": "user", "content": word}], fields={}, source=f"mem:{i}")
          for i, word in enumerate("hello cat dog red".split())]
@@ -52,9 +52,7 @@ def test_the_default_max_length_bounds_prompts_unless_thinking_needs_more():
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny_model(root / "tiny")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": w, "answer": "yes"}) + "\n"
                                                 for w in "hello cat dog red one two".split()))
     (root / "reward.py").write_text(

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from alignkit.pipeline import PipelineError, State, load_pipeline, plan, run_pipeline
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = [("what is the capital of france?", "paris", "rome"), ("what is the capital of italy?", "rome", "paris"),
@@ -23,9 +23,7 @@ QUESTIONS = [("what is the capital of france?", "paris", "rome"), ("what is the 
 def workspace(tmp_path, monkeypatch):
     """A tiny model folder, SFT rows and preference pairs, and the pipeline file writer."""
     monkeypatch.chdir(tmp_path)
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_model(tmp_path / "tiny")
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n"
                                                 for q, a, _ in QUESTIONS * 2))
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": r}) + "\n"

@@ -8,9 +8,18 @@ import textwrap
 import pytest
 import torch
 
-from alignkit.model import EMBEDDED_MODEL, add_lora, load_model_and_tokenizer, save_model
-from alignkit.model.load import EMBEDDED_PUBLIC_ID, embedded_model_dir, _locate_embedded_gguf
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from alignkit.model import (
+    EMBEDDED_MODEL,
+    add_lora,
+    load_model_and_tokenizer,
+    save_model,
+)
+from alignkit.model.load import (
+    EMBEDDED_PUBLIC_ID,
+    _locate_embedded_gguf,
+    embedded_model_dir,
+)
+from tests.helpers import save_tiny_model
 
 TEXT = "what is the capital of france? paris"
 
@@ -49,9 +58,7 @@ def _alignkit_logits(adapter_folder, token_ids) -> torch.Tensor:
 
 
 def test_a_saved_adapter_loads_with_plain_peft_and_gives_alignkit_logits(tmp_path):
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+    save_tiny_model(tmp_path / "base")
     model, tokenizer = load_model_and_tokenizer(tmp_path / "base", device="cpu", dtype="float32")
     model = add_lora(model, rank=4)
     _randomize_adapter(model)

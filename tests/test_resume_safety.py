@@ -148,12 +148,10 @@ def test_sigterm_to_the_cli_saves_a_checkpoint_and_exits_143(tmp_path, capsys):
     import time
 
     from alignkit.cli import main
-    from tests.helpers import make_tiny_model, make_tiny_tokenizer
+    from tests.helpers import save_tiny_model
     from tests.test_sft import ROWS
 
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_model(tmp_path / "tiny")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS * 4))
     run = tmp_path / "run"
 

@@ -11,17 +11,20 @@ import yaml
 from alignkit.cli import main
 from alignkit.methods import load_job
 from alignkit.methods.base import run_job
-from alignkit.run_folder import LOCK_NAME, RunFolderError, RunLock, training_path_differences
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from alignkit.run_folder import (
+    LOCK_NAME,
+    RunFolderError,
+    RunLock,
+    training_path_differences,
+)
+from tests.helpers import save_tiny_model
 from tests.test_sft import ROWS
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny_model(root / "tiny")
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS * 4))
     return root

@@ -8,7 +8,7 @@ import torch
 
 from alignkit.methods import load_job
 from alignkit.methods.base import run_job
-from tests.helpers import make_tiny_model, make_tiny_tokenizer
+from tests.helpers import save_tiny_model
 from tests.test_sft import ROWS
 
 PAIRS = [{"prompt": "what is the capital of france?", "chosen": "paris", "rejected": "rome"},
@@ -20,9 +20,7 @@ PAIRS = [{"prompt": "what is the capital of france?", "chosen": "paris", "reject
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_model(tokenizer).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny_model(root / "tiny")
     (root / "chat.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS * 4))
     (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PAIRS * 4))
     return root

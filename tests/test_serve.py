@@ -523,9 +523,10 @@ def test_requests_joining_a_running_batch_still_equal_offline(files):
         assert replies[name].strip() == _offline(files, name, conversations[name])[1], name
 
 
-def test_swap_mode_merges_one_adapter_at_a_time_and_gives_the_same_replies(files):
+@pytest.mark.parametrize("mode", ["swap", "swap-per-request"])
+def test_swap_modes_merge_one_adapter_at_a_time_and_give_the_same_replies(files, mode):
     state = build_state(str(files["base"]), adapters=[("one", str(files["one"])), ("two", str(files["two"]))],
-                        device="cpu", max_wait_ms=100, served_model_name="base", mode="swap")
+                        device="cpu", max_wait_ms=100, served_model_name="base", mode=mode)
     with BackgroundServer(state) as running:
         client = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0)
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -534,7 +535,17 @@ def test_swap_mode_merges_one_adapter_at_a_time_and_gives_the_same_replies(files
                                                             max_tokens=24).choices[0].message.content,
                 ["base", "one", "two"])))
         stats = _stats(running)
+        # a second request for the same adapter, after the first is done
+        again = client.chat.completions.create(model="one", messages=CONVERSATION, temperature=0, max_tokens=24)
+        assert again.choices[0].message.content == replies["one"]
+        after = _stats(running)
     assert stats["max_adapters_in_forward"] == 1 and stats["adapter_merges"] >= 2
+    if mode == "swap-per-request":
+        # one request per merge, unmerged after each: "one" is merged again for the second request,
+        # and no forward ever held rows of two requests
+        assert stats["adapter_merges"] == 2 and stats["adapter_unmerges"] == 2
+        assert after["adapter_merges"] == 3 and after["adapter_unmerges"] == 3
+        assert after["max_rows_in_forward"] == 1
     for name, text in replies.items():
         assert text.strip() == _offline(files, None if name == "base" else name)[1], name
     # every merge was undone: the base weights are the base's again

@@ -51,9 +51,14 @@ def register(subparsers) -> None:
     policy.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     policy.add_argument("--default-max-tokens", type=int, default=512,
                         help="max_tokens of a chat request that gives none (default 512, within the context)")
-    policy.add_argument("--adapter-mode", choices=["mixed", "swap"], default="mixed",
-                        help="mixed: adapters share every forward (default); swap: merge one adapter at a time "
-                             "(the benchmark's comparison point)")
+    policy.add_argument("--adapter-mode", choices=["mixed", "swap", "swap-per-request"], default="mixed",
+                        help="mixed: adapters share every forward (default); swap: merge one adapter at a time and "
+                             "batch its requests; swap-per-request: merge, run one request, unmerge (the "
+                             "benchmark's comparison points)")
+    policy.add_argument("--engine", choices=["auto", "dynamic", "static"], default="auto",
+                        help="decoding engine: static (pre-allocated key/value cache, CUDA-graph decode steps), "
+                             "dynamic (transformers' forward with a growing cache); auto: static on CUDA when the "
+                             "model supports it, else dynamic")
     parser.add_argument("--backend", choices=["alignkit", "vllm"], default="alignkit",
                         help="alignkit: this server (CPU or GPU); vllm: start vLLM's OpenAI server instead (GPU)")
     parser.add_argument("--print-command", action="store_true", help="with --backend vllm: print the command and exit")
@@ -88,10 +93,11 @@ def run(args) -> int:
         return 0 if args.print_command else launch(argv, environment)
     state = build_state(args.model, adapters, rewards, args.served_model_name, args.device, args.dtype,
                         args.max_batch, args.max_wait_ms, args.max_queue, args.max_model_len, args.default_max_tokens,
-                        args.request_timeout, api_key, args.lora_root, args.allow_other_base, args.adapter_mode)
+                        args.request_timeout, api_key, args.lora_root, args.allow_other_base, args.adapter_mode,
+                        engine=args.engine)
     names = ", ".join(state.registry.model_names() + list(state.reward_models))
     print(f"[alignkit] serving {names} at http://{args.host}:{args.port}/v1 (max batch {args.max_batch}, "
-          f"max wait {args.max_wait_ms:g} ms{', API key required' if api_key else ''}"
+          f"max wait {args.max_wait_ms:g} ms, {state.scheduler.engine} engine{', API key required' if api_key else ''}"
           f"{', run-time adapters from ' + state.lora_root if state.lora_root else ''})", file=sys.stderr)
     run_server(state, args.host, args.port, args.log_level)
     return 0

@@ -31,6 +31,7 @@ from alignkit.model import (
     load_model_and_tokenizer,
     load_tokenizer,
     merge_adapter,
+    unwrap,
 )
 from alignkit.run_folder import RunFolder
 from alignkit.seeding import seed_everything
@@ -50,14 +51,18 @@ def build_policy(job: Job, saved_adapter: Literal["continue", "merge"] = "contin
     device = job.model.device
     if device == "auto":  # under a launcher: this process's device (cuda:<local rank>), else the default
         device = distributed.device()
-    model, tokenizer = load_model_and_tokenizer(
-        job.model.name_or_path,
-        device=None if device == "auto" else device,
-        dtype=None if job.model.dtype == "auto" else job.model.dtype,
-        trust_remote_code=job.model.trust_remote_code,
-        adapter=job.model.adapter,
-        is_trainable=saved_adapter == "continue",
-    )
+    options = {"device": None if device == "auto" else device,
+               "dtype": None if job.model.dtype == "auto" else job.model.dtype,
+               "trust_remote_code": job.model.trust_remote_code, "adapter": job.model.adapter,
+               "is_trainable": saved_adapter == "continue"}
+    if distributed.low_memory_loading():  # only the main process reads the weights; the others build it empty
+        main = distributed.is_main_process()
+        model, tokenizer = load_model_and_tokenizer(job.model.name_or_path, **options) if main else (None, None)
+        config = distributed.broadcast_object(unwrap(model).config if main else None)
+        if not main:
+            model, tokenizer = load_model_and_tokenizer(job.model.name_or_path, empty_from=config, **options)
+    else:
+        model, tokenizer = load_model_and_tokenizer(job.model.name_or_path, **options)
     if is_peft_model(model) and saved_adapter == "merge":
         model = merge_adapter(model)
     if job.lora is not None and job.lora.enabled and not is_peft_model(model):
@@ -262,7 +267,7 @@ def run_job(job: Job, recipe=None) -> dict[str, Any]:
     try:
         result = engine.train()
         final_dir = run_dir / "final"
-        with engine.parallel.saving():  # whole weights, even when FSDP2 shards them
+        with engine.parallel.saving(recipe):  # whole weights, even when FSDP2 shards them
             if main:
                 recipe.save_final(final_dir)
         distributed.barrier()

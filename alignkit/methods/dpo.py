@@ -174,7 +174,7 @@ class DPORecipe:
         model, tokenizer, self.train_pairs, self.validation_pairs, self.notes = preference_inputs(
             job, model, tokenizer, train, validation)
         self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
+        self.device = distributed.model_device(model)
         self.batch_size = job.training.batch_size
         self.schedule = pair_schedule(job, self.train_pairs)
         self.needs_reference = job.loss_type not in REFERENCE_FREE
@@ -236,7 +236,8 @@ class DPORecipe:
         miss each process computes its share of the pairs and the shares are gathered, so every
         process holds every pair's reference log-probs (a step may train on any of them) and the main
         process writes the cache."""
-        path = self.cache_path(reference)
+        # (decided by the main process: with low-memory loading only it holds the weights the key reads)
+        path = distributed.broadcast_object(self.cache_path(reference) if distributed.is_main_process() else None)
         cached, problem = None, None
         if distributed.is_main_process() and path.exists():
             try:
@@ -270,7 +271,10 @@ class DPORecipe:
         size = self.job.reference_batch_size or self.batch_size
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i]))  # similar lengths, less padding
         processes = distributed.world_size()
-        order = order[distributed.rank()::processes]  # this process's share: every N-th, lengths balanced
+        # this process's share: every N-th, lengths balanced; with low-memory loading only the main process
+        # holds the weights before FSDP2 shards them, and it computes every pair
+        sharers = 1 if distributed.low_memory_loading() else processes
+        order = order[distributed.rank()::sharers] if distributed.rank() < sharers else []
         sums = torch.zeros(len(pairs), 2, dtype=torch.float32)
         tokens: list[list[torch.Tensor]] = [[] for _ in pairs]
         progress = tqdm(total=len(order), desc=f"reference log-probs ({'validation' if per_token else 'train'})",

@@ -135,7 +135,7 @@ class KTORecipe(DPORecipe):
         model, tokenizer, train, validation, self.notes = policy_and_data(job, model, tokenizer, train, validation,
                                                                           kind="unpaired")
         self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
+        self.device = distributed.model_device(model)
         data = job.data
         self.train_pairs, self.train_labels, report = tokenize_unpaired(
             tokenizer, train, data.max_length, data.max_prompt_length, seed=data.seed)

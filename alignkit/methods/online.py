@@ -313,7 +313,7 @@ class OnlineRecipe:
                                                                           kind="prompt", saved_adapter="merge")
         self.policy, self.tokenizer = model, tokenizer
         self.model = model  # what the engine optimizes; PPO replaces it with actor + critic
-        self.device = next(model.parameters()).device
+        self.device = distributed.model_device(model)
         if not train:
             raise UsageError("no training prompts")
         distributed.check_split(job.prompts_per_step, "prompt groups", f"prompts_per_step {job.prompts_per_step}")

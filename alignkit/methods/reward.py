@@ -51,7 +51,7 @@ class RewardRecipe:
         if not isinstance(model, ScalarHeadModel):
             model = ScalarHeadModel(model, kind="reward")
         self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
+        self.device = distributed.model_device(model)
         self.batch_size = job.training.batch_size
         self.schedule = pair_schedule(job, self.train_pairs)
 

@@ -40,7 +40,7 @@ class SFTRecipe:
         model, tokenizer, train, validation, self.notes = policy_and_data(job, model, tokenizer, train, validation,
                                                                           kind="chat")
         self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
+        self.device = distributed.model_device(model)
         train_on = "assistant" if job.completion_only_loss else "all"
         self.train_rows, report = tokenize_dataset(tokenizer, train, job.data.max_length, train_on)
         self.notes.append(f"tokenized train: {report.summary()}")

@@ -9,6 +9,7 @@ from alignkit.model.load import (
                                  alignkit_home,
                                  default_device,
                                  default_dtype,
+                                 empty_model,
                                  ensure_embedded_model,
                                  load_adapter,
                                  load_model_and_tokenizer,
@@ -27,5 +28,5 @@ from alignkit.model.peft import (
 )
 
 __all__ = ["EMBEDDED_MODEL", "ModelLoadError", "add_lora", "alignkit_home", "count_parameters", "default_device",
-           "default_dtype", "ensure_embedded_model", "freeze", "is_peft_model", "load_adapter",
+           "default_dtype", "empty_model", "ensure_embedded_model", "freeze", "is_peft_model", "load_adapter",
            "load_model_and_tokenizer", "load_tokenizer", "merge_adapter", "resolve_dtype", "resolve_model", "save_model", "unwrap"]

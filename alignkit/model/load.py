@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers import __version__ as transformers_version
@@ -445,6 +446,17 @@ def _load_plain(source: ModelSource, dtype: torch.dtype, trust_remote_code: bool
     return _from_pretrained(source, dtype, trust_remote_code)
 
 
+def empty_model(config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The causal LM ``config`` describes with its parameters on the meta device: shapes, no storage,
+    nothing read (buffers such as rotary frequencies are real). What a process other than the main one
+    builds when only the main one loads the weights (`alignkit.distributed.low_memory_loading`)."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as loading does (tied input and output embeddings are one parameter)
+    _name_model(model, getattr(config, "name_or_path", "") or "")
+    return model
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike = EMBEDDED_MODEL,
     device: str | torch.device | None = None,
@@ -452,6 +464,7 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     adapter: str | os.PathLike | None = None,
     is_trainable: bool = False,
+    empty_from=None,
 ):
     """Load a causal LM and its tokenizer; see the module docstring for what ``name_or_path`` may be.
 
@@ -461,6 +474,10 @@ def load_model_and_tokenizer(
     `save_model` for a PEFT model: it is applied with ``peft.PeftModel.from_pretrained`` and its
     weights are trainable only when ``is_trainable``. A ``name_or_path`` that is itself an adapter
     folder loads its base model and then the adapter. The model is returned in eval mode.
+
+    ``empty_from`` (the configuration of the same model, as loaded elsewhere) reads no weights: the base
+    model is built from it on the meta device (`empty_model`); the tokenizer and any adapter are loaded
+    as usual (the adapter's parameters stay empty too).
     """
     device = torch.device(device if device is not None else default_device())
     torch_dtype = resolve_dtype(dtype, device)
@@ -480,14 +497,19 @@ def load_model_and_tokenizer(
             f"model '{name_or_path}': an adapter whose base is another adapter is not supported; "
             "merge the first adapter (save_model(..., merge=True)) and train on the merged model"
         )
-    model, tokenizer = _load_plain(source, torch_dtype, trust_remote_code)
+    if empty_from is not None:
+        model = empty_model(empty_from, torch_dtype, trust_remote_code)
+        tokenizer = load_tokenizer(source.name if source.kind == "embedded" else source.location, trust_remote_code)
+    else:
+        model, tokenizer = _load_plain(source, torch_dtype, trust_remote_code)
     if adapter_dirs:
         adapter_tokenizer = Path(adapter_dirs[0]) / "tokenizer_config.json"
         if adapter_tokenizer.is_file():
 
             tokenizer = AutoTokenizer.from_pretrained(adapter_dirs[0], trust_remote_code=trust_remote_code)
         adapter = adapter_dirs[0]
-    model.to(device)
+    if empty_from is None:  # (an empty model's buffers are moved when FSDP2 fills it)
+        model.to(device)
     if adapter is not None:
         model = load_adapter(model, adapter, is_trainable=is_trainable)
     model.eval()

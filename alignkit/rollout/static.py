@@ -91,7 +91,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
-class _Unsupported(Exception):
+class UnsupportedModel(Exception):
     """The static engine cannot reproduce this model exactly; the message says why."""
 
 
@@ -104,7 +104,7 @@ def _rope_settings(config) -> dict:
     parameters = getattr(config, "rope_parameters", None)
     if isinstance(parameters, dict) and parameters:
         if "rope_type" not in parameters and "type" not in parameters:
-            raise _Unsupported("per-layer-type rope parameters")
+            raise UnsupportedModel("per-layer-type rope parameters")
         settings = dict(parameters)
     else:
         settings = dict(getattr(config, "rope_scaling", None) or {})
@@ -120,7 +120,7 @@ def unsupported_reason(model) -> str | None:
     """
     try:
         _check_structure(model)
-    except _Unsupported as error:
+    except UnsupportedModel as error:
         return str(error)
     return None
 
@@ -135,36 +135,36 @@ def _check_structure(model) -> None:
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise _Unsupported(f"model type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise UnsupportedModel(f"model type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise _Unsupported(f"hidden_act {config.hidden_act!r} (only silu)")
+        raise UnsupportedModel(f"hidden_act {config.hidden_act!r} (only silu)")
     rope = _rope_settings(config)
     if rope["rope_type"] not in STATIC_ROPE_TYPES:
-        raise _Unsupported(f"rope type {rope['rope_type']!r} (supported: {', '.join(STATIC_ROPE_TYPES)})")
+        raise UnsupportedModel(f"rope type {rope['rope_type']!r} (supported: {', '.join(STATIC_ROPE_TYPES)})")
     if rope["rope_type"] == "default" and rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _Unsupported("partial rotary embeddings")
+        raise UnsupportedModel("partial rotary embeddings")
     if getattr(base, "hf_quantizer", None) is not None or getattr(base, "is_quantized", False):
-        raise _Unsupported("quantized weights")
+        raise UnsupportedModel("quantized weights")
     devices = {parameter.device for parameter in base.parameters()}
     if len(devices) != 1:
-        raise _Unsupported("parameters spread over several devices")
+        raise UnsupportedModel("parameters spread over several devices")
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and any(kind not in ("full_attention", "sliding_attention")
                                        for kind in layer_types):
-        raise _Unsupported(f"layer types {sorted(set(layer_types))}")
+        raise UnsupportedModel(f"layer types {sorted(set(layer_types))}")
     decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "embed_tokens"):
-        raise _Unsupported(f"cannot find the decoder layers of {type(base).__name__}")
+        raise UnsupportedModel(f"cannot find the decoder layers of {type(base).__name__}")
     for module in model.modules():  # PEFT layers we cannot turn into plain weights
         if hasattr(module, "lora_A") or hasattr(module, "lora_embedding_A"):
             if getattr(module, "lora_variant", None) and any(
                     name in module.lora_variant for name in _active(module)):
-                raise _Unsupported("a LoRA variant (e.g. DoRA) is active")
+                raise UnsupportedModel("a LoRA variant (e.g. DoRA) is active")
             if getattr(module, "merged", False) and getattr(module, "disable_adapters", False):
-                raise _Unsupported("adapters both merged and disabled")
+                raise UnsupportedModel("adapters both merged and disabled")
         elif (type(module).__module__.startswith("peft.") and not hasattr(module, "modules_to_save")
               and (hasattr(module, "base_layer") or hasattr(module, "original_module"))):
-            raise _Unsupported(f"PEFT layer {type(module).__name__} (only LoRA and modules_to_save)")
+            raise UnsupportedModel(f"PEFT layer {type(module).__name__} (only LoRA and modules_to_save)")
 
 
 def _active(module) -> list[str]:
@@ -207,7 +207,7 @@ def _module_weights(module, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
         return weight.to(dtype), (None if bias32 is None else bias32.to(dtype))
     weight = getattr(module, "weight", None)
     if weight is None or type(module).__module__.startswith("peft."):
-        raise _Unsupported(f"cannot read the weights of {type(module).__name__}")
+        raise UnsupportedModel(f"cannot read the weights of {type(module).__name__}")
     return weight.detach(), (None if getattr(module, "bias", None) is None else module.bias.detach())
 
 
@@ -237,7 +237,7 @@ class _LayerWeights:
 
 
 @dataclass
-class _Weights:
+class DecoderWeights:
     embed: Tensor
     layers: list[_LayerWeights]
     norm: Tensor
@@ -258,12 +258,12 @@ class _Weights:
 
 def _norm_weight(module) -> Tensor:
     if type(module).__module__.startswith("peft."):
-        raise _Unsupported(f"adapted norm layer {type(module).__name__}")
+        raise UnsupportedModel(f"adapted norm layer {type(module).__name__}")
     return module.weight.detach()
 
 
 @torch.no_grad()
-def _extract_weights(model) -> _Weights:
+def extract_weights(model) -> DecoderWeights:
     _check_structure(model)
     base = unwrap(model)
     config = base.config
@@ -299,7 +299,7 @@ def _extract_weights(model) -> _Weights:
             window=None if layer_window is None else int(layer_window),
         ))
     if layers and layers[0].q[0].shape[0] != heads * head_dim:
-        raise _Unsupported("q_proj shape does not match num_attention_heads * head_dim")
+        raise UnsupportedModel("q_proj shape does not match num_attention_heads * head_dim")
     rope = _rope_settings(config)
     if rope["rope_type"] == "default":
         theta = float(rope.get("rope_theta", 10000.0))
@@ -311,15 +311,15 @@ def _extract_weights(model) -> _Weights:
         if frequencies is None:
             frequencies = getattr(rotary, "inv_freq", None)
         if frequencies is None:
-            raise _Unsupported("cannot read the rotary embedding's inverse frequencies")
+            raise UnsupportedModel("cannot read the rotary embedding's inverse frequencies")
         inv_freq = frequencies.detach().float().clone()
         rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
     if inv_freq.numel() * 2 != head_dim:
-        raise _Unsupported("partial rotary embeddings")
+        raise UnsupportedModel("partial rotary embeddings")
     head_module = base.get_output_embeddings()
     if head_module is None:
-        raise _Unsupported("no output embedding")
-    return _Weights(
+        raise UnsupportedModel("no output embedding")
+    return DecoderWeights(
         embed=_module_weights(embed_module, dtype)[0], layers=layers,
         norm=_norm_weight(decoder.norm), head=_module_weights(head_module, dtype),
         eps=float(getattr(config, "rms_norm_eps", 1e-6)), heads=heads, kv_heads=kv_heads,
@@ -332,7 +332,7 @@ def _extract_weights(model) -> _Weights:
 # The forward pieces
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -342,7 +342,7 @@ def _linear(x: Tensor, weight_bias: tuple[Tensor, Tensor | None]) -> Tensor:
     return F.linear(x, weight_bias[0], weight_bias[1])
 
 
-def _rotary(positions: Tensor, weights: _Weights) -> tuple[Tensor, Tensor]:
+def apply_rotary(positions: Tensor, weights: DecoderWeights) -> tuple[Tensor, Tensor]:
     """cos, sin ``[rows, T, head_dim]`` for integer ``positions`` ``[rows, T]``."""
     angles = positions.float()[..., None] * weights.inv_freq
     angles = torch.cat((angles, angles), dim=-1)
@@ -359,19 +359,19 @@ def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean keep-mask -> additive mask (0 / -inf), built once per step instead of once per layer.
     Every query row keeps at least one key, so no softmax row is all -inf."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kv_heads: int) -> Tensor:
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kv_heads: int) -> Tensor:
     """Grouped-query attention without repeating keys/values.
 
     q ``[rows, heads, T, D]``, k/v ``[rows, kv_heads, S, D]``. The ``G = heads / kv_heads`` query
     heads that share a key/value head are laid out as extra query rows of that head
     (``[rows, kv_heads, G*T, D]``, row ``g*T + t``), so one plain attention call serves them all.
-    ``mask`` is additive, ``[rows, 1, G*T, S]`` (see `_tile_for_groups`) or, for ``T == 1``,
+    ``mask`` is additive, ``[rows, 1, G*T, S]`` (see `tile_for_groups`) or, for ``T == 1``,
     ``[rows, 1, 1, S]``. Returns ``[rows, T, heads * D]``.
     """
     rows, heads, length, dim = q.shape
@@ -380,20 +380,22 @@ def _grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, kv_heads: 
     return out.reshape(rows, heads, length, dim).transpose(1, 2).reshape(rows, length, heads * dim)
 
 
-def _tile_for_groups(mask: Tensor, group: int) -> Tensor:
-    """``[rows, 1, T, S]`` -> ``[rows, 1, G*T, S]`` to match `_grouped_attention`'s query layout."""
+def tile_for_groups(mask: Tensor, group: int) -> Tensor:
+    """``[rows, 1, T, S]`` -> ``[rows, 1, G*T, S]`` to match `grouped_attention`'s query layout."""
     return mask.repeat(1, 1, group, 1) if group > 1 and mask.shape[2] > 1 else mask
 
 
-def _mlp(x: Tensor, layer: _LayerWeights) -> Tensor:
-    return _linear(F.silu(_linear(x, layer.gate)) * _linear(x, layer.up), layer.down)
+def gated_mlp(x: Tensor, layer: _LayerWeights, linear=_linear) -> Tensor:
+    """``linear(x, weight_bias)`` applies one projection (the serving engine passes one that adds
+    each row's own LoRA, `alignkit.serve.static_engine`)."""
+    return linear(F.silu(linear(x, layer.gate)) * linear(x, layer.up), layer.down)
 
 
-def _project_qkv(x: Tensor, layer: _LayerWeights, weights: _Weights, cos: Tensor, sin: Tensor):
+def project_qkv(x: Tensor, layer: _LayerWeights, weights: DecoderWeights, cos: Tensor, sin: Tensor, linear=_linear):
     rows, length, _ = x.shape
-    q = _linear(x, layer.q).view(rows, length, weights.heads, weights.head_dim).transpose(1, 2)
-    k = _linear(x, layer.k).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
-    v = _linear(x, layer.v).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
+    q = linear(x, layer.q).view(rows, length, weights.heads, weights.head_dim).transpose(1, 2)
+    k = linear(x, layer.k).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
+    v = linear(x, layer.v).view(rows, length, weights.kv_heads, weights.head_dim).transpose(1, 2)
     return _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin), v
 
 
@@ -455,7 +457,7 @@ class _EagerReplay:
 class _Rollout:
     """Static buffers, prefill and the decode step of one `generate` call."""
 
-    def __init__(self, weights: _Weights, prompts: list[list[int]], group: int, max_new_tokens: int,
+    def __init__(self, weights: DecoderWeights, prompts: list[list[int]], group: int, max_new_tokens: int,
                  sampler: _Sampler, pad_id: int, eos_ids: list[int], generator: torch.Generator | None):
         self.w = weights
         self.sampler = sampler
@@ -507,7 +509,7 @@ class _Rollout:
         self.tokens.copy_(token)
 
     def _logits(self, hidden: Tensor) -> Tensor:
-        return _linear(_rms_norm(hidden, self.w.norm, self.w.eps), self.w.head).float()
+        return _linear(rms_norm(hidden, self.w.norm, self.w.eps), self.w.head).float()
 
     # ---- prefill: every distinct prompt once, keys/values copied to its `group` rows
     @torch.no_grad()
@@ -517,7 +519,7 @@ class _Rollout:
         prompts = tokens.shape[0]
         index = torch.arange(width, device=tokens.device)
         positions = (index[None, :] - pad[:, None]).clamp_min(0)
-        cos, sin = _rotary(positions, w)
+        cos, sin = apply_rotary(positions, w)
         query, key = index[:, None], index[None, :]
         base_mask = (key <= query)[None] & (key >= pad[:, None, None])           # [prompts, T, T]
         # padding queries attend to themselves only, so no row is empty (their outputs are unused)
@@ -529,15 +531,15 @@ class _Rollout:
                 mask = base_mask if layer.window is None else base_mask & (
                     (query - key < layer.window)[None] | torch.eye(width, dtype=torch.bool,
                                                                  device=tokens.device)[None])
-                masks[layer.window] = _tile_for_groups(_additive(mask[:, None], w.dtype),
+                masks[layer.window] = tile_for_groups(additive_mask(mask[:, None], w.dtype),
                                                        w.heads // w.kv_heads)
-            h = _rms_norm(x, layer.input_norm, w.eps)
-            q, k, v = _project_qkv(h, layer, w, cos, sin)
+            h = rms_norm(x, layer.input_norm, w.eps)
+            q, k, v = project_qkv(h, layer, w, cos, sin)
             for cache, new in ((self.keys[number], k), (self.values[number], v)):
                 cache.view(prompts, group, w.kv_heads, self.slots, w.head_dim)[..., :width, :].copy_(
                     new[:, None])
-            x = x + _linear(_grouped_attention(q, k, v, masks[layer.window], w.kv_heads), layer.o)
-            x = x + _mlp(_rms_norm(x, layer.post_norm, w.eps), layer)
+            x = x + _linear(grouped_attention(q, k, v, masks[layer.window], w.kv_heads), layer.o)
+            x = x + gated_mlp(rms_norm(x, layer.post_norm, w.eps), layer)
         logits = self._logits(x[:, -1]).repeat_interleave(group, dim=0)
         self.draw_noise()
         self._emit(logits, torch.zeros(1, dtype=torch.long, device=tokens.device))
@@ -547,22 +549,22 @@ class _Rollout:
         w = self.w
         slot = self.slot
         positions = (slot - self.pad)[:, None]                                   # [rows, 1]
-        cos, sin = _rotary(positions, w)
+        cos, sin = apply_rotary(positions, w)
         valid = (self.slot_range[None, :] >= self.pad[:, None]) & (self.slot_range[None, :] <= slot)
         masks = {}
         x = F.embedding(self.tokens, w.embed)[:, None]                          # [rows, 1, H]
         for number, layer in enumerate(w.layers):
             if layer.window not in masks:
                 mask = valid if layer.window is None else valid & (self.slot_range > slot - layer.window)[None]
-                masks[layer.window] = _additive(mask[:, None, None], w.dtype)     # [rows, 1, 1, S]
-            h = _rms_norm(x, layer.input_norm, w.eps)
-            q, k, v = _project_qkv(h, layer, w, cos, sin)
+                masks[layer.window] = additive_mask(mask[:, None, None], w.dtype)     # [rows, 1, 1, S]
+            h = rms_norm(x, layer.input_norm, w.eps)
+            q, k, v = project_qkv(h, layer, w, cos, sin)
             self.keys[number].index_copy_(2, slot, k)
             self.values[number].index_copy_(2, slot, v)
-            attended = _grouped_attention(q, self.keys[number], self.values[number],
+            attended = grouped_attention(q, self.keys[number], self.values[number],
                                           masks[layer.window], w.kv_heads)
             x = x + _linear(attended, layer.o)
-            x = x + _mlp(_rms_norm(x, layer.post_norm, w.eps), layer)
+            x = x + gated_mlp(rms_norm(x, layer.post_norm, w.eps), layer)
         self._emit(self._logits(x[:, 0]), self.step)
         self.slot.add_(1)
         self.step.add_(1)
@@ -696,8 +698,8 @@ class StaticCacheBackend:
         here (it is passed on to the fallback backend)."""
         _validate(prompt_ids, num_generations, params)
         try:
-            weights = _extract_weights(model)
-        except _Unsupported as error:
+            weights = extract_weights(model)
+        except UnsupportedModel as error:
             return self._fall_back(str(error), model, tokenizer, prompt_ids, num_generations, params, with_logprobs)
         try:
             return self._generate(weights, model, tokenizer, prompt_ids, num_generations, params)
@@ -708,7 +710,7 @@ class StaticCacheBackend:
                 torch.cuda.empty_cache()
 
     @torch.no_grad()
-    def _generate(self, weights: _Weights, model, tokenizer, prompt_ids, group, params) -> RolloutBatch:
+    def _generate(self, weights: DecoderWeights, model, tokenizer, prompt_ids, group, params) -> RolloutBatch:
         started = time.perf_counter()
         device = weights.device
         on_cuda = device.type == "cuda"

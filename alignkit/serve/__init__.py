@@ -12,7 +12,17 @@
 * `client` — `remote_reward_model`, a reward function that scores through ``/v1/score``.
 
 See docs/serving.md.
+
+The names below are imported when first used, so the scheduler and the engines
+(`alignkit.serve.engine`, `alignkit.serve.static_engine`) import without FastAPI (the GPU suite
+drives them directly on machines that have no web stack).
 """
-from alignkit.serve.server import BackgroundServer, build_state, run_server
+import importlib
 
 __all__ = ["BackgroundServer", "build_state", "run_server"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("alignkit.serve.server"), name)
+    raise AttributeError(f"module 'alignkit.serve' has no attribute {name!r}")

@@ -29,7 +29,7 @@ from peft import PeftModel
 
 from alignkit.errors import UserError
 from alignkit.model import ModelLoadError, is_peft_model, resolve_model
-from alignkit.serve import mixed_lora
+from alignkit.serve import mixed_lora, static_engine
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
 
@@ -89,6 +89,8 @@ class AdapterRegistry:
         self.lock = threading.Lock()
         self.mixed_kernel = "none"           # "alignkit" (mixed_lora), "peft" (adapter_names=) or "none"
         self.slots: dict[str, int] = {}      # adapter -> its index in mixed_lora's stacked weights (0 = none)
+        self.version = 0                     # changes whenever the adapters (and their stacked weights) change
+        self.static_engine = False           # set by the scheduler: refuse adapters the static engine cannot run
 
     # -------------------------------------------------------------- checks (any thread)
 
@@ -155,12 +157,20 @@ class AdapterRegistry:
                                status=400) from None
         self.model.eval()
         self._choose_kernel()
+        if self.static_engine:
+            reason = static_engine.unsupported_reason(self.model)
+            if reason is not None:
+                self._roll_back(name, wrapped_here)
+                self._choose_kernel()
+                raise AdapterError(f"adapter {name!r} ({folder}): the static engine cannot serve it ({reason}); "
+                                   "start the server with --engine dynamic to serve such adapters", status=400)
         info = AdapterInfo(name, str(folder), config.get("r"), created)
         with self.lock:
             self.adapters[name] = info
         return info
 
     def _choose_kernel(self) -> None:
+        self.version += 1
         if not is_peft_model(self.model):
             self.mixed_kernel = "none"
         elif mixed_lora.supports(self.model):

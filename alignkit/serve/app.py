@@ -138,6 +138,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/stats")
     async def stats():
         return {**state.scheduler.stats.snapshot(), **state.scheduler.load(), "mode": state.scheduler.mode,
+                "engine": state.scheduler.engine, **state.scheduler.engine_counters(),
                 "max_batch": state.scheduler.max_batch, "max_wait_ms": state.scheduler.max_wait_s * 1000,
                 "max_queue": state.scheduler.max_queue}
 

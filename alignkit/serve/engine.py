@@ -32,9 +32,15 @@ logits, before temperature and top-p), as vLLM and OpenAI report them.
 **Stopping** uses `alignkit.rollout.stops`: the stop tokens are `stop_token_ids` (EOS and chat
 end-of-turn markers), the reply's text ends before the first stop string (`cut_text_at_stop`).
 
-``mode="swap"`` is the comparison point for benchmarks: instead of mixing adapters, the worker
-merges one adapter into the base weights (``merge_adapter``), runs only that adapter's rows (new
-rows of the same adapter still join), and unmerges it before the next adapter's turn.
+Two comparison points for benchmarks replace the mixing:
+
+* ``mode="swap"``: the worker merges one adapter into the base weights (``merge_adapter``), runs
+  only that adapter's rows (every waiting row of that adapter is taken, and new ones still join),
+  and unmerges it before the next adapter's turn. It batches requests of one adapter, so it is the
+  stronger of the two baselines.
+* ``mode="swap-per-request"``: the literal "swap one adapter in per request": take the oldest
+  waiting request (all its rows: its ``n`` choices and prompts), merge its adapter, run that request
+  alone to its end (nothing joins), unmerge, and only then look at the next request.
 
 The worker is the only thread that touches the model; run-time adapter loads and unloads are
 handed to it (`run_exclusive`) and run between two steps.
@@ -59,10 +65,12 @@ from alignkit.model.forward import left_pad
 from alignkit.model.peft import is_peft_model, unwrap
 from alignkit.rollout.stops import cut_text_at_stop, stop_token_ids
 from alignkit.serve.mixed_lora import mixed_batch
+from alignkit.serve.static_engine import StaticSlotCache, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+ADAPTER_MODES = ("mixed", "swap", "swap-per-request")
 
 
 class QueueFull(Exception):
@@ -238,25 +246,45 @@ def sample_tokens(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     return chosen
 
 
+def choose_engine(requested: str, registry, mode: str, device: torch.device) -> str:
+    """The decoding engine to run: ``"dynamic"`` (transformers' forward, growing cache) or ``"static"``."""
+    if requested not in ("auto", "dynamic", "static"):
+        raise UsageError(f"--engine must be auto, dynamic or static, got {requested!r}")
+    if requested == "dynamic":
+        return "dynamic"
+    reason = (unsupported_reason(registry.model) if mode == "mixed"
+              else f"--adapter-mode {mode} merges adapters into the weights, which the static engine does not read")
+    if requested == "static":
+        if reason is not None:
+            raise UsageError(f"--engine static cannot serve this model: {reason}; use --engine dynamic")
+        return "static"
+    if device.type == "cuda" and reason is None:
+        return "static"
+    if device.type == "cuda":
+        logger.warning("serving with the dynamic engine: the static-cache engine does not apply (%s)", reason)
+    return "dynamic"
+
+
 class BatchScheduler:
     """Owns the model in one worker thread; see the module docstring for the policy.
 
     ``registry`` is an `alignkit.serve.adapters.AdapterRegistry` (the model, the tokenizer and the
     adapters). ``max_batch``: rows decoded together; ``max_wait_ms``: how long the first request of
     an idle server waits for company; ``max_queue``: waiting rows beyond which `submit` raises
-    `QueueFull`; ``mode``: ``"mixed"`` (default) or ``"swap"`` (merge one adapter at a time).
+    `QueueFull`; ``mode``: ``"mixed"`` (default), ``"swap"`` (merge one adapter at a time, batching
+    its requests) or ``"swap-per-request"`` (merge, run one request, unmerge).
     """
 
     def __init__(self, registry, max_batch: int = 32, max_wait_ms: float = 10.0, max_queue: int = 256,
-                 mode: str = "mixed"):
+                 mode: str = "mixed", engine: str = "auto"):
         if max_batch < 1:
             raise UsageError(f"--max-batch must be at least 1, got {max_batch}")
         if max_wait_ms < 0:
             raise UsageError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
         if max_queue < 1:
             raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
-        if mode not in ("mixed", "swap"):
-            raise UsageError(f"--adapter-mode must be 'mixed' or 'swap', got {mode!r}")
+        if mode not in ADAPTER_MODES:
+            raise UsageError(f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, got {mode!r}")
         self.registry = registry
         self.tokenizer = registry.tokenizer
         self.max_batch, self.max_wait_s, self.max_queue, self.mode = max_batch, max_wait_ms / 1000.0, max_queue, mode
@@ -271,6 +299,9 @@ class BatchScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._device = next(registry.model.parameters()).device
+        self.engine = choose_engine(engine, registry, mode, self._device)
+        self._static = StaticSlotCache(registry, max_batch, self._device) if self.engine == "static" else None
+        registry.static_engine = self._static is not None   # run-time loads refuse what it cannot serve
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -309,6 +340,13 @@ class BatchScheduler:
         with self._condition:
             return any(row.adapter == name for row in list(self._waiting) + self._running.rows)
 
+    def engine_counters(self) -> dict:
+        """The static engine's graph captures, cache allocations and cache length (empty for dynamic)."""
+        if self._static is None:
+            return {}
+        return {f"static_{key}": value for key, value in
+                {**self._static.counters, "cache_length": self._static.length}.items()}
+
     def load(self) -> dict:
         """Rows running and waiting now."""
         with self._condition:
@@ -329,6 +367,7 @@ class BatchScheduler:
                 self._admit()
                 if self._running.rows:
                     self._decode()
+                self._after_step()
             except Exception as error:  # a failed forward fails its rows, never the server
                 logger.exception("generation step failed")
                 self._fail_running(f"{type(error).__name__}: {error}")
@@ -350,8 +389,8 @@ class BatchScheduler:
                 except BaseException as error:  # noqa: BLE001 - handed to the caller
                     future.set_exception(error)
 
-    def _take_waiting(self, limit: int, adapter: str | None = None, any_adapter: bool = True) -> list[Row]:
-        """Pop up to ``limit`` live waiting rows (only ``adapter``'s unless ``any_adapter``)."""
+    def _take_waiting(self, limit: int, accept: Callable[[Row], bool] | None = None) -> list[Row]:
+        """Pop up to ``limit`` live waiting rows (only those ``accept`` takes, when given)."""
         taken, kept = [], collections.deque()
         now = time.monotonic()
         with self._condition:
@@ -359,7 +398,7 @@ class BatchScheduler:
                 row = self._waiting.popleft()
                 if row.cancelled or (row.deadline is not None and now > row.deadline):
                     self._finish(row, "cancelled" if row.cancelled else "timeout")
-                elif len(taken) < limit and (any_adapter or row.adapter == adapter):
+                elif len(taken) < limit and (accept is None or accept(row)):
                     taken.append(row)
                 else:
                     kept.append(row)
@@ -369,6 +408,9 @@ class BatchScheduler:
     def _admit(self) -> None:
         room = self.max_batch - len(self._running)
         if room <= 0:
+            return
+        if self.mode == "swap-per-request":
+            self._admit_one_request()
             return
         if not self._running.rows:
             with self._condition:
@@ -383,11 +425,31 @@ class BatchScheduler:
                     adapter = self._waiting[0].adapter if self._waiting else None
                 self._swap_to(adapter)
         if self.mode == "swap":
-            rows = self._take_waiting(room, self._merged, any_adapter=False)
+            merged = self._merged
+            rows = self._take_waiting(room, lambda row: row.adapter == merged)
         else:
             rows = self._take_waiting(room)
         if rows:
             self._prefill(rows)
+
+    def _admit_one_request(self) -> None:
+        """swap-per-request: when the previous request is done, merge the next one's adapter and run it
+        alone (all its rows, at most ``max_batch``); `_after_step` unmerges when it is finished."""
+        if self._running.rows:
+            return
+        with self._condition:
+            first = next((row for row in self._waiting if not row.cancelled), None)
+        if first is None:
+            self._take_waiting(0)          # drops cancelled / timed-out rows
+            return
+        self._swap_to(first.adapter)
+        rows = self._take_waiting(self.max_batch, lambda row: row.sink is first.sink)
+        if rows:
+            self._prefill(rows)
+
+    def _after_step(self) -> None:
+        if self.mode == "swap-per-request" and not self._running.rows and self._merged is not None:
+            self._swap_to(None)
 
     def _swap_to(self, adapter: str | None) -> None:
         model = self.registry.model
@@ -396,24 +458,28 @@ class BatchScheduler:
         if self._merged is not None:
             model.unmerge_adapter()
             self._merged = None
+            self.stats.add("adapter_unmerges")
         if adapter is not None:
             model.merge_adapter(adapter_names=[adapter])
             self._merged = adapter
             self.stats.add("adapter_merges")
 
     def _forward(self, kind: str, rows: list[Row], **inputs) -> torch.Tensor:
-        model = self.registry.model
+        """One forward of the dynamic engine (transformers' model, ``DynamicCache``)."""
         names = [row.adapter_name for row in rows]
-        self.stats.forward(kind, names)
+        return self._timed(kind, rows, self._model_forward, self.registry.model, rows, names, **inputs)
+
+    def _timed(self, kind: str, rows: list[Row], function: Callable, *args, **kwargs) -> torch.Tensor:
+        self.stats.forward(kind, [row.adapter_name for row in rows])
         started = time.perf_counter()
         try:
-            return self._model_forward(model, rows, names, **inputs)
+            return function(*args, **kwargs)
         finally:
             self.stats.add_seconds(kind, time.perf_counter() - started)
 
     def _model_forward(self, model, rows: list[Row], names: list[str], **inputs) -> torch.Tensor:
         if is_peft_model(model):
-            if self.mode == "swap":
+            if self.mode != "mixed":   # swap modes: the adapter (if any) is merged into the weights
                 if self._merged is None:
                     with model.disable_adapter():
                         output = model(**inputs, use_cache=True, logits_to_keep=1)
@@ -444,6 +510,9 @@ class BatchScheduler:
             owner.append(unique.setdefault(key, len(unique)))
         firsts = {index: row for row, index in zip(reversed(rows), reversed(owner))}
         distinct = [firsts[i] for i in range(len(unique))]
+        if self._static is not None:
+            self._prefill_static(rows, distinct, owner)
+            return
         input_ids, attention = left_pad([row.prompt for row in distinct], self.pad_id)
         input_ids, attention = input_ids.to(self._device), attention.to(self._device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -463,8 +532,23 @@ class BatchScheduler:
         offset = len(self._running) - len(rows)
         self._emit(logits, list(range(offset, len(self._running))))
 
+    def _prefill_static(self, rows: list[Row], distinct: list[Row], owner: list[int]) -> None:
+        slots = [self.registry.slots.get(row.adapter, 0) if row.adapter is not None else 0 for row in distinct]
+        needed = max(len(row.prompt) + row.options.max_tokens for row in rows)
+        logits = self._timed("prefill", distinct, self._static.prefill, [row.prompt for row in distinct], slots,
+                             owner, self.pad_id, needed)
+        if self._running.rows:
+            self.stats.add("rows_joined_running_batch", len(rows))
+        offset = len(self._running)
+        self._running.rows.extend(rows)
+        self._emit(logits, list(range(offset, len(self._running))))
+
     def _decode(self) -> None:
         running = self._running
+        if self._static is not None:
+            logits = self._timed("decode", running.rows, self._static.decode, [row.tokens[-1] for row in running.rows])
+            self._emit(logits, list(range(len(running))))
+            return
         last = torch.tensor([[row.tokens[-1]] for row in running.rows], device=self._device)
         positions = running.mask.sum(dim=1, keepdim=True)
         running.mask = torch.cat([running.mask, running.mask.new_ones((len(running), 1))], dim=1)
@@ -509,8 +593,7 @@ class BatchScheduler:
             if row.finished:
                 done.add(indices[i])
         if done:
-            keep = [i for i in range(len(self._running)) if i not in done]
-            keep_rows(self._running, keep)
+            self._keep([i for i in range(len(self._running)) if i not in done])
         self.stats.add("tokens_generated", len(tokens))
         self.stats.add_seconds("sample", time.perf_counter() - started)
 
@@ -537,10 +620,20 @@ class BatchScheduler:
         row.sink(FinishEvent(row.choice, reason, list(row.tokens), text, message,
                              None if row.stream else row.events))
 
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the running rows at ``keep`` (and their cache rows)."""
+        if self._static is not None:
+            self._static.keep(keep)
+            self._running.rows = [self._running.rows[i] for i in keep]
+        else:
+            keep_rows(self._running, keep)
+
     def _fail_running(self, message: str) -> None:
         for row in self._running.rows:
             self._finish(row, "error", message)
         self._running = _Running()
+        if self._static is not None:
+            self._static.reset()
         if self._merged is not None:
             try:
                 self.registry.model.unmerge_adapter()
@@ -559,7 +652,7 @@ class BatchScheduler:
         if using:
             for i in using:
                 self._finish(self._running.rows[i], "error", f"adapter {name!r} was unloaded")
-            keep_rows(self._running, [i for i in range(len(self._running)) if i not in set(using)])
+            self._keep([i for i in range(len(self._running)) if i not in set(using)])
         if self._merged == name:
             self.registry.model.unmerge_adapter()
             self._merged = None

@@ -41,7 +41,7 @@ def build_state(model: str = "smollm2-135m-instruct", adapters: Iterable[tuple[s
                 max_wait_ms: float = 10.0, max_queue: int = 256, max_model_len: int | None = None,
                 default_max_tokens: int = 512, request_timeout: float = 600.0, api_key: str | None = None,
                 lora_root: str | None = None, allow_other_base: bool = False, mode: str = "mixed",
-                loaded: tuple | None = None) -> ServerState:
+                loaded: tuple | None = None, engine: str = "auto") -> ServerState:
     """Load the base model, its adapters and reward models; return the routes' `ServerState`.
 
     ``model`` may be a run's adapter folder: its base is served and the adapter is added under its
@@ -71,7 +71,8 @@ def build_state(model: str = "smollm2-135m-instruct", adapters: Iterable[tuple[s
         if max_model_len < 2:
             raise UsageError(f"--max-model-len must be at least 2, got {max_model_len}")
         context = min(context, max_model_len)
-    scheduler = BatchScheduler(registry, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, mode=mode)
+    scheduler = BatchScheduler(registry, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, mode=mode,
+                               engine=engine)
     rewards = {}
     for name, path in reward_models:
         if not NAME_PATTERN.match(name) or name in registry.model_names() or name in rewards:
