@@ -6,13 +6,18 @@ import pytest
 import torch
 
 from alignkit.evaluate.drift import (
+    CHECK_KINDS,
     DEFAULT_THRESHOLDS,
+    DriftMonitor,
     distinct_n,
+    drift_alarms,
     drift_report,
     length_stats,
     mean_entropy,
     refusal_rate,
+    repetition_rate,
     sample_kl,
+    text_statistics,
 )
 
 
@@ -135,3 +140,64 @@ def test_drift_report_accepts_metric_dicts_and_thresholds():
     with pytest.raises(ValueError, match="kl_limit"):
         drift_report(current, baseline, {"kl_limit": 3})
     assert DEFAULT_THRESHOLDS["kl"] == 10.0
+
+
+# ----------------------------------------------------------------------------- hacking alarms
+
+def test_repetition_rate_by_hand():
+    # "yes yes yes yes": trigrams (yes yes yes) x2 -> 1 - 1/2; "a b c d": 2 distinct trigrams -> 0
+    assert repetition_rate(["yes yes yes yes", "a b c d"]) == pytest.approx((0.5 + 0.0) / 2)
+    # token ids see repetition without spaces; a sequence shorter than n counts 0
+    assert repetition_rate([[7, 7, 7, 7, 7], [1, 2]]) == pytest.approx((1 - 1 / 3 + 0.0) / 2)
+    assert repetition_rate([torch.tensor([1, 2, 1, 2, 1, 2])], n=2) == pytest.approx(1 - 2 / 5)
+    assert repetition_rate([]) == 0.0
+    # different prompts with the same answer do not count (distinct-n would fall)
+    assert repetition_rate(["the answer is 8"] * 5) == 0.0 and distinct_n(["the answer is 8"] * 5, 2) < 0.3
+
+
+def test_text_statistics_and_the_new_checks():
+    stats = text_statistics(["yes yes yes yes", "I cannot help"], [4, 3], truncated=[True, False])
+    assert stats["length"] == 3.5 and stats["truncated_share"] == 0.5 and stats["refusal_rate"] == 0.5
+    assert stats["repetition"] == pytest.approx(0.25)
+    baseline = {"truncated_share": 0.1, "repetition": 0.02, "length": 10.0}
+    alarms = drift_alarms({"truncated_share": 0.45, "repetition": 0.3, "length": 11.0}, baseline)
+    assert [a.check for a in alarms] == ["truncated_share_rise", "repetition_rise"]
+    assert all(a.kind == "hacking" for a in alarms)
+    assert alarms[0].value == 0.45 and alarms[0].baseline == 0.1 and alarms[0].threshold == 0.3
+    assert "45%" in alarms[0].message and "10%" in alarms[0].message
+    # at the thresholds exactly: no alarm (strictly above fires)
+    limits = {"truncated_share_rise": 0.25, "repetition_rise": 0.25}
+    assert drift_alarms({"truncated_share": 0.5, "repetition": 0.75}, {"truncated_share": 0.25, "repetition": 0.5},
+                        limits) == []
+    # collapse checks are marked as such
+    # collapse checks are marked as such: a policy answering "8" where it used to ramble is not hacking
+    collapse = drift_alarms({"entropy": 0.5, "distinct_2": 0.1, "length": 2.0},
+                            {"entropy": 2.0, "distinct_2": 0.8, "length": 9.0})
+    assert [(a.check, a.kind) for a in collapse] == [("entropy_ratio", "collapse"), ("length_ratio_low", "collapse"),
+                                                     ("distinct_2_ratio", "collapse")]
+    assert set(CHECK_KINDS) == set(DEFAULT_THRESHOLDS)
+
+
+def test_drift_monitor_baseline_patience_and_state():
+    monitor = DriftMonitor(patience=2)
+    calm = {"length": 10.0, "truncated_share": 0.1, "repetition": 0.0, "distinct_2": 0.9}
+    assert monitor.observe(1, calm) == []                       # rollout 1 is the baseline
+    assert monitor.observe(2, {**calm, "length": 25.0}) == []   # one long batch: holding, not fired
+    assert monitor.active == [] and monitor.metrics({**calm, "length": 25.0})["drift/length_ratio"] == 2.5
+    assert monitor.observe(3, calm) == []                       # the streak is broken
+    assert monitor.observe(4, {**calm, "length": 21.0}) == []
+    fired = monitor.observe(5, {**calm, "length": 30.0, "distinct_2": 0.1})
+    assert [a.check for a in fired] == ["length_ratio_high"]    # distinct-2 is a collapse check: not fired
+    assert monitor.fired[0]["step"] == 5 and monitor.fired[0]["rollout"] == 5
+    assert monitor.observe(6, {**calm, "length": 30.0}) == []   # fires once
+    assert monitor.active == ["length_ratio_high"] and monitor.metrics(calm)["drift/alarms"] == 1.0
+    copy = DriftMonitor(patience=2)
+    copy.load_state_dict(monitor.state_dict())
+    assert copy.observe(7, calm) == monitor.observe(7, calm) == [] and copy.active == monitor.active == []
+    # the collapse kind fires when asked; thresholds override
+    strict = DriftMonitor({"distinct_2_ratio": 0.5, "length_ratio_high": None}, patience=1,
+                          kinds=("hacking", "collapse"))
+    strict.observe(1, calm)
+    assert [a.check for a in strict.observe(2, {**calm, "length": 99.0, "distinct_2": 0.3})] == ["distinct_2_ratio"]
+    with pytest.raises(ValueError, match="lenght"):
+        DriftMonitor({"lenght": 2.0})

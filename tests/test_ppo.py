@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+from alignkit.data import PromptExample
 from alignkit.engine import Engine
+from alignkit.losses import whiten
 from alignkit.methods import build_job
 from alignkit.methods.ppo import PPORecipe
 from alignkit.rewards import CombinedReward
@@ -24,12 +26,23 @@ def make_recipe(job, model, tokenizer, **parts):
                      reward=CombinedReward([favour_yes]), **parts)
 
 
-def test_ppo_raises_the_reward_of_a_favoured_token(tmp_path, tiny_model, tiny_tokenizer):
-    job = make_job(tmp_path)
-    result = Engine(job.training, make_recipe(job, tiny_model, tiny_tokenizer), tmp_path / "run").train()
+def held_out_prompts():
+    """Prompts whose words never appear in the training prompts."""
+    return [PromptExample(prompt=[{"role": "user", "content": word}], fields={}, source=f"v:{i}")
+            for i, word in enumerate("bird fish green blue three four".split())]
+
+
+def test_ppo_raises_the_held_out_reward_of_a_favoured_token(tmp_path, tiny_model, tiny_tokenizer):
+    job = make_job(tmp_path, eval_max_prompts=6, training={"max_steps": 32, "eval_steps": 32})
+    recipe = PPORecipe(job, model=tiny_model, tokenizer=tiny_tokenizer, train=prompt_set(),
+                       validation=held_out_prompts(), reward=CombinedReward([favour_yes]))
+    result = Engine(job.training, recipe, tmp_path / "run").train()
+    start, end = result["eval_history"][0], result["eval_history"][-1]
+    assert start["step"] == 0 and end["step"] == 32
+    # greedy answers to unseen prompts: no 'yes' at the start, several at the end
+    assert start["eval/reward"] < 0.1 and end["eval/reward"] > start["eval/reward"] + 0.5, (start, end)
     rewards = [h["rollout/reward"] for h in result["history"]][::2]  # one value per rollout (2 epochs each)
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-2:]) / 2
-    assert last > first + 0.3 and last > 5 * max(first, 0.02), rewards
+    assert sum(rewards[-2:]) / 2 > sum(rewards[:3]) / 3 + 0.3, rewards
     step = result["history"][-1]
     for key in ("policy_loss", "value_loss", "rollout/explained_variance", "clip_fraction", "value_clip_fraction",
                 "entropy", "rollout/kl", "rollout/completion_length", "time/generation", "time/training"):
@@ -93,3 +106,45 @@ def test_shared_critic_runs_one_forward_and_saves_its_head(tmp_path, tiny_model,
     assert len(calls) == 1 and recipe.model.value_head.weight.grad is not None
     recipe.save_final(tmp_path / "final")
     assert (tmp_path / "final" / "value_head.safetensors").exists()
+
+
+def test_zero_value_head_places_the_score_at_the_last_token(tmp_path, tiny_model, tiny_tokenizer):
+    """V = 0 at the start, kl_coef = 0, gamma = 1: returns_t = lam^(L-1-t) * score, advantages = whitened returns;
+    with missing_eos_penalty a completion cut at the length limit scores (reward - penalty)."""
+    job = make_job(tmp_path, critic="shared", lam=0.9, missing_eos_penalty=0.5, training={"max_steps": 2})
+    recipe = make_recipe(job, tiny_model, tiny_tokenizer)
+    assert float(recipe.model.value_head.weight.abs().sum()) == 0.0
+    next(recipe.updates(0))
+    rollout = recipe.current
+    mask = rollout.completion_mask
+    assert bool(rollout.truncated.all())  # a random tiny model never says EOS within 8 tokens
+    assert float(rollout.per_token["values"].abs().sum()) == 0.0
+    length = int(mask[0].sum())
+    score = float(rollout.rewards[0]) - 0.5
+    expected = torch.tensor([0.9 ** (length - 1 - t) * score for t in range(length)])
+    assert torch.allclose(rollout.per_token["returns"][0, :length], expected, atol=1e-6)
+    assert torch.allclose(rollout.per_token["advantages"], whiten(rollout.per_token["returns"], mask), atol=1e-5)
+    assert rollout.metrics["rollout/value_mean"] == 0.0
+    normal = make_recipe(make_job(tmp_path, critic="shared", value_head_init="normal", training={"max_steps": 2}),
+                         tiny_model, tiny_tokenizer)
+    assert float(normal.model.value_head.weight.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_critic_warmup_leaves_the_actor_untouched(tmp_path, tiny_tokenizer, critic):
+    from tests.helpers import make_tiny_model
+
+    model = make_tiny_model(tiny_tokenizer)
+    job = make_job(tmp_path, critic=critic, critic_warmup_rollouts=1, ppo_epochs=2, training={"max_steps": 4})
+    recipe = make_recipe(job, model, tiny_tokenizer)
+    actor = {k: v.clone() for k, v in model.state_dict().items()}
+    critic_module = recipe.model.value_head if critic == "shared" else recipe.model.critic.head
+    head = critic_module.weight.detach().clone()
+    engine = Engine(job.training, recipe, tmp_path / "run")
+    engine.total_steps = 2  # the two optimizer steps of the first (warm-up) rollout
+    engine.train()
+    assert all(torch.equal(actor[k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(head, critic_module.weight.detach())
+    engine.total_steps = 4  # the second rollout trains the actor
+    engine.train()
+    assert any(not torch.equal(actor[k], v) for k, v in model.state_dict().items())

@@ -17,10 +17,11 @@ from alignkit.errors import UsageError
 from alignkit.evaluate.drift import (
     DEFAULT_REFUSAL_PATTERNS,
     distinct_n,
-    drift_report,
+    drift_alarms,
     length_stats,
     mean_entropy,
     refusal_rate,
+    repetition_rate,
     sample_kl,
 )
 from alignkit.evaluate.multiple_choice import (
@@ -463,12 +464,18 @@ def completion_logprobs(model, tokenizer, prompt_ids: list[list[int]], completio
     return (logps_out, entropy_out) if with_entropy else logps_out
 
 
-def _text_stats(texts: list[str], lengths: list[int], patterns, confidence: float, seed: int) -> dict[str, Any]:
+def _text_stats(texts: list[str], ids: list[list[int]], patterns, confidence: float, seed: int,
+                max_new_tokens: int) -> dict[str, Any]:
+    lengths = [len(row) for row in ids]
     patterns = tuple(patterns) if patterns else DEFAULT_REFUSAL_PATTERNS
     refusals = refusal_rate(texts, patterns)
     count = round(refusals * len(texts))
+    cut = sum(1 for length in lengths if length >= max_new_tokens)  # EOS is removed: a full-length row never ended
     return {"length": length_stats(lengths), "length_interval": _mean_interval(lengths, confidence, seed),
             "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+            "repetition": repetition_rate(ids, 3),
+            "truncated_share": cut / len(lengths) if lengths else math.nan,
+            "truncated_share_interval": list(wilson_interval(cut, len(lengths), confidence)) if lengths else [],
             "refusal_rate": refusals, "refusal_rate_interval": list(wilson_interval(count, len(texts), confidence))}
 
 
@@ -483,9 +490,12 @@ def drift(model, tokenizer, data: str, reference_model=None, drift_temperature: 
       k1 and k3 in nats per sequence, over completion tokens; the end-of-turn token is not counted);
       log-probs at temperature 1, so it is an estimate of the models' KL only when sampling at 1.0.
     * ``entropy``: mean token entropy of the policy on its samples; the reference's on its own.
-    * ``length`` (tokens), ``distinct_1``/``distinct_2``, ``refusal_rate`` (``refusal_patterns``, default
-      ``drift.DEFAULT_REFUSAL_PATTERNS``) for both models' samples.
-    * ``warnings``: ``drift.drift_report(policy, reference, drift_thresholds)`` sentences.
+    * ``length`` (tokens), ``truncated_share`` (cut at ``max_new_tokens``), ``repetition`` (repeated
+      trigrams within a completion), ``distinct_1``/``distinct_2``, ``refusal_rate`` (``refusal_patterns``,
+      default ``drift.DEFAULT_REFUSAL_PATTERNS``) for both models' samples.
+    * ``warnings``: the sentences of ``drift.drift_alarms(policy, reference, drift_thresholds)``;
+      ``alarms``: the hacking checks among them (a clean run should have none), ``collapse``: the
+      entropy / distinct-2 checks (expected on tasks with one right answer).
 
     The reference is ``reference_model`` (a name/path) or, for a LoRA policy, the base model with the
     adapter disabled.
@@ -529,13 +539,18 @@ def drift(model, tokenizer, data: str, reference_model=None, drift_temperature: 
     policy_texts, reference_texts = _decode(tokenizer, policy_ids), _decode(tokenizer, reference_ids)
     current = {"kl": kl, "kl_interval": _mean_interval(per_sequence_kl, confidence, seed),
                "entropy": mean_entropy(policy_entropy), "entropy_interval": entropy_interval(policy_entropy),
-               **_text_stats(policy_texts, [len(ids) for ids in policy_ids], refusal_patterns, confidence, seed)}
+               **_text_stats(policy_texts, policy_ids, refusal_patterns, confidence, seed,
+                             max_new_tokens)}
     baseline = {"entropy": mean_entropy(reference_entropy), "entropy_interval": entropy_interval(reference_entropy),
-                **_text_stats(reference_texts, [len(ids) for ids in reference_ids], refusal_patterns, confidence,
-                              seed)}
-    warnings = drift_report(current, baseline, drift_thresholds)
+                **_text_stats(reference_texts, reference_ids, refusal_patterns, confidence,
+                              seed, max_new_tokens)}
+    fired = drift_alarms(current, baseline, drift_thresholds)
     del reference
-    return {"policy": current, "reference": baseline, "warnings": warnings, "reference_model": reference_name,
+    return {"policy": current, "reference": baseline, "warnings": [alarm.message for alarm in fired],
+            "warning_kinds": [alarm.kind for alarm in fired],
+            "alarms": [alarm.check for alarm in fired if alarm.kind == "hacking"],
+            "collapse": [alarm.check for alarm in fired if alarm.kind == "collapse"],
+            "reference_model": reference_name,
             "n": len(examples), "temperature": float(drift_temperature), "max_new_tokens": max_new_tokens,
             "thresholds": drift_thresholds or {}, "seed": seed, "confidence": confidence,
             "mean_completion_tokens": float(np.mean([len(ids) for ids in policy_ids])) if policy_ids else math.nan,

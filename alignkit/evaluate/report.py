@@ -32,6 +32,8 @@ DRIFT_ROWS = (  # (label, key in the policy/reference dicts, inner key)
     ("mean length (tokens)", "length", "mean"),
     ("distinct-2", "distinct_2", None),
     ("refusal rate", "refusal_rate", None),
+    ("cut at the length limit", "truncated_share", None),
+    ("repeated trigrams in a completion", "repetition", None),
 )
 
 
@@ -106,10 +108,15 @@ def headline_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def collect_warnings(results: dict[str, Any]) -> list[str]:
+    """Every metric's warnings; drift's say whether each is a hacking alarm or a collapse warning."""
     warnings = []
     for metric, result in results.items():
         if isinstance(result, dict):
-            warnings += [f"{metric}: {w}" for w in result.get("warnings", []) or []]
+            texts = result.get("warnings", []) or []
+            kinds = result.get("warning_kinds") or [None] * len(texts)
+            for warning, kind in zip(texts, kinds):
+                label = {"hacking": " (hacking alarm)", "collapse": " (collapse warning)"}.get(kind, "")
+                warnings.append(f"{metric}{label}: {warning}")
     return warnings
 
 

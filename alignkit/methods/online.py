@@ -48,6 +48,7 @@ from alignkit import distributed
 from alignkit.config import ConfigError, Job, Section
 from alignkit.data import tokenize_prompt
 from alignkit.errors import UsageError
+from alignkit.evaluate.drift import DEFAULT_THRESHOLDS, DriftMonitor, text_statistics
 from alignkit.losses import masked_mean
 from alignkit.methods.base import policy_and_data
 from alignkit.model import resolve_model, save_model
@@ -105,6 +106,24 @@ class RewardTerm(Section):
         return self
 
 
+class DriftSection(Section):
+    """The training log's drift alarms (``alignkit.evaluate.drift.DriftMonitor``); see docs/online_rl.md."""
+
+    enabled: bool = True
+    thresholds: dict[str, float | None] = Field(
+        default_factory=dict, description=f"override a threshold (None disables it): {', '.join(DEFAULT_THRESHOLDS)}")
+    patience: int = Field(2, ge=1, description="consecutive rollouts a check must hold before its alarm fires")
+    baseline_rollouts: int = Field(1, ge=1, description="first rollouts averaged into the baseline")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known(cls, value: dict) -> dict:
+        unknown = sorted(set(value) - set(DEFAULT_THRESHOLDS))
+        if unknown:
+            raise ValueError(f"unknown drift threshold(s) {unknown}; known: {', '.join(DEFAULT_THRESHOLDS)}")
+        return value
+
+
 class OnlineJob(Job):
     """Keys GRPO and PPO share (sampling, rewards, prompts per rollout, thinking)."""
 
@@ -129,6 +148,7 @@ class OnlineJob(Job):
     logprob_chunk_size: int = Field(1024, gt=0)
     eval_max_prompts: int | None = Field(64, gt=0, description="validation prompts scored at each evaluation")
     eval_temperature: float = Field(0.0, ge=0, description="0: greedy answers at evaluation")
+    drift: DriftSection = Field(default_factory=DriftSection, description="reward-hacking alarms in the training log")
 
     @field_validator("thinking_level", mode="before")
     @classmethod
@@ -314,6 +334,9 @@ class OnlineRecipe:
         self.current: Rollout | None = None
         self.timings: dict[str, float] = {}
         self._yielded_at: float | None = None
+        self.monitor = DriftMonitor(job.drift.thresholds, job.drift.patience, job.drift.baseline_rollouts) \
+            if job.drift.enabled else None
+        self._drift_metrics: dict[str, float] = {}
         self.notes.append(f"rollout backend: {getattr(backend, 'name', type(backend).__name__)}; reward: {self.reward!r}")
 
     # -- what a subclass may change
@@ -414,10 +437,15 @@ class OnlineRecipe:
         layout = completion_layout(batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad)
         lengths = batch.completion_mask.sum(-1)
         metrics = {f"rollout/{k}": v for k, v in result.summary().items()}
+        token_ids = [row[:int(n)].tolist() for row, n in zip(batch.completion_ids, lengths)]
+        statistics = text_statistics(batch.texts, lengths, batch.truncated, token_ids)
         metrics.update({
-            "rollout/completion_length": float(lengths.mean()),
+            "rollout/completion_length": statistics["length"],
             "rollout/completion_length_max": float(lengths.max()) if len(lengths) else 0.0,
-            "rollout/truncated_share": float(batch.truncated.float().mean()),
+            "rollout/truncated_share": statistics["truncated_share"],
+            "rollout/repetition": statistics["repetition"],
+            "rollout/distinct_2": statistics["distinct_2"],
+            "rollout/refusal_rate": statistics["refusal_rate"],
         })
         self.timings = {"time/generation": generated - started, "time/reward": scored - generated}
         if result.error_messages:
@@ -525,6 +553,7 @@ class OnlineRecipe:
             fresh = self.current is None or self.current.index != index
             if fresh:
                 self.current = self.make_rollout(index)
+                self.observe_drift(step + 1, self.current)
             else:
                 self.timings = {}
             micro_batches = self.micro_batches(self.current, position)
@@ -532,8 +561,23 @@ class OnlineRecipe:
             yield micro_batches
             step += 1
 
+    def observe_drift(self, step: int, rollout: Rollout) -> None:
+        """Feed the rollout's statistics to the drift monitor; print and note the alarms that fire."""
+        if self.monitor is None:
+            return
+        keys = {"length": "completion_length", "truncated_share": "truncated_share", "repetition": "repetition",
+                "distinct_2": "distinct_2", "refusal_rate": "refusal_rate", "kl": "kl"}
+        statistics = {name: rollout.metrics[f"rollout/{key}"] for name, key in keys.items()
+                      if f"rollout/{key}" in rollout.metrics}
+        for alarm in self.monitor.observe(step, statistics):
+            line = f"drift alarm at step {step} (rollout {rollout.index + 1}): {alarm.message}"
+            print(f"[alignkit] {line}", flush=True)
+            self.notes.append(line)
+        self._drift_metrics = self.monitor.metrics(statistics)
+
     def on_step_end(self, step: int) -> dict[str, float]:
         metrics = dict(self.current.metrics) if self.current else {}
+        metrics.update(self._drift_metrics)
         metrics["time/generation"] = self.timings.get("time/generation", 0.0)
         metrics["time/reward"] = self.timings.get("time/reward", 0.0)
         metrics["time/reference"] = self.timings.get("time/reference", 0.0)
@@ -543,7 +587,8 @@ class OnlineRecipe:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"current": self.current.state() if self.current is not None else None}
+        return {"current": self.current.state() if self.current is not None else None,
+                "drift": self.monitor.state_dict() if self.monitor is not None else None}
 
     def final_notes(self) -> list[str]:
         """For the run report: how often each reward function (and judge endpoint) failed."""
@@ -552,6 +597,8 @@ class OnlineRecipe:
     def load_state_dict(self, state: dict) -> None:
         current = state.get("current")
         self.current = Rollout.from_state(current) if current is not None else None
+        if self.monitor is not None and state.get("drift"):
+            self.monitor.load_state_dict(state["drift"])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -6,7 +6,7 @@ functions), and the frozen reference (the starting policy). For one rollout batc
 
     sample completions o from the actor (no grad); keep their log-probs  logp_old_t
     V_t      = critic value of the state before token t          (no grad: old values)
-    score    = reward(prompt, o)                                  (one number per completion)
+    score    = reward(prompt, o)  - missing_eos_penalty * [o was cut at max_completion_length]
     r_t      = -kl_coef * (logp_old_t - logp_ref_t)  +  [t is the last token] * score
     A_t, R_t = GAE(r, V; gamma, lam);   A whitened over the batch (whiten_advantages)
     then ppo_epochs passes, each over num_mini_batches shuffled minibatches, one optimizer step each:
@@ -24,6 +24,15 @@ Simplifications chosen, and why:
 - Actor and critic are one module for the engine, so one optimizer and one learning rate update
   both; ``vf_coef`` sets their balance.
 - The reference is the actor with adapters disabled (LoRA) or a frozen copy (full weights).
+
+The value head starts at zero (``value_head_init: zeros``). A head drawn at random on a pretrained
+backbone gives values of a few units per token (SmolLM2-135M: up to ~3) against a 0/1 reward; GAE
+with lam < 1 does not cancel them, so the first advantages are mostly critic noise (explained variance
+-20 on the arithmetic task), and value clipping (``cliprange_value``, in reward units) lets the critic
+move only that much per rollout, so it never catches up in a short run. With a zero head the first
+advantages are the whitened returns (REINFORCE with a batch baseline) and the critic learns from there.
+``docs/online_rl.md`` has the measured ablations. ``critic_warmup_rollouts`` trains only the critic on
+the first rollouts (a shared head then reads detached hidden states, so the actor stays put).
 """
 from __future__ import annotations
 
@@ -67,6 +76,22 @@ class PPOJob(OnlineJob):
     num_mini_batches: int = Field(1, gt=0)
     whiten_advantages: bool = True
     loss_aggregation: Literal["token", "sequence"] = "token"
+    value_head_init: Literal["zeros", "normal"] = Field(
+        "zeros", description="a fresh value head starts at 0 (zeros) or random (normal, std 1/sqrt(hidden))")
+    critic_warmup_rollouts: int = Field(0, ge=0, description="first rollouts that train only the critic")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtracted from the score of a completion cut at max_completion_length")
+
+
+def initialise_value_head(head: torch.nn.Linear, how: str) -> None:
+    """``zeros``: V = 0 everywhere at the start, so the first advantages are the (whitened) returns
+    themselves; ``normal``: weights N(0, 1/(hidden + 1)), which on a pretrained backbone gives values
+    of a few units per token (measured on SmolLM2-135M: |V| up to ~3), noise far above a 0/1 reward."""
+    if how == "zeros":
+        torch.nn.init.zeros_(head.weight)
+    else:
+        torch.nn.init.normal_(head.weight, std=1.0 / (head.in_features + 1) ** 0.5)
+    torch.nn.init.zeros_(head.bias)
 
 
 class ActorCritic(torch.nn.Module):
@@ -92,10 +117,10 @@ class PPORecipe(OnlineRecipe):
         if critic is None and job.critic == "shared":
             hidden = self.policy.config.hidden_size
             value_head = torch.nn.Linear(hidden, 1, device=self.device, dtype=torch.float32)
-            torch.nn.init.normal_(value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            torch.nn.init.zeros_(value_head.bias)
+            initialise_value_head(value_head, job.value_head_init)
         elif critic is None and job.critic == "separate":
             critic = ScalarHeadModel(copy.deepcopy(self.policy), kind="critic")
+            initialise_value_head(critic.head, job.value_head_init)
         elif critic is None:
             critic, _ = load_scalar_model(job.critic, device=self.device, is_trainable=True)
             critic.kind = "critic"
@@ -122,8 +147,13 @@ class PPORecipe(OnlineRecipe):
             hidden = completion_hidden_states(self.policy, input_ids, attention_mask, position_ids, prompt_width, length)
         return self.model.value_head(hidden.float()).squeeze(-1)
 
+    def warming_up(self) -> bool:
+        """During the first ``critic_warmup_rollouts`` rollouts only the critic learns."""
+        return self.current is not None and self.current.index < self.job.critic_warmup_rollouts
+
     def _forward(self, batch: CompletionBatch):
-        """(logps, entropy, values) of a micro-batch; one decoder pass when the critic is shared."""
+        """(logps, entropy, values) of a micro-batch; one decoder pass when the critic is shared.
+        While the critic warms up, a shared value head reads detached hidden states (the actor stays put)."""
         length = batch.completion_mask.shape[1]
         args = (batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width, length)
         if self.model.critic is not None:
@@ -133,7 +163,7 @@ class PPORecipe(OnlineRecipe):
         targets = batch.input_ids[:, batch.prompt_width:batch.prompt_width + length]
         logps, entropy, _ = head_logprobs(self.policy, hidden, targets, self.logprob_temperature(),
                                           self.job.logprob_chunk_size, with_entropy=True)
-        return logps, entropy, self._values(*args, hidden=hidden)
+        return logps, entropy, self._values(*args, hidden=hidden.detach() if self.warming_up() else hidden)
 
     # -- the rollout
     @torch.no_grad()
@@ -158,6 +188,8 @@ class PPORecipe(OnlineRecipe):
             kl = torch.zeros_like(old_logps)
         self.timings["time/reference"] = time.perf_counter() - started
         scores = rollout.rewards
+        if job.missing_eos_penalty:
+            scores = scores - job.missing_eos_penalty * rollout.truncated.float()
         rewards = -job.kl_coef * kl
         last = (mask.sum(-1).long() - 1).clamp(min=0)
         rewards[torch.arange(len(last)), last] += scores
@@ -205,7 +237,7 @@ class PPORecipe(OnlineRecipe):
                                           epsilon_low=job.cliprange, aggregation=job.loss_aggregation)
         critic_loss, value_clip = value_loss(values, targets["values"], targets["returns"], mask,
                                              clip_range=job.cliprange_value)
-        loss = policy_loss + job.vf_coef * critic_loss
+        loss = job.vf_coef * critic_loss if self.warming_up() else policy_loss + job.vf_coef * critic_loss
         metrics = {
             "policy_loss": float(policy_loss.detach()), "value_loss": float(critic_loss.detach()),
             "clip_fraction": float(clip["clip_fraction"]), "value_clip_fraction": float(value_clip["clip_fraction"]),
