@@ -1025,15 +1025,20 @@ def step_serve_static(context: dict, record: Recorder) -> None:
         adapters.append((f"adapter{index}", str(save_model(model, tokenizer, folder / f"adapter{index}"))))
         del model
     prompts = bench.make_prompts(tokenizer, sizes["requests"])
-    results = {}
-    for engine in ("dynamic", "static"):
+
+    def serving(engine: str, mode: str = "mixed"):
+        """A fresh model on the device with both adapters, behind a started scheduler."""
         model, tokenizer = load_model_and_tokenizer(context["model"], device=device)
         model.eval()
         registry = AdapterRegistry(model, tokenizer, "base", resolve_model(context["model"]))
         for name, path in adapters:
             registry.load(name, path)
-        scheduler = BatchScheduler(registry, max_batch=sizes["requests"], max_wait_ms=50,
-                                   max_queue=4 * sizes["requests"], engine=engine).start()
+        return BatchScheduler(registry, max_batch=sizes["requests"], max_wait_ms=50,
+                              max_queue=4 * sizes["requests"], mode=mode, engine=engine).start()
+
+    results = {}
+    for engine in ("dynamic", "static"):
+        scheduler = serving(engine)
         try:
             names = [None] + [name for name, _ in adapters]
             _serve_requests(scheduler, prompts, names, sizes["new_tokens"])     # warm-up (graphs captured)
@@ -1050,7 +1055,7 @@ def step_serve_static(context: dict, record: Recorder) -> None:
                    decode_ms_per_step=1000 * decode_seconds / max(steps, 1), decode_steps=steps,
                    max_adapters_in_forward=after["max_adapters_in_forward"],
                    finished_errors=after.get("finished_error", 0), **scheduler.engine_counters())
-        del scheduler, registry, model
+        del scheduler
         if device == "cuda":
             torch.cuda.empty_cache()
     identical = sum(a == b for a, b in zip(results["dynamic"], results["static"]))
@@ -1058,13 +1063,7 @@ def step_serve_static(context: dict, record: Recorder) -> None:
     rows = {row["engine"]: row for row in record.data["tables"]["engines"]}
     # The issue's baseline, one adapter merged in per request: requests run one at a time, so its
     # tokens/s does not depend on how many wait; timing the first few gives its rate.
-    model, tokenizer = load_model_and_tokenizer(context["model"], device=device)
-    model.eval()
-    registry = AdapterRegistry(model, tokenizer, "base", resolve_model(context["model"]))
-    for name, path in adapters:
-        registry.load(name, path)
-    scheduler = BatchScheduler(registry, max_batch=sizes["requests"], max_wait_ms=50,
-                               max_queue=4 * sizes["requests"], mode="swap-per-request", engine="dynamic").start()
+    scheduler = serving("dynamic", mode="swap-per-request")
     try:
         few = prompts[:sizes["swap_requests"]]
         events, seconds = _serve_requests(scheduler, few, [None] + [name for name, _ in adapters], sizes["new_tokens"])
@@ -1076,7 +1075,7 @@ def step_serve_static(context: dict, record: Recorder) -> None:
     record.row("against swapping", baseline="swap-per-request (dynamic engine)", requests=len(few), merges=merges,
                tokens_per_s=swap_rate, mixed_engine=best["engine"], mixed_tokens_per_s=best["tokens_per_s"],
                mixed_over_swap=ratio(best["tokens_per_s"], swap_rate))
-    del scheduler, registry, model
+    del scheduler
     speedup = ratio(rows["static"]["tokens_per_s"], rows["dynamic"]["tokens_per_s"])
     record.summary(f"static engine {rows['static']['tokens_per_s']:,.0f} tokens/s vs dynamic "
                    f"{rows['dynamic']['tokens_per_s']:,.0f} ({_format(speedup)}x); greedy identical "
