@@ -27,8 +27,10 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaling import make_rows  # noqa: E402  (the same SFT rows as the scaling benchmark)
+
 ROOT = Path(__file__).resolve().parent.parent
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 PRESET = ROOT / "examples" / "accelerate" / "fsdp2.yaml"
 
 
@@ -79,21 +81,6 @@ def worker(job_path: str, out: str) -> None:
                                          "data_parallel": engine.parallel.kind}))
 
 
-def make_rows(count: int) -> list[dict]:
-    rows = []
-    if GSM8K.exists():
-        with GSM8K.open() as handle:
-            for line in handle:
-                item = json.loads(line)
-                rows.append({"question": item["question"], "answer": item["answer"]})
-                if len(rows) == count:
-                    return rows
-    for i in range(count - len(rows)):
-        a, b = 10 + (7 * i) % 90, 10 + (13 * i) % 90
-        rows.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}.\n#### {a + b}"})
-    return rows
-
-
 def launch(preset: Path, job: Path, out: Path) -> dict:
     # MALLOC_MMAP_THRESHOLD_: allocations from 64 KiB up are mapped and unmapped by glibc, so resident memory
     # follows the live tensors (by default freed buffers of a few MB stay in the heap and a peak shows
@@ -122,7 +109,7 @@ def main() -> None:
         return
     folder = Path(tempfile.mkdtemp(prefix="alignkit-loading-"))
     data = folder / "train.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in make_rows(4 * args.steps)))
+    data.write_text("".join(json.dumps(row) + "\n" for row in make_rows(4 * args.steps)[0]))
     job = {"method": "sft", "model": {"name_or_path": args.model, "device": "cpu", "dtype": "float32"},
            "data": {"train": str(data), "validation_fraction": 0.0, "max_length": 128},
            "training": {"max_steps": args.steps, "batch_size": 4, "learning_rate": 1e-5, "lr_scheduler": "constant",
