@@ -114,6 +114,9 @@ class DriftSection(Section):
         default_factory=dict, description=f"override a threshold (None disables it): {', '.join(DEFAULT_THRESHOLDS)}")
     patience: int = Field(2, ge=1, description="consecutive rollouts a check must hold before its alarm fires")
     baseline_rollouts: int = Field(1, ge=1, description="first rollouts averaged into the baseline")
+    task_rewards: list[str] = Field(
+        default_factory=list, description="labels of the reward terms that measure the task itself; the other terms "
+        "are side terms, and the side_reward_share alarm fires when they pay for most of the reward gained")
 
     @field_validator("thresholds")
     @classmethod
@@ -172,6 +175,19 @@ class OnlineJob(Job):
         if "max_length" in self.data.model_fields_set or room >= 1:
             limits.append(room)
         return min(limits) if limits else None
+
+    def reward_labels(self) -> list[str]:
+        """The labels the job's reward terms are logged under (``rollout/rewards/<label>``)."""
+        return [term.label or term.name for term in self.rewards]
+
+    @model_validator(mode="after")
+    def _task_rewards(self):
+        labels = self.reward_labels()
+        unknown = [label for label in self.drift.task_rewards if label not in labels]
+        if unknown:
+            raise ValueError(f"drift.task_rewards names {unknown}, which is not a reward term of this job; "
+                             f"its terms: {labels}")
+        return self
 
     @model_validator(mode="after")
     def _length_budget(self):
@@ -569,11 +585,25 @@ class OnlineRecipe:
                 "distinct_2": "distinct_2", "refusal_rate": "refusal_rate", "kl": "kl"}
         statistics = {name: rollout.metrics[f"rollout/{key}"] for name, key in keys.items()
                       if f"rollout/{key}" in rollout.metrics}
+        statistics.update(self.side_reward_statistics(rollout.metrics))
         for alarm in self.monitor.observe(step, statistics):
             line = f"drift alarm at step {step} (rollout {rollout.index + 1}): {alarm.message}"
             print(f"[alignkit] {line}", flush=True)
             self.notes.append(line)
         self._drift_metrics = self.monitor.metrics(statistics)
+
+    def side_reward_statistics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``reward``, ``side_reward``, ``side_weight`` for the ``side_reward_share`` check: the weighted sum of
+        every term, and of the terms not named in ``drift.task_rewards`` (none when it is empty)."""
+        task = set(self.job.drift.task_rewards)
+        terms = [(label, weight) for label, weight in zip(self.reward.labels, self.reward.weights)
+                 if f"rollout/rewards/{label}" in metrics]
+        side = [(label, weight) for label, weight in terms if label not in task]
+        if not task or not side:
+            return {}
+        weighted = {label: weight * metrics[f"rollout/rewards/{label}"] for label, weight in terms}
+        return {"reward": sum(weighted.values()), "side_reward": sum(weighted[label] for label, _ in side),
+                "side_weight": sum(abs(weight) for _, weight in side)}
 
     def on_step_end(self, step: int) -> dict[str, float]:
         metrics = dict(self.current.metrics) if self.current else {}
