@@ -34,8 +34,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from alignkit import load_job, load_model_and_tokenizer, run_job  # noqa: E402
-from alignkit.evaluate.drift import DriftMonitor  # noqa: E402
+from alignkit.evaluate.drift import DriftMonitor, rollout_statistics  # noqa: E402
 from alignkit.evaluate.metrics import run_metrics  # noqa: E402
+from alignkit.rewards.combine import RewardSpec  # noqa: E402
 
 # weight 4: each 'answer' pays as much as the right sum (at weight 1 neither GRPO nor PPO found the exploit in
 # 8 rollouts: the right sum, worth 4x more, was learned first and the keyword share stayed at 3%)
@@ -81,25 +82,17 @@ def replay(run: Path, task_rewards: list[str], patience: int = 2) -> dict:
     first optimizer step), with ``drift.task_rewards`` set: what the monitor would have said had the job named
     its task's term. The rollout statistics are the logged ones, so the verdict is the training-time one."""
     job = yaml.safe_load((run / "config.yaml").read_text())
-    terms = [(t.get("label") or Path(str(t["name"])).name.split(":")[-1], float(t.get("weight", 1.0)))
-             for t in job.get("rewards", [])]
+    terms = [(RewardSpec.coerce(t).default_label(), float(t.get("weight", 1.0))) for t in job.get("rewards", [])]
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rollouts = [h for h in history if "rollout/reward" in h and h.get("time/generation", 1.0) > 0]
     monitor = DriftMonitor(job.get("drift", {}).get("thresholds"), patience)
-    keys = {"length": "completion_length", "truncated_share": "truncated_share", "repetition": "repetition",
-            "distinct_2": "distinct_2", "refusal_rate": "refusal_rate", "kl": "kl"}
     fired, trace = [], []
     for index, row in enumerate(rollouts, 1):
-        statistics = {name: row[f"rollout/{key}"] for name, key in keys.items() if f"rollout/{key}" in row}
-        weighted = {label: weight * row[f"rollout/rewards/{label}"] for label, weight in terms
-                    if f"rollout/rewards/{label}" in row}
-        side = [label for label in weighted if label not in task_rewards]
-        statistics.update({"reward": sum(weighted.values()), "side_reward": sum(weighted[k] for k in side),
-                           "side_weight": sum(abs(w) for label, w in terms if label in side)})
+        statistics = rollout_statistics(row, terms, task_rewards)
         fired += [{"rollout": index, "step": row["step"], "check": a.check, "message": a.message}
                   for a in monitor.observe(row["step"], statistics)]
         trace.append({"rollout": index, "step": row["step"], **{f"rewards/{k}": row[f"rollout/rewards/{k}"]
-                                                                for k in weighted},
+                                                                for k, _ in terms if f"rollout/rewards/{k}" in row},
                       "side_reward_share": monitor.metrics(statistics).get("drift/side_reward_share")})
     return {"run": str(run), "task_rewards": task_rewards, "rollouts": len(rollouts),
             "steps": rollouts[-1]["step"] if rollouts else 0, "fired": fired, "trace": trace}

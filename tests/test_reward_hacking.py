@@ -112,5 +112,9 @@ def test_task_rewards_must_name_a_reward_term(tmp_path):
     with pytest.raises(ConfigError, match=r"drift.task_rewards names \['accuracy'\].*its terms: \['numeric_match', 'bonus'\]"):
         make_job(tmp_path, rewards=rewards, drift={"task_rewards": ["accuracy"]})
     assert make_job(tmp_path, rewards=rewards, drift={"task_rewards": ["numeric_match"]}).drift.task_rewards
+    # a function named by module or file is logged (and named here) by its function name, as CombinedReward does
+    unlabelled = [{"name": "numeric_match"}, {"name": "tests.test_reward_hacking:stuff_yes"}]
+    assert make_job(tmp_path, rewards=unlabelled, drift={"task_rewards": ["stuff_yes"]}).reward_labels() == \
+        ["numeric_match", "stuff_yes"]
     ppo = make_ppo_job(tmp_path, reward_model=str(tmp_path / "rm"), drift={"task_rewards": ["reward_model"]})
     assert ppo.reward_labels() == ["reward_model"]

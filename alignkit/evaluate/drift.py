@@ -44,6 +44,8 @@ __all__ = [
     "CHECK_KINDS",
     "DriftAlarm",
     "DriftMonitor",
+    "ROLLOUT_KEYS",
+    "rollout_statistics",
     "distinct_n",
     "repetition_rate",
     "refusal_rate",
@@ -460,6 +462,27 @@ def drift_report(current: dict[str, Any], baseline: dict[str, Any] | None = None
 # --------------------------------------------------------------------------------------
 # During training
 # --------------------------------------------------------------------------------------
+
+# DriftMonitor statistic -> the ``rollout/<key>`` metric GRPO and PPO log for it
+ROLLOUT_KEYS = {"length": "completion_length", "truncated_share": "truncated_share", "repetition": "repetition",
+                "distinct_2": "distinct_2", "refusal_rate": "refusal_rate", "kl": "kl"}
+
+
+def rollout_statistics(metrics: dict[str, float], terms: Iterable[tuple[str, float]] = (),
+                       task_rewards: Sequence[str] = ()) -> dict[str, float]:
+    """What `DriftMonitor.observe` reads from one rollout's logged metrics (``rollout/...`` keys, as in
+    ``metrics.jsonl``): the text statistics, and, when ``task_rewards`` names some of the reward's
+    ``(label, weight)`` terms and others remain, ``reward`` / ``side_reward`` / ``side_weight`` for
+    ``side_reward_share`` (weighted sums of ``rollout/rewards/<label>``)."""
+    statistics = {name: metrics[f"rollout/{key}"] for name, key in ROLLOUT_KEYS.items() if f"rollout/{key}" in metrics}
+    terms = [(label, float(weight)) for label, weight in terms if f"rollout/rewards/{label}" in metrics]
+    side = [(label, weight) for label, weight in terms if label not in set(task_rewards)]
+    if task_rewards and side:
+        weighted = {label: weight * metrics[f"rollout/rewards/{label}"] for label, weight in terms}
+        statistics.update(reward=sum(weighted.values()), side_reward=sum(weighted[label] for label, _ in side),
+                          side_weight=sum(abs(weight) for _, weight in side))
+    return statistics
+
 
 class DriftMonitor:
     """The drift checks over a training run: each rollout batch's statistics against the baseline

@@ -48,7 +48,7 @@ from alignkit import distributed
 from alignkit.config import ConfigError, Job, Section
 from alignkit.data import tokenize_prompt
 from alignkit.errors import UsageError
-from alignkit.evaluate.drift import DEFAULT_THRESHOLDS, DriftMonitor, text_statistics
+from alignkit.evaluate.drift import DEFAULT_THRESHOLDS, DriftMonitor, rollout_statistics, text_statistics
 from alignkit.losses import masked_mean
 from alignkit.methods.base import policy_and_data
 from alignkit.model import resolve_model, save_model
@@ -59,6 +59,7 @@ from alignkit.model.forward import (
 )
 from alignkit.reference import ReferencePolicy, eval_mode
 from alignkit.rewards import CombinedReward, RewardResult, load_reward_plugins, reward_inputs
+from alignkit.rewards.combine import RewardSpec
 from alignkit.rewards.registry import check_reward_spec
 from alignkit.rollout import SamplingParams, get_backend, padding_id
 
@@ -178,7 +179,7 @@ class OnlineJob(Job):
 
     def reward_labels(self) -> list[str]:
         """The labels the job's reward terms are logged under (``rollout/rewards/<label>``)."""
-        return [term.label or term.name for term in self.rewards]
+        return [RewardSpec.coerce(term.model_dump()).default_label() for term in self.rewards]
 
     @model_validator(mode="after")
     def _task_rewards(self):
@@ -581,29 +582,13 @@ class OnlineRecipe:
         """Feed the rollout's statistics to the drift monitor; print and note the alarms that fire."""
         if self.monitor is None:
             return
-        keys = {"length": "completion_length", "truncated_share": "truncated_share", "repetition": "repetition",
-                "distinct_2": "distinct_2", "refusal_rate": "refusal_rate", "kl": "kl"}
-        statistics = {name: rollout.metrics[f"rollout/{key}"] for name, key in keys.items()
-                      if f"rollout/{key}" in rollout.metrics}
-        statistics.update(self.side_reward_statistics(rollout.metrics))
+        statistics = rollout_statistics(rollout.metrics, zip(self.reward.labels, self.reward.weights),
+                                        self.job.drift.task_rewards)
         for alarm in self.monitor.observe(step, statistics):
             line = f"drift alarm at step {step} (rollout {rollout.index + 1}): {alarm.message}"
             print(f"[alignkit] {line}", flush=True)
             self.notes.append(line)
         self._drift_metrics = self.monitor.metrics(statistics)
-
-    def side_reward_statistics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """``reward``, ``side_reward``, ``side_weight`` for the ``side_reward_share`` check: the weighted sum of
-        every term, and of the terms not named in ``drift.task_rewards`` (none when it is empty)."""
-        task = set(self.job.drift.task_rewards)
-        terms = [(label, weight) for label, weight in zip(self.reward.labels, self.reward.weights)
-                 if f"rollout/rewards/{label}" in metrics]
-        side = [(label, weight) for label, weight in terms if label not in task]
-        if not task or not side:
-            return {}
-        weighted = {label: weight * metrics[f"rollout/rewards/{label}"] for label, weight in terms}
-        return {"reward": sum(weighted.values()), "side_reward": sum(weighted[label] for label, _ in side),
-                "side_weight": sum(abs(weight) for _, weight in side)}
 
     def on_step_end(self, step: int) -> dict[str, float]:
         metrics = dict(self.current.metrics) if self.current else {}
