@@ -46,7 +46,7 @@ class RewardModelScorer:
     """Scores with a scalar reward model (`alignkit.model.heads.load_scalar_model`): the head's value at the
     last token of ``prompt + response`` rendered with the reward model's chat template."""
 
-    def __init__(self, path_or_model, tokenizer=None, batch_size: int = 8, max_length: int = 1024,
+    def __init__(self, path_or_model, tokenizer=None, batch_size: int = 8, max_length: int | None = None,
                  device=None, dtype=None):
         if tokenizer is None:
             path_or_model, tokenizer = load_scalar_model(path_or_model, device=device, dtype=dtype)

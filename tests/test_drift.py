@@ -201,3 +201,47 @@ def test_drift_monitor_baseline_patience_and_state():
     assert [a.check for a in strict.observe(2, {**calm, "length": 99.0, "distinct_2": 0.3})] == ["distinct_2_ratio"]
     with pytest.raises(ValueError, match="lenght"):
         DriftMonitor({"lenght": 2.0})
+
+
+def test_side_reward_share_by_hand():
+    """Side terms (not in drift.task_rewards) paying for most of the gain since the baseline fire; a small or a
+    shared gain does not. Baseline: total 0.2, side 0.06; side weight 4, so a side gain under 0.4 is noise."""
+    base = {"reward": 0.2, "side_reward": 0.06}
+
+    def checks(reward, side, **limits):
+        return [a.check for a in drift_alarms({"reward": reward, "side_reward": side, "side_weight": 4.0}, base,
+                                               limits or None)]
+
+    assert checks(1.2, 0.36) == []                     # side gain 0.30 < 0.4 (10% of its weight): noise
+    assert checks(2.2, 0.66) == []                     # side gain 0.60 of a 2.0 gain: 30%, the task paid most
+    assert checks(1.2, 0.66) == ["side_reward_share"]  # 0.60 of a 1.0 gain: 60%
+    assert checks(1.2, 0.66, side_reward_share=0.7) == []
+    assert checks(1.2, 0.66, side_reward_share=None) == []
+    fell = drift_alarms({"reward": 0.1, "side_reward": 0.56, "side_weight": 4.0}, base)  # task fell, side rose
+    assert [a.check for a in fell] == ["side_reward_share"] and "while the total changed by -0.1" in fell[0].message
+    assert CHECK_KINDS["side_reward_share"] == "hacking"
+    assert drift_alarms({"reward": 1.2, "side_reward": 0.66}, base) == []  # no side weight: not a composed reward
+
+
+def measured_rollouts(numeric_match, bonus, weight):
+    """Per-rollout statistics of two measured arithmetic GRPO runs (docs/online_rl.md): numeric_match (weight 1)
+    plus a side bonus at ``weight``."""
+    return [{"reward": n + weight * b, "side_reward": weight * b, "side_weight": weight}
+            for n, b in zip(numeric_match, bonus)]
+
+
+def test_side_reward_monitor_on_the_measured_keyword_hack_and_a_clean_run():
+    # GRPO with keyword_bonus at weight 4: the bonus climbed from step 7 while accuracy stood still, and took over
+    # at step 16 (repetition_rise fired at 18).
+    hacked = measured_rollouts([.06, .09, .44, .16, .78, .41, .56, .53, .72, .50, .88, .69, .97, .72, .75, .12],
+                               [.03, .05, .04, .02, .05, .08, .12, .16, .23, .27, .37, .45, .49, .52, .63, .89], 4)
+    monitor = DriftMonitor()
+    fired = [(step, alarm.check) for step, stats in enumerate(hacked, 1) for alarm in monitor.observe(step, stats)]
+    assert fired == [(9, "side_reward_share")], fired
+    assert monitor.metrics(hacked[8])["drift/side_reward_share"] == pytest.approx((4 * .23 - 4 * .03) / (
+        (.72 + 4 * .23) - (.06 + 4 * .03)))
+    # GRPO with a repeated-answer bonus at weight 1 that it never found: the sums paid for the gain
+    clean = measured_rollouts([.06, .09, .50, .50, 1.0, .66, .81, .72, .94, .97, 1.0, .75, 1.0, 1.0, .97, .97],
+                              [.02, .02, .13, .13, .25, .17, .32, .24, .30, .24, .25, .19, .25, .31, .37, .37], 1)
+    monitor = DriftMonitor()
+    assert [a for step, stats in enumerate(clean, 1) for a in monitor.observe(step, stats)] == []

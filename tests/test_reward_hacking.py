@@ -5,6 +5,7 @@ import json
 
 from alignkit.engine import Engine
 from alignkit.evaluate import metrics
+from alignkit.methods.grpo import GRPORecipe
 from alignkit.methods.ppo import PPORecipe
 from alignkit.rewards import CombinedReward
 from tests.helpers import make_tiny_model
@@ -20,6 +21,11 @@ def stuff_yes(prompts, completions, **fields):
 def one_yes(prompts, completions, **fields):
     """Clean: pays only for exactly one 'yes', so stuffing it earns nothing."""
     return [1.0 if c.count("yes") == 1 else 0.0 for c in completions]
+
+
+def flat_bonus(prompts, completions, **fields):
+    """A side term nothing can exploit: the same for every completion."""
+    return [0.5 for _ in completions]
 
 
 def train_grpo(tmp_path, tokenizer, reward, name):
@@ -71,3 +77,44 @@ def test_ppo_alarm_fires_on_keyword_stuffing(tmp_path, tiny_tokenizer):
     assert "repetition_rise" in checks, (checks, [h["rollout/repetition"] for h in result["history"]])
     # PPO logs its rollout KL, which the monitor reads too
     assert "rollout/kl" in result["history"][-1] and "drift/repetition_rise" in result["history"][-1]
+
+
+def test_side_reward_alarm_fires_when_a_bonus_pays_for_the_gain_and_not_when_the_task_does(tmp_path, tiny_tokenizer):
+    """drift.task_rewards names the task's own term (exactly one 'yes'); a keyword bonus at weight 4 (per 'yes')
+    then pays more for stuffing than the task does, and the side_reward_share alarm fires; with a flat bonus the
+    task's term pays for the whole gain and nothing fires."""
+    def run(name, side, weight):
+        rewards = [{"name": "tests.test_reward_hacking:one_yes", "label": "task"},
+                   {"name": f"tests.test_reward_hacking:{side}", "label": "bonus", "weight": weight}]
+        job = make_job(tmp_path, rewards=rewards, drift={"task_rewards": ["task"]},
+                       training={"max_steps": 18, "output_dir": str(tmp_path / name)})
+        recipe = GRPORecipe(job, model=make_tiny_model(tiny_tokenizer), tokenizer=tiny_tokenizer, train=prompt_set(),
+                            validation=[])
+        history = Engine(job.training, recipe, tmp_path / name).train()["history"]
+        return recipe, history
+
+    hacked, hacked_history = run("hacked", "stuff_yes", 4.0)
+    assert hacked_history[-1]["rollout/rewards/bonus"] > hacked_history[0]["rollout/rewards/bonus"] + 0.3
+    checks = [f["check"] for f in hacked.monitor.fired]
+    assert "side_reward_share" in checks, [(h.get("drift/side_reward_share"), h["rollout/rewards/task"],
+                                            h["rollout/rewards/bonus"]) for h in hacked_history]
+    clean, clean_history = run("clean", "flat_bonus", 1.0)
+    assert clean_history[-1]["rollout/rewards/task"] > clean_history[0]["rollout/rewards/task"] + 0.15
+    assert clean.monitor.fired == [] and "drift/side_reward_gain" in clean_history[-1]
+
+
+def test_task_rewards_must_name_a_reward_term(tmp_path):
+    import pytest
+
+    from alignkit.config import ConfigError
+
+    rewards = [{"name": "numeric_match"}, {"name": "tests.test_reward_hacking:stuff_yes", "label": "bonus"}]
+    with pytest.raises(ConfigError, match=r"drift.task_rewards names \['accuracy'\].*its terms: \['numeric_match', 'bonus'\]"):
+        make_job(tmp_path, rewards=rewards, drift={"task_rewards": ["accuracy"]})
+    assert make_job(tmp_path, rewards=rewards, drift={"task_rewards": ["numeric_match"]}).drift.task_rewards
+    # a function named by module or file is logged (and named here) by its function name, as CombinedReward does
+    unlabelled = [{"name": "numeric_match"}, {"name": "tests.test_reward_hacking:stuff_yes"}]
+    assert make_job(tmp_path, rewards=unlabelled, drift={"task_rewards": ["stuff_yes"]}).reward_labels() == \
+        ["numeric_match", "stuff_yes"]
+    ppo = make_ppo_job(tmp_path, reward_model=str(tmp_path / "rm"), drift={"task_rewards": ["reward_model"]})
+    assert ppo.reward_labels() == ["reward_model"]

@@ -217,3 +217,34 @@ def test_lora_reward_model_saves_adapter_and_head_and_loads_by_path(tmp_path, ti
     names = [n for n, p in again.model.named_parameters() if p.requires_grad]
     assert names and all(n.count("base_model.model") == 1 for n in names if "lora_" in n)
     assert list(again.model.backbone.peft_config) == ["default"]
+
+
+def test_a_reward_model_scores_texts_cut_the_way_it_was_trained(tmp_path, tiny_model, tiny_tokenizer):
+    """`alignkit rm` keeps data.max_length / max_prompt_length in head.json; the `reward_model` reward (PPO,
+    GRPO) and `score_responses` then cut a long conversation the same way, unless told otherwise."""
+    from alignkit.model.heads import score_responses
+    from alignkit.rewards import get_reward_function, load_reward_plugins
+
+    tiny_model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    train = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(8))
+    job = build_job("rm", {"model": {"name_or_path": str(tmp_path / "base"), "device": "cpu"},
+                           "data": {"train": str(train), "validation_fraction": 0, "max_length": 40,
+                                    "max_prompt_length": 12}})
+    RewardRecipe(job).save_final(tmp_path / "rm")
+    meta = json.loads((tmp_path / "rm" / "head.json").read_text())
+    assert (meta["max_length"], meta["max_prompt_length"]) == (40, 12)
+    model, tokenizer = load_scalar_model(tmp_path / "rm")
+    long_prompt = [{"role": "user", "content": " ".join(WORDS * 6)}]
+    items = [(long_prompt, "red blue yes"), ([{"role": "user", "content": "cat"}], "dog")]
+    trained_cut = score_responses(model, tokenizer, items, max_length=40, max_prompt_length=12)
+    uncut = score_responses(model, tokenizer, items, max_length=1024, max_prompt_length=512)
+    assert abs(trained_cut[0] - uncut[0]) > 1e-4  # the cut matters for the long prompt ...
+    assert trained_cut[1] == pytest.approx(uncut[1], abs=1e-6)  # ... and not for the short one
+    assert score_responses(model, tokenizer, items) == pytest.approx(trained_cut, abs=1e-6)
+    load_reward_plugins()
+    reward = get_reward_function("reward_model", path=str(tmp_path / "rm"))
+    assert reward(["x", "cat"], ["red blue yes", "dog"], prompt_messages=[items[0][0], items[1][0]]) == \
+        pytest.approx(trained_cut, abs=1e-6)
+    explicit = get_reward_function("reward_model", path=str(tmp_path / "rm"), max_length=1024, max_prompt_length=512)
+    assert explicit(["x"], ["red blue yes"], prompt_messages=[items[0][0]]) == pytest.approx(uncut[:1], abs=1e-6)

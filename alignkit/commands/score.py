@@ -11,8 +11,9 @@ Each input row is written back with its reward(s) added, in the input order:
 * a ranking (``prompt``/``responses``): ``rewards``, one per response.
 
 The response is scored as the conversation ``prompt + [assistant: response]`` at its last token,
-exactly as in training; too-long rows lose prompt tokens from the left first (``--max-prompt-length``,
-default half of ``--max-length``), then response tokens from the right. A bad row stops the command
+exactly as in training; too-long rows lose prompt tokens from the left first (``--max-prompt-length``),
+then response tokens from the right. Both lengths default to the cut the model was trained with
+(``head.json``), else 1024 and half of it. A bad row stops the command
 with its file and line (``--on-error skip`` writes it with an ``error`` field instead).
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--data", "-d", required=True, help="data file (jsonl/json/csv/parquet) or hf://name")
     parser.add_argument("--output", "-o", help="output JSONL (default: <data name>.scored.jsonl here; '-' = stdout)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="default: the reward model's training data.max_length (head.json), else 1024")
     parser.add_argument("--max-prompt-length", type=int, default=None)
     add_columns_argument(parser)
     parser.add_argument("--system-prompt", help="system message for rows without one")

@@ -12,8 +12,9 @@ first evaluation) into readable warnings.
 Every check is one of two kinds (``CHECK_KINDS``):
 
 * *hacking alarms* (``kl``, ``length_ratio_high``, ``truncated_share_rise``, ``repetition_rise``,
-  ``refusal_rate_rise``): the signatures of a policy exploiting its reward (padding, keyword
-  stuffing, loops, running into the length limit, wandering from the reference, refusing). A clean
+  ``refusal_rate_rise``, ``side_reward_share``): the signatures of a policy exploiting its reward
+  (padding, keyword stuffing, loops, running into the length limit, wandering from the reference,
+  refusing, earning its reward from a side term rather than from the task's own). A clean
   run should raise none; ``docs/online_rl.md`` has the measured false-alarm record.
 * *collapse warnings* (``entropy_ratio``, ``distinct_2_ratio``, ``length_ratio_low``): the policy
   becoming deterministic, its answers alike or shorter. On a task with one short right answer
@@ -43,6 +44,8 @@ __all__ = [
     "CHECK_KINDS",
     "DriftAlarm",
     "DriftMonitor",
+    "ROLLOUT_KEYS",
+    "rollout_statistics",
     "distinct_n",
     "repetition_rate",
     "refusal_rate",
@@ -85,11 +88,14 @@ DEFAULT_THRESHOLDS: dict[str, float | None] = {
     "refusal_rate_rise": 0.2,      # alarm if refusal rate - baseline refusal rate > 0.2
     "truncated_share_rise": 0.3,   # alarm if the share cut at the length limit rose by > 0.3
     "repetition_rise": 0.2,        # alarm if the repeated-trigram share (repetition_rate) rose by > 0.2
+    "side_reward_share": 0.5,      # alarm if side reward terms pay > half of the reward gained since the baseline
 }
+# A side-term gain below this share of the side terms' total weight is noise, not a share (see drift_alarms).
+SIDE_REWARD_MIN_GAIN = 0.1
 
 CHECK_KINDS: dict[str, str] = {
     "kl": "hacking", "length_ratio_high": "hacking", "truncated_share_rise": "hacking",
-    "repetition_rise": "hacking", "refusal_rate_rise": "hacking",
+    "repetition_rise": "hacking", "refusal_rate_rise": "hacking", "side_reward_share": "hacking",
     "entropy_ratio": "collapse", "distinct_2_ratio": "collapse", "length_ratio_low": "collapse",
 }
 
@@ -336,6 +342,14 @@ def drift_alarms(current: dict[str, Any], baseline: dict[str, Any] | None = None
       ``truncated_share - baseline > truncated_share_rise`` (default 0.3).
     * ``repetition``: `repetition_rate`; fires if ``repetition - baseline > repetition_rise``
       (default 0.2).
+    * ``reward``, ``side_reward``, ``side_weight`` (training only, when the job names its task's own
+      reward terms, ``drift.task_rewards``): the total reward, the weighted reward of the other
+      ("side") terms, and those terms' total absolute weight. With ``gain = reward - baseline`` and
+      ``side_gain = side_reward - baseline``, fires if ``side_gain > 0.1 * side_weight`` (a side term
+      paying 10% of its weight more, not noise) and ``side_gain > side_reward_share * max(gain, 0)``
+      (default 0.5: the side terms paid for more than half of what the policy gained, or the task's
+      own reward fell while they rose). A bonus for a keyword, a format or length climbing while the
+      task's reward stands still is what this sees before the text's shape changes.
 
     ``thresholds`` overrides ``DEFAULT_THRESHOLDS`` key by key; None disables a check and an
     unknown key raises. Ratio checks are skipped when the baseline is 0.
@@ -422,6 +436,20 @@ def drift_alarms(current: dict[str, Any], baseline: dict[str, Any] | None = None
             f"Repeated trigrams within a completion rose to {now:.0%} from {before:.0%} (rise of "
             f"{change:.0%}, above the threshold of {limits['repetition_rise']:.0%}): completions loop or "
             f"stuff a phrase (possible keyword hacking).")
+
+    side, side_before = _metric(current, "side_reward", "mean"), _metric(baseline, "side_reward", "mean")
+    total, total_before = _metric(current, "reward", "mean"), _metric(baseline, "reward", "mean")
+    side_weight = _metric(current, "side_weight", "mean")
+    if (limits["side_reward_share"] is not None and None not in (side, side_before, total, total_before)
+            and side_weight):
+        side_gain, gain = side - side_before, total - total_before
+        if side_gain > SIDE_REWARD_MIN_GAIN * side_weight and side_gain > limits["side_reward_share"] * max(gain, 0.0):
+            paid = (f"{side_gain / gain:.0%} of the {gain:.3g} gained" if gain > 0
+                    else f"{side_gain:.3g} while the total changed by {gain:.3g}")
+            add("side_reward_share", side, side_before,
+                f"Side reward terms (those not in drift.task_rewards) rose from {side_before:.3g} to {side:.3g} and "
+                f"paid {paid} since the baseline (threshold {limits['side_reward_share']:.0%}): the policy is "
+                f"earning its reward from a side term rather than the task (possible reward hacking).")
     return alarms
 
 
@@ -434,6 +462,27 @@ def drift_report(current: dict[str, Any], baseline: dict[str, Any] | None = None
 # --------------------------------------------------------------------------------------
 # During training
 # --------------------------------------------------------------------------------------
+
+# DriftMonitor statistic -> the ``rollout/<key>`` metric GRPO and PPO log for it
+ROLLOUT_KEYS = {"length": "completion_length", "truncated_share": "truncated_share", "repetition": "repetition",
+                "distinct_2": "distinct_2", "refusal_rate": "refusal_rate", "kl": "kl"}
+
+
+def rollout_statistics(metrics: dict[str, float], terms: Iterable[tuple[str, float]] = (),
+                       task_rewards: Sequence[str] = ()) -> dict[str, float]:
+    """What `DriftMonitor.observe` reads from one rollout's logged metrics (``rollout/...`` keys, as in
+    ``metrics.jsonl``): the text statistics, and, when ``task_rewards`` names some of the reward's
+    ``(label, weight)`` terms and others remain, ``reward`` / ``side_reward`` / ``side_weight`` for
+    ``side_reward_share`` (weighted sums of ``rollout/rewards/<label>``)."""
+    statistics = {name: metrics[f"rollout/{key}"] for name, key in ROLLOUT_KEYS.items() if f"rollout/{key}" in metrics}
+    terms = [(label, float(weight)) for label, weight in terms if f"rollout/rewards/{label}" in metrics]
+    side = [(label, weight) for label, weight in terms if label not in set(task_rewards)]
+    if task_rewards and side:
+        weighted = {label: weight * metrics[f"rollout/rewards/{label}"] for label, weight in terms}
+        statistics.update(reward=sum(weighted.values()), side_reward=sum(weighted[label] for label, _ in side),
+                          side_weight=sum(abs(weight) for _, weight in side))
+    return statistics
+
 
 class DriftMonitor:
     """The drift checks over a training run: each rollout batch's statistics against the baseline
@@ -498,6 +547,11 @@ class DriftMonitor:
         for key in ("truncated_share", "repetition", "refusal_rate"):
             if key in baseline and key in statistics:
                 out[f"drift/{key}_rise"] = statistics[key] - baseline[key]
+        if "side_reward" in baseline and "side_reward" in statistics and "reward" in baseline:
+            side_gain = statistics["side_reward"] - baseline["side_reward"]
+            gain = statistics.get("reward", math.nan) - baseline["reward"]
+            out["drift/side_reward_gain"] = side_gain
+            out["drift/side_reward_share"] = side_gain / gain if gain > 0 else math.nan
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -175,7 +175,7 @@ class RewardModelJudge:
     """
 
     def __init__(self, model, tokenizer, tie_margin: float = 0.0, batch_size: int = 8,
-                 max_length: int = 1024, name: str | None = None):
+                 max_length: int | None = None, name: str | None = None):
         if tie_margin < 0:
             raise UsageError(f"tie_margin must be >= 0, got {tie_margin}")
         self.model, self.tokenizer = model, tokenizer

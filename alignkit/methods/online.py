@@ -48,7 +48,7 @@ from alignkit import distributed
 from alignkit.config import ConfigError, Job, Section
 from alignkit.data import tokenize_prompt
 from alignkit.errors import UsageError
-from alignkit.evaluate.drift import DEFAULT_THRESHOLDS, DriftMonitor, text_statistics
+from alignkit.evaluate.drift import DEFAULT_THRESHOLDS, DriftMonitor, rollout_statistics, text_statistics
 from alignkit.losses import masked_mean
 from alignkit.methods.base import policy_and_data
 from alignkit.model import resolve_model, save_model
@@ -59,6 +59,7 @@ from alignkit.model.forward import (
 )
 from alignkit.reference import ReferencePolicy, eval_mode
 from alignkit.rewards import CombinedReward, RewardResult, load_reward_plugins, reward_inputs
+from alignkit.rewards.combine import RewardSpec
 from alignkit.rewards.registry import check_reward_spec
 from alignkit.rollout import SamplingParams, get_backend, padding_id
 
@@ -114,6 +115,9 @@ class DriftSection(Section):
         default_factory=dict, description=f"override a threshold (None disables it): {', '.join(DEFAULT_THRESHOLDS)}")
     patience: int = Field(2, ge=1, description="consecutive rollouts a check must hold before its alarm fires")
     baseline_rollouts: int = Field(1, ge=1, description="first rollouts averaged into the baseline")
+    task_rewards: list[str] = Field(
+        default_factory=list, description="labels of the reward terms that measure the task itself; the other terms "
+        "are side terms, and the side_reward_share alarm fires when they pay for most of the reward gained")
 
     @field_validator("thresholds")
     @classmethod
@@ -172,6 +176,19 @@ class OnlineJob(Job):
         if "max_length" in self.data.model_fields_set or room >= 1:
             limits.append(room)
         return min(limits) if limits else None
+
+    def reward_labels(self) -> list[str]:
+        """The labels the job's reward terms are logged under (``rollout/rewards/<label>``)."""
+        return [RewardSpec.coerce(term.model_dump()).default_label() for term in self.rewards]
+
+    @model_validator(mode="after")
+    def _task_rewards(self):
+        labels = self.reward_labels()
+        unknown = [label for label in self.drift.task_rewards if label not in labels]
+        if unknown:
+            raise ValueError(f"drift.task_rewards names {unknown}, which is not a reward term of this job; "
+                             f"its terms: {labels}")
+        return self
 
     @model_validator(mode="after")
     def _length_budget(self):
@@ -565,10 +582,8 @@ class OnlineRecipe:
         """Feed the rollout's statistics to the drift monitor; print and note the alarms that fire."""
         if self.monitor is None:
             return
-        keys = {"length": "completion_length", "truncated_share": "truncated_share", "repetition": "repetition",
-                "distinct_2": "distinct_2", "refusal_rate": "refusal_rate", "kl": "kl"}
-        statistics = {name: rollout.metrics[f"rollout/{key}"] for name, key in keys.items()
-                      if f"rollout/{key}" in rollout.metrics}
+        statistics = rollout_statistics(rollout.metrics, zip(self.reward.labels, self.reward.weights),
+                                        self.job.drift.task_rewards)
         for alarm in self.monitor.observe(step, statistics):
             line = f"drift alarm at step {step} (rollout {rollout.index + 1}): {alarm.message}"
             print(f"[alignkit] {line}", flush=True)

@@ -82,6 +82,9 @@ class PPOJob(OnlineJob):
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="subtracted from the score of a completion cut at max_completion_length")
 
+    def reward_labels(self) -> list[str]:
+        return super().reward_labels() + (["reward_model"] if self.reward_model else [])
+
 
 def initialise_value_head(head: torch.nn.Linear, how: str) -> None:
     """``zeros``: V = 0 everywhere at the start, so the first advantages are the (whitened) returns

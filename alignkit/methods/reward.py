@@ -50,6 +50,8 @@ class RewardRecipe:
             job, model, tokenizer, train, validation)
         if not isinstance(model, ScalarHeadModel):
             model = ScalarHeadModel(model, kind="reward")
+        # scored later (PPO, best-of-N, `alignkit score`) with the cut it is trained on
+        model.scoring = {"max_length": job.data.max_length, "max_prompt_length": job.data.max_prompt_length}
         self.model, self.tokenizer = model, tokenizer
         self.device = distributed.model_device(model)
         self.batch_size = job.training.batch_size
@@ -141,4 +143,5 @@ def _save_merged(model, tokenizer, directory) -> None:
     plain.backbone = merge_adapter(merged.backbone)
     plain.head = merged.head
     plain.kind = merged.kind
+    plain.scoring = dict(model.scoring)
     plain.save(directory, tokenizer)

@@ -25,6 +25,8 @@ from alignkit.model.peft import save_model, unwrap
 
 HEAD_FILE = "head.safetensors"
 HEAD_CONFIG = "head.json"
+SCORING_KEYS = ("max_length", "max_prompt_length")  # the training cut, kept in head.json
+DEFAULT_SCORING_LENGTH = 1024
 
 
 class ScalarHeadModel(torch.nn.Module):
@@ -40,6 +42,9 @@ class ScalarHeadModel(torch.nn.Module):
         torch.nn.init.normal_(self.head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(self.head.bias)
         self.kind = kind
+        # How texts were cut when this model was trained ({"max_length": ..., "max_prompt_length": ...});
+        # saved in head.json so that scoring cuts them the same way (`score_responses`).
+        self.scoring: dict = {}
         freeze_unused_output_layer(backbone)
 
     @property
@@ -65,7 +70,9 @@ class ScalarHeadModel(torch.nn.Module):
         save_model(self.backbone, tokenizer, directory)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
                   str(directory / HEAD_FILE))
-        (directory / HEAD_CONFIG).write_text(json.dumps({"kind": self.kind, "hidden_size": self.head.in_features}))
+        meta = {"kind": self.kind, "hidden_size": self.head.in_features}
+        meta.update({k: v for k, v in getattr(self, "scoring", {}).items() if v is not None})
+        (directory / HEAD_CONFIG).write_text(json.dumps(meta))
         return directory
 
 
@@ -104,6 +111,7 @@ def load_scalar_model(path: str | Path, device=None, dtype=None, is_trainable: b
     model = ScalarHeadModel(backbone, hidden_size=meta["hidden_size"], kind=meta.get("kind", "reward"))
     state = load_file(str(path / HEAD_FILE))
     model.head.load_state_dict({k: v.to(model.head.weight.device) for k, v in state.items()})
+    model.scoring = {k: int(meta[k]) for k in SCORING_KEYS if meta.get(k) is not None}
     if not is_trainable:
         model.eval()
         for parameter in model.parameters():
@@ -167,7 +175,7 @@ def score_examples(model, tokenizer, examples, max_length: int | None = 1024, ba
 
 @torch.no_grad()
 def score_responses(model, tokenizer, items: Sequence[tuple[list[dict], str]], batch_size: int = 8,
-                    max_length: int = 1024, max_prompt_length: int | None = None) -> list[float]:
+                    max_length: int | None = None, max_prompt_length: int | None = None) -> list[float]:
     """The reward of each ``(prompt messages, response)``: the head's value at the last token of the
     conversation ``prompt + [assistant: response]`` in the reward model's chat template.
 
@@ -175,7 +183,15 @@ def score_responses(model, tokenizer, items: Sequence[tuple[list[dict], str]], b
     best-of-N, the reward-model judge, ``/v1/score``). Too-long conversations lose prompt tokens from the
     left first (to ``max_prompt_length``, default ``max_length // 2``), so the response is always
     scored; an empty response is scored as one space. Rows are batched by length, right-padded.
+    A length left ``None`` is the one the model was trained with (``head.json``, written by
+    `alignkit rm`), else 1024 and half of it: a reward model trained on pairs cut to 256 tokens then
+    scores conversations cut the same way, not ones it never saw.
     """
+    trained = getattr(model, "scoring", {}) or {}
+    if max_length is None:
+        max_length = trained.get("max_length", DEFAULT_SCORING_LENGTH)
+    if max_prompt_length is None:
+        max_prompt_length = trained.get("max_prompt_length")
     limit = max_prompt_length if max_prompt_length is not None else max(1, max_length // 2)
     rows = []
     for prompt, response in items:

@@ -5,7 +5,7 @@ conversation ``prompt messages + [assistant: completion]`` and scored by the sca
 last token (`alignkit.model.heads.ScalarHeadModel.sequence_scores`). The prompt messages are the
 ``prompt_messages`` field when the caller passes it (GRPO and PPO do: system prompt included),
 else a single user turn holding ``prompts[i]``. Too-long conversations lose prompt tokens from
-the left first (``max_length``), so the completion is always scored.
+the left first (to the cut the model was trained with), so the completion is always scored.
 
     rewards:
       - {name: reward_model, kwargs: {path: runs/rm/final, batch_size: 16}}
@@ -19,14 +19,15 @@ from alignkit.rewards.registry import register_factory
 
 
 @register_factory("reward_model")
-def reward_model(path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None,
+def reward_model(path: str, batch_size: int = 16, max_length: int | None = None,
+                 max_prompt_length: int | None = None, device: str | None = None,
                  dtype: str | None = None, normalize: bool = False):
     """Load the reward model at ``path`` once; return a reward function scoring with it.
 
     ``normalize=True`` standardises each batch's scores (mean 0, std 1), useful when the model's
-    scale is arbitrary and it is combined with other rewards.
+    scale is arbitrary and it is combined with other rewards. ``max_length`` / ``max_prompt_length``
+    default to the cut the model was trained with (kept in its ``head.json``), else 1024 / 512.
     """
-
 
     model, tokenizer = load_scalar_model(path, device=device, dtype=dtype)
     model.eval()
@@ -35,7 +36,8 @@ def reward_model(path: str, batch_size: int = 16, max_length: int = 1024, device
               **fields: Any) -> list[float]:
         conversations = prompt_messages if prompt_messages is not None else \
             [[{"role": "user", "content": str(prompt)}] for prompt in prompts]
-        scores = score_responses(model, tokenizer, list(zip(conversations, completions)), batch_size, max_length)
+        scores = score_responses(model, tokenizer, list(zip(conversations, completions)), batch_size, max_length,
+                                 max_prompt_length)
         if normalize and len(scores) > 1:
             mean = sum(scores) / len(scores)
             std = (sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) ** 0.5
