@@ -65,8 +65,8 @@ ROWS: dict[str, tuple[str, list[str], str]] = {
                      "PPO example, separate critic (a copy of the backbone with its own LoRA)"),
 }
 GROUPS = {
-    "ablations": ["old", "zeros", "zeros_noclip", "zeros_kl0", "zeros_1epoch", "zeros_nowhiten", "old_warmup",
-                  "zeros_eos"],
+    "ablations": ["old", "zeros", "zeros_noclip", "zeros_kl0", "zeros_1epoch", "zeros_nowhiten", "zeros_lr5",
+                  "old_warmup", "zeros_eos"],
     "compare": ["grpo", "ppo_shared", "ppo_separate"],
 }
 
