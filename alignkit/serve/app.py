@@ -90,7 +90,7 @@ class ServerState:
     lora_root: str | None = None
     reward_models: dict[str, RewardModel] = field(default_factory=dict)
     score_batch_size: int = 8
-    score_max_length: int = 1024
+    score_max_length: int | None = None  # None: the cut each reward model was trained with (head.json)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
