@@ -476,7 +476,8 @@ def rollout_statistics(metrics: dict[str, float], terms: Iterable[tuple[str, flo
     ``side_reward_share`` (weighted sums of ``rollout/rewards/<label>``)."""
     statistics = {name: metrics[f"rollout/{key}"] for name, key in ROLLOUT_KEYS.items() if f"rollout/{key}" in metrics}
     terms = [(label, float(weight)) for label, weight in terms if f"rollout/rewards/{label}" in metrics]
-    side = [(label, weight) for label, weight in terms if label not in set(task_rewards)]
+    task = set(task_rewards)
+    side = [(label, weight) for label, weight in terms if label not in task]
     if task_rewards and side:
         weighted = {label: weight * metrics[f"rollout/rewards/{label}"] for label, weight in terms}
         statistics.update(reward=sum(weighted.values()), side_reward=sum(weighted[label] for label, _ in side),
